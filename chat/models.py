@@ -1,0 +1,89 @@
+"""Conversations and their messages."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from gateway.models import Endpoint, UsageRecord
+
+
+class Conversation(models.Model):
+    """A user's chat thread; only its owner may read or write it."""
+
+    # Random ids: a conversation's URL reveals nothing about others.
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    title = models.CharField(max_length=200, blank=True)
+    model_name = models.CharField(max_length=200, blank=True)
+    system_prompt = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-updated_at"]
+        indexes = [
+            # The sidebar: one user's conversations, newest first.
+            models.Index(fields=["user", "-updated_at"], name="conversation_user_recent"),
+        ]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {str(self.id)[:8]}"
+
+
+class MessageRole(models.TextChoices):
+    SYSTEM = "system", "System"
+    USER = "user", "User"
+    ASSISTANT = "assistant", "Assistant"
+
+
+class MessageStatus(models.TextChoices):
+    COMPLETE = "complete", "Complete"
+    PARTIAL = "partial", "Partial"
+    ERROR = "error", "Error"
+
+
+class Message(models.Model):
+    """One turn of a conversation."""
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    role = models.CharField(max_length=16, choices=MessageRole.choices)
+    content = models.TextField(blank=True)
+    token_count = models.PositiveIntegerField(null=True, blank=True)
+    pinned = models.BooleanField(
+        default=False, help_text="Kept in context for as long as possible."
+    )
+    importance = models.SmallIntegerField(
+        default=0, help_text="Higher is kept longer when the context window is full."
+    )
+    status = models.CharField(
+        max_length=16, choices=MessageStatus.choices, default=MessageStatus.COMPLETE
+    )
+    model_name = models.CharField(max_length=200, blank=True)
+    endpoint = models.ForeignKey(
+        Endpoint, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    endpoint_name = models.CharField(max_length=100, blank=True)
+    usage = models.OneToOneField(
+        UsageRecord, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    # What the UI shows under an answer: hops, tokens, latency, error text.
+    meta = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [
+            # Loading a conversation in order.
+            models.Index(fields=["conversation", "created_at"], name="message_conv_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:60]}"

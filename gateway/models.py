@@ -1,0 +1,462 @@
+"""The gateway's data: endpoints, model routes, budgets, API keys and usage."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from gateway import crypto
+
+
+class EndpointStatus(models.TextChoices):
+    UNKNOWN = "unknown", "Unknown"
+    CONNECTED = "connected", "Connected"
+    SLOW = "slow", "Slow"
+    DISCONNECTED = "disconnected", "Disconnected"
+
+
+class ProbeMode(models.TextChoices):
+    MODELS = "models", "List models (free)"
+    COMPLETION = "completion", "One-token completion (costs a request)"
+
+
+class Endpoint(models.Model):
+    """An OpenAI-compatible upstream server and its health."""
+
+    name = models.CharField(max_length=100, unique=True)
+    base_url = models.URLField(
+        max_length=500,
+        help_text="Up to and including the API version, e.g. https://api.openai.com/v1",
+    )
+    # Never read this column directly: use the api_key property.
+    api_key_encrypted = models.TextField(blank=True, default="", editable=False)
+    enabled = models.BooleanField(default=True)
+    priority = models.PositiveSmallIntegerField(
+        default=100, help_text="Lower is tried first when routes tie."
+    )
+    timeout = models.FloatField(
+        default=120.0,
+        validators=[MinValueValidator(0.1)],
+        help_text="Seconds to wait for a response or for the next streamed chunk.",
+    )
+    connect_timeout = models.FloatField(default=10.0, validators=[MinValueValidator(0.1)])
+    max_retries = models.PositiveSmallIntegerField(
+        "retry attempts",
+        default=3,
+        validators=[MinValueValidator(1), MaxValueValidator(10)],
+        help_text="Attempts per request on this endpoint before failing over.",
+    )
+    backoff_multiplier = models.FloatField(default=2.0, validators=[MinValueValidator(0)])
+    rpm_limit = models.PositiveIntegerField(
+        "requests per minute", null=True, blank=True, help_text="Empty: no limit."
+    )
+    tpm_limit = models.PositiveIntegerField(
+        "tokens per minute", null=True, blank=True, help_text="Empty: no limit."
+    )
+    failure_threshold = models.PositiveSmallIntegerField(
+        default=3,
+        validators=[MinValueValidator(1)],
+        help_text="Consecutive failures that open the circuit breaker.",
+    )
+    cooldown_seconds = models.PositiveIntegerField(
+        default=60, help_text="How long an endpoint stays disabled once the breaker opens."
+    )
+    probe_interval = models.PositiveIntegerField(
+        default=300, validators=[MinValueValidator(5)], help_text="Seconds between probes."
+    )
+    probe_mode = models.CharField(
+        max_length=16, choices=ProbeMode.choices, default=ProbeMode.MODELS
+    )
+    probe_model = models.CharField(
+        max_length=200, blank=True, help_text="Model for completion probes."
+    )
+    extra_headers = models.JSONField(default=dict, blank=True)
+    supports_stream_usage = models.BooleanField(
+        default=True,
+        help_text="Cleared automatically when the endpoint rejects stream_options.",
+    )
+
+    # Health, written by the router's circuit breaker and by the monitor.
+    status = models.CharField(
+        max_length=16, choices=EndpointStatus.choices, default=EndpointStatus.UNKNOWN
+    )
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    probe_failures = models.PositiveIntegerField(
+        default=0, help_text="Failed probes in a row."
+    )
+    disabled_until = models.DateTimeField(null=True, blank=True)
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    last_latency_ms = models.FloatField(null=True, blank=True)
+    next_probe_at = models.DateTimeField(null=True, blank=True)
+
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["priority", "name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(timeout__gt=0) & Q(connect_timeout__gt=0),
+                name="endpoint_timeouts_positive",
+            ),
+            models.CheckConstraint(
+                condition=Q(backoff_multiplier__gte=0),
+                name="endpoint_backoff_not_negative",
+            ),
+        ]
+        indexes = [
+            # The monitor: enabled endpoints whose next probe is due.
+            models.Index(fields=["enabled", "next_probe_at"], name="endpoint_probe_due"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        # Spelled out so that no representation can ever carry the key.
+        return f"<Endpoint {self.pk}: {self.name} {self.base_url}>"
+
+    @property
+    def api_key(self) -> str:
+        return crypto.decrypt(self.api_key_encrypted)
+
+    @api_key.setter
+    def api_key(self, value: str) -> None:
+        self.api_key_encrypted = crypto.encrypt(value or "")
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key_encrypted)
+
+
+class ModelRoute(models.Model):
+    """One way to serve a public model name: an endpoint and its upstream model.
+
+    Several routes for one model name form its fallback chain, tried by priority.
+    """
+
+    model_name = models.CharField(
+        max_length=200, help_text="The name users and programs ask for."
+    )
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="routes")
+    upstream_model = models.CharField(
+        max_length=200, help_text="The model name the endpoint expects."
+    )
+    priority = models.PositiveSmallIntegerField(default=100, help_text="Lower first.")
+    enabled = models.BooleanField(default=True)
+    context_window = models.PositiveIntegerField(
+        default=8000, validators=[MinValueValidator(256)]
+    )
+    max_output_tokens = models.PositiveIntegerField(
+        default=2000, validators=[MinValueValidator(1)]
+    )
+    input_price_per_1k = models.DecimalField(
+        max_digits=12, decimal_places=6, null=True, blank=True
+    )
+    output_price_per_1k = models.DecimalField(
+        max_digits=12, decimal_places=6, null=True, blank=True
+    )
+
+    class Meta:
+        ordering = ["model_name", "priority", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model_name", "endpoint"], name="route_unique_model_endpoint"
+            ),
+            models.CheckConstraint(
+                condition=Q(max_output_tokens__lt=models.F("context_window")),
+                name="route_output_fits_window",
+            ),
+        ]
+        indexes = [
+            # The router: enabled routes of one model name by priority.
+            models.Index(fields=["model_name", "priority"], name="route_model_priority"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model_name} → {self.endpoint_id}:{self.upstream_model}"
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal | None:
+        """The price of a request on this route, or None when it has no prices."""
+        if self.input_price_per_1k is None and self.output_price_per_1k is None:
+            return None
+        total = (self.input_price_per_1k or Decimal(0)) * prompt_tokens + (
+            self.output_price_per_1k or Decimal(0)
+        ) * completion_tokens
+        return (total / 1000).quantize(Decimal("0.000001"))
+
+
+def _key_hash(raw_key: str) -> str:
+    # Keys are 256-bit random strings, so a fast hash is enough (no stretching).
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+class ApiKeyQuerySet(models.QuerySet):
+    def active(self) -> ApiKeyQuerySet:
+        return self.filter(revoked_at__isnull=True)
+
+
+class ApiKey(models.Model):
+    """A personal key for programs calling the /v1 API; only its hash is stored."""
+
+    PREFIX = "llms-"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys"
+    )
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(
+        max_length=16, editable=False, help_text="The first characters, to recognise it."
+    )
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    rpm_limit = models.PositiveIntegerField(
+        "requests per minute", null=True, blank=True, help_text="Empty: the default."
+    )
+    tpm_limit = models.PositiveIntegerField(
+        "tokens per minute", null=True, blank=True, help_text="Empty: the default."
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @classmethod
+    def generate(cls, user: object, name: str) -> tuple[ApiKey, str]:
+        """Create a key; the raw key is returned once and never stored."""
+        raw = cls.PREFIX + secrets.token_urlsafe(32)
+        key = cls.objects.create(
+            user=user, name=name, prefix=raw[:12], key_hash=_key_hash(raw)
+        )
+        return key, raw
+
+    @classmethod
+    def hash(cls, raw_key: str) -> str:
+        return _key_hash(raw_key)
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class BudgetScope(models.TextChoices):
+    GLOBAL = "global", "Global"
+    USER = "user", "User"
+    API_KEY = "api_key", "API key"
+    ENDPOINT = "endpoint", "Endpoint"
+
+
+class BudgetPeriod(models.TextChoices):
+    DAILY = "daily", "Daily (resets at midnight UTC)"
+    WEEKLY = "weekly", "Weekly (resets Monday 00:00 UTC)"
+    MONTHLY = "monthly", "Monthly (resets on the 1st, 00:00 UTC)"
+
+
+class Budget(models.Model):
+    """A token allowance for one scope over a calendar period."""
+
+    name = models.CharField(max_length=100, blank=True)
+    scope = models.CharField(max_length=16, choices=BudgetScope.choices)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="budgets",
+    )
+    api_key = models.ForeignKey(
+        ApiKey, on_delete=models.CASCADE, null=True, blank=True, related_name="budgets"
+    )
+    endpoint = models.ForeignKey(
+        Endpoint, on_delete=models.CASCADE, null=True, blank=True, related_name="budgets"
+    )
+    period = models.CharField(
+        max_length=16, choices=BudgetPeriod.choices, default=BudgetPeriod.DAILY
+    )
+    token_limit = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Empty: unlimited (usage is still counted)."
+    )
+    warning_percent = models.PositiveSmallIntegerField(
+        default=80, validators=[MinValueValidator(1), MaxValueValidator(100)]
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["scope", "id"]
+        constraints = [
+            # Exactly the target its scope names, and nothing else.
+            models.CheckConstraint(
+                condition=(
+                    Q(
+                        scope="global",
+                        user__isnull=True,
+                        api_key__isnull=True,
+                        endpoint__isnull=True,
+                    )
+                    | Q(
+                        scope="user",
+                        user__isnull=False,
+                        api_key__isnull=True,
+                        endpoint__isnull=True,
+                    )
+                    | Q(
+                        scope="api_key",
+                        user__isnull=True,
+                        api_key__isnull=False,
+                        endpoint__isnull=True,
+                    )
+                    | Q(
+                        scope="endpoint",
+                        user__isnull=True,
+                        api_key__isnull=True,
+                        endpoint__isnull=False,
+                    )
+                ),
+                name="budget_scope_matches_target",
+            ),
+            models.UniqueConstraint(
+                fields=["period"],
+                condition=Q(scope="global"),
+                name="budget_one_global_per_period",
+            ),
+            models.UniqueConstraint(
+                fields=["user", "period"],
+                condition=Q(scope="user"),
+                name="budget_one_per_user_period",
+            ),
+            models.UniqueConstraint(
+                fields=["api_key", "period"],
+                condition=Q(scope="api_key"),
+                name="budget_one_per_key_period",
+            ),
+            models.UniqueConstraint(
+                fields=["endpoint", "period"],
+                condition=Q(scope="endpoint"),
+                name="budget_one_per_endpoint_period",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        target = self.user or self.api_key or self.endpoint or "everyone"
+        limit = f"{self.token_limit:,}" if self.token_limit is not None else "unlimited"
+        return f"{self.get_period_display().split(' ')[0]} {limit} tokens: {target}"
+
+
+class BudgetCounter(models.Model):
+    """Tokens used and reserved against a budget in one period.
+
+    A new period is a new row, so a reset is never a write that can race.
+    """
+
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="counters")
+    period_start = models.DateTimeField()
+    used_tokens = models.PositiveBigIntegerField(default=0)
+    reserved_tokens = models.PositiveBigIntegerField(default=0)
+    warned_at = models.DateTimeField(null=True, blank=True)
+    exhausted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-period_start"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["budget", "period_start"], name="budget_counter_one_per_period"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.budget_id} @ {self.period_start:%Y-%m-%d}: {self.used_tokens}"
+
+
+class UsageSource(models.TextChoices):
+    CHAT = "chat", "Chat"
+    API = "api", "API"
+
+
+class UsageStatus(models.TextChoices):
+    OK = "ok", "OK"
+    ERROR = "error", "Error"
+    CANCELLED = "cancelled", "Cancelled"
+    REJECTED = "rejected", "Rejected"
+    CACHED = "cached", "Cached"
+
+
+class UsageRecord(models.Model):
+    """Exactly one row per request, written when the request ends."""
+
+    # Idempotency: the request's own id, so a retried write cannot duplicate it.
+    request_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    source = models.CharField(
+        max_length=8, choices=UsageSource.choices, default=UsageSource.CHAT
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    api_key = models.ForeignKey(
+        ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    # The gateway knows no chat models; this is chat.Conversation's id.
+    conversation_id = models.UUIDField(null=True, blank=True)
+    model_name = models.CharField(max_length=200)
+    endpoint = models.ForeignKey(
+        Endpoint, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    # Kept as text so records stay readable after an endpoint is deleted.
+    endpoint_name = models.CharField(max_length=100, blank=True)
+    upstream_model = models.CharField(max_length=200, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    tokens_estimated = models.BooleanField(default=False)
+    latency_ms = models.FloatField(null=True, blank=True)
+    ttft_ms = models.FloatField("time to first token (ms)", null=True, blank=True)
+    status = models.CharField(max_length=16, choices=UsageStatus.choices)
+    error_type = models.CharField(max_length=64, blank=True)
+    error_message = models.CharField(max_length=500, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    fallback_hops = models.JSONField(default=list, blank=True)
+    cost = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # Export and dashboards: one user's, key's, model's or endpoint's
+            # records over a time range.
+            models.Index(fields=["user", "created_at"], name="usage_user_time"),
+            models.Index(fields=["api_key", "created_at"], name="usage_key_time"),
+            models.Index(fields=["model_name", "created_at"], name="usage_model_time"),
+            models.Index(fields=["endpoint", "created_at"], name="usage_endpoint_time"),
+            # Error views: recent failures.
+            models.Index(fields=["status", "created_at"], name="usage_status_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.model_name} {self.status}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def hop_count(self) -> int:
+        return len(self.fallback_hops)

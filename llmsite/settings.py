@@ -1,0 +1,286 @@
+"""Settings for llmsite, read from the environment (see README: Configuration).
+
+With no environment at all this runs on a laptop: SQLite, the in-memory channel
+layer and the local-memory cache. DATABASE_URL and REDIS_URL switch to
+PostgreSQL and Redis. A bad value stops the process at start.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+
+
+def _positive(name: str, value: float) -> float:
+    if value <= 0:
+        raise ImproperlyConfigured(f"{name} must be a positive number, got {value!r}")
+    return value
+
+
+def _ratio(name: str, value: float) -> float:
+    if not 0 < value <= 1:
+        raise ImproperlyConfigured(f"{name} must be between 0 and 1, got {value!r}")
+    return value
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return env.int(name, default=default)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"{name} must be a whole number, got {env.str(name)!r}"
+        ) from None
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return env.float(name, default=default)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {env.str(name)!r}") from None
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = env.str(name, default="").strip().lower()
+    if raw == "":
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be true or false, got {raw!r}")
+
+
+DATA_DIR = Path(env.str("DATA_DIR", default=str(BASE_DIR / "var")))
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+DEBUG = _env_bool("DEBUG", False)
+
+
+def _secret_key() -> str:
+    """SECRET_KEY from the environment, else one kept in DATA_DIR across restarts."""
+    key = env.str("SECRET_KEY", default="")
+    if key:
+        if len(key) < 32:
+            raise ImproperlyConfigured("SECRET_KEY must be at least 32 characters long")
+        return key
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+SECRET_KEY_FROM_FILE = not env.str("SECRET_KEY", default="")
+# Keys for encrypting endpoint API keys at rest; the first encrypts, all decrypt.
+# Empty: derived from SECRET_KEY.
+FIELD_ENCRYPTION_KEYS = env.list("FIELD_ENCRYPTION_KEYS", default=[])
+
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+for _origin in CSRF_TRUSTED_ORIGINS:
+    if "://" not in _origin:
+        raise ImproperlyConfigured(
+            f"CSRF_TRUSTED_ORIGINS entries need a scheme, e.g. https://{_origin}"
+        )
+
+# How many web processes serve this deployment; only used by system checks
+# that catch per-process state (in-memory channel layer, local cache).
+WEB_CONCURRENCY = _env_int("WEB_CONCURRENCY", 1)
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "gateway",
+    "chat",
+    "monitoring",
+    "llmsite",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "llmsite.urls"
+ASGI_APPLICATION = "llmsite.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Database: SQLite by default, anything DATABASE_URL names otherwise.
+try:
+    DATABASES = {
+        "default": env.db_url(
+            "DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}"
+        )
+    }
+except Exception as exc:  # django-environ raises several types for a bad URL
+    raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from exc
+DATABASE_ENGINE = DATABASES["default"]["ENGINE"]
+if DATABASE_ENGINE == "django.db.backends.sqlite3":
+    DATABASES["default"]["OPTIONS"] = {
+        # WAL lets readers run during a write; IMMEDIATE takes the write lock at
+        # BEGIN, so concurrent writers queue instead of failing mid-transaction.
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+elif DATABASE_ENGINE == "django.db.backends.postgresql":
+    DATABASES["default"]["CONN_MAX_AGE"] = _env_int("DATABASE_CONN_MAX_AGE", 0)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    if _env_bool("DATABASE_POOL", False):
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = True
+        DATABASES["default"]["CONN_MAX_AGE"] = 0
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Redis, when given, carries the channel layer and Django's cache, so rate
+# limits, breaker hints and streams are shared by every web process.
+REDIS_URL = env.str("REDIS_URL", default="")
+if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    raise ImproperlyConfigured("REDIS_URL must start with redis://, rediss:// or unix://")
+
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="llmsite"),
+        }
+    }
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "prefix": env.str("CACHE_KEY_PREFIX", default="llmsite") + ":asgi",
+            },
+        }
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "llmsite",
+        }
+    }
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/chat/"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+# Budgets reset at midnight UTC and every timestamp is stored in UTC.
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
+# The ASGI app serves /static/ itself unless a reverse proxy does it.
+SERVE_STATIC = _env_bool("SERVE_STATIC", True)
+
+# HTTPS deployments: secure cookies, redirects and HSTS.
+HTTPS = _env_bool("HTTPS", False)
+SECURE_SSL_REDIRECT = _env_bool("SECURE_SSL_REDIRECT", HTTPS)
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SECURE_HSTS_SECONDS = _env_int("SECURE_HSTS_SECONDS", 31_536_000 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS
+SECURE_HSTS_PRELOAD = _env_bool("SECURE_HSTS_PRELOAD", False)
+if _env_bool("BEHIND_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
+if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+    raise ImproperlyConfigured(f"LOG_LEVEL must be a logging level name, got {LOG_LEVEL!r}")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        name: {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False}
+        for name in ("llmsite", "gateway", "chat", "monitoring")
+    },
+}
+
+# --- Gateway ---------------------------------------------------------------
+
+# Upstream connection pool per endpoint: several clients used round-robin,
+# because one httpx client's pool bookkeeping grows with its connections.
+GATEWAY_CLIENTS_PER_ENDPOINT = _env_int("GATEWAY_CLIENTS_PER_ENDPOINT", 4)
+GATEWAY_MAX_CONNECTIONS = _env_int("GATEWAY_MAX_CONNECTIONS", 10)
+GATEWAY_MAX_KEEPALIVE = _env_int("GATEWAY_MAX_KEEPALIVE", 5)
+GATEWAY_MAX_RESPONSE_BYTES = _env_int("GATEWAY_MAX_RESPONSE_BYTES", 10 * 1024 * 1024)
+GATEWAY_MAX_BACKOFF = _positive("GATEWAY_MAX_BACKOFF", _env_float("GATEWAY_MAX_BACKOFF", 30))
+GATEWAY_MAX_RETRY_AFTER = _positive(
+    "GATEWAY_MAX_RETRY_AFTER", _env_float("GATEWAY_MAX_RETRY_AFTER", 60)
+)
+GATEWAY_RESPONSE_CACHE_TTL = _env_int("GATEWAY_RESPONSE_CACHE_TTL", 24 * 3600)
+
+# Context window fitting (fractions of the window left after the reserved output).
+CONTEXT_WARN_RATIO = _ratio("CONTEXT_WARN_RATIO", _env_float("CONTEXT_WARN_RATIO", 0.8))
+CONTEXT_COMPRESS_RATIO = _ratio(
+    "CONTEXT_COMPRESS_RATIO", _env_float("CONTEXT_COMPRESS_RATIO", 0.9)
+)
+CONTEXT_TARGET_RATIO = _ratio(
+    "CONTEXT_TARGET_RATIO", _env_float("CONTEXT_TARGET_RATIO", 0.6)
+)
+if not CONTEXT_TARGET_RATIO < CONTEXT_COMPRESS_RATIO:
+    raise ImproperlyConfigured("CONTEXT_TARGET_RATIO must be below CONTEXT_COMPRESS_RATIO")
+
+# Default per-user and per-key rate limits (each can be overridden per key).
+RATE_LIMIT_RPM = _env_int("RATE_LIMIT_RPM", 5)
+RATE_LIMIT_TPM = _env_int("RATE_LIMIT_TPM", 0)  # 0: no token limit
+
+# --- Chat ------------------------------------------------------------------
+
+CHAT_MAX_MESSAGE_CHARS = _env_int("CHAT_MAX_MESSAGE_CHARS", 32_000)
+CHAT_MAX_CONCURRENT_GENERATIONS = _env_int("CHAT_MAX_CONCURRENT_GENERATIONS", 2)
+# Deltas are coalesced into one websocket frame per this many milliseconds.
+CHAT_FRAME_INTERVAL_MS = _env_int("CHAT_FRAME_INTERVAL_MS", 40)
