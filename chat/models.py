@@ -29,7 +29,9 @@ class Conversation(models.Model):
         ordering = ["-updated_at"]
         indexes = [
             # The sidebar: one user's conversations, newest first.
-            models.Index(fields=["user", "-updated_at"], name="conversation_user_recent"),
+            models.Index(
+                fields=["user", "-updated_at"], name="conversation_user_recent"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -82,7 +84,9 @@ class Message(models.Model):
         ordering = ["created_at", "id"]
         indexes = [
             # Loading a conversation in order.
-            models.Index(fields=["conversation", "created_at"], name="message_conv_time"),
+            models.Index(
+                fields=["conversation", "created_at"], name="message_conv_time"
+            ),
         ]
 
     def __str__(self) -> str:

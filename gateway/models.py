@@ -47,14 +47,18 @@ class Endpoint(models.Model):
         validators=[MinValueValidator(0.1)],
         help_text="Seconds to wait for a response or for the next streamed chunk.",
     )
-    connect_timeout = models.FloatField(default=10.0, validators=[MinValueValidator(0.1)])
+    connect_timeout = models.FloatField(
+        default=10.0, validators=[MinValueValidator(0.1)]
+    )
     max_retries = models.PositiveSmallIntegerField(
         "retry attempts",
         default=3,
         validators=[MinValueValidator(1), MaxValueValidator(10)],
         help_text="Attempts per request on this endpoint before failing over.",
     )
-    backoff_multiplier = models.FloatField(default=2.0, validators=[MinValueValidator(0)])
+    backoff_multiplier = models.FloatField(
+        default=2.0, validators=[MinValueValidator(0)]
+    )
     rpm_limit = models.PositiveIntegerField(
         "requests per minute", null=True, blank=True, help_text="Empty: no limit."
     )
@@ -67,10 +71,13 @@ class Endpoint(models.Model):
         help_text="Consecutive failures that open the circuit breaker.",
     )
     cooldown_seconds = models.PositiveIntegerField(
-        default=60, help_text="How long an endpoint stays disabled once the breaker opens."
+        default=60,
+        help_text="How long an endpoint stays disabled once the breaker opens.",
     )
     probe_interval = models.PositiveIntegerField(
-        default=300, validators=[MinValueValidator(5)], help_text="Seconds between probes."
+        default=300,
+        validators=[MinValueValidator(5)],
+        help_text="Seconds between probes.",
     )
     probe_mode = models.CharField(
         max_length=16, choices=ProbeMode.choices, default=ProbeMode.MODELS
@@ -115,7 +122,9 @@ class Endpoint(models.Model):
         ]
         indexes = [
             # The monitor: enabled endpoints whose next probe is due.
-            models.Index(fields=["enabled", "next_probe_at"], name="endpoint_probe_due"),
+            models.Index(
+                fields=["enabled", "next_probe_at"], name="endpoint_probe_due"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -147,7 +156,9 @@ class ModelRoute(models.Model):
     model_name = models.CharField(
         max_length=200, help_text="The name users and programs ask for."
     )
-    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="routes")
+    endpoint = models.ForeignKey(
+        Endpoint, on_delete=models.CASCADE, related_name="routes"
+    )
     upstream_model = models.CharField(
         max_length=200, help_text="The model name the endpoint expects."
     )
@@ -179,7 +190,9 @@ class ModelRoute(models.Model):
         ]
         indexes = [
             # The router: enabled routes of one model name by priority.
-            models.Index(fields=["model_name", "priority"], name="route_model_priority"),
+            models.Index(
+                fields=["model_name", "priority"], name="route_model_priority"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -215,7 +228,9 @@ class ApiKey(models.Model):
     )
     name = models.CharField(max_length=100)
     prefix = models.CharField(
-        max_length=16, editable=False, help_text="The first characters, to recognise it."
+        max_length=16,
+        editable=False,
+        help_text="The first characters, to recognise it.",
     )
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     rpm_limit = models.PositiveIntegerField(
@@ -284,7 +299,11 @@ class Budget(models.Model):
         ApiKey, on_delete=models.CASCADE, null=True, blank=True, related_name="budgets"
     )
     endpoint = models.ForeignKey(
-        Endpoint, on_delete=models.CASCADE, null=True, blank=True, related_name="budgets"
+        Endpoint,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="budgets",
     )
     period = models.CharField(
         max_length=16, choices=BudgetPeriod.choices, default=BudgetPeriod.DAILY
@@ -365,7 +384,9 @@ class BudgetCounter(models.Model):
     A new period is a new row, so a reset is never a write that can race.
     """
 
-    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="counters")
+    budget = models.ForeignKey(
+        Budget, on_delete=models.CASCADE, related_name="counters"
+    )
     period_start = models.DateTimeField()
     used_tokens = models.PositiveBigIntegerField(default=0)
     reserved_tokens = models.PositiveBigIntegerField(default=0)

@@ -26,7 +26,7 @@ def check_shared_state(app_configs: object = None, **kwargs: object) -> list:
         messages.append(
             Error(
                 "The local-memory cache is per process: rate limits would become "
-                "limit × processes.",
+                "the limit times the number of processes.",
                 hint="Set REDIS_URL, or run one web process (WEB_CONCURRENCY=1).",
                 id="llmsite.E002",
             )

@@ -43,7 +43,9 @@ def _env_float(name: str, default: float) -> float:
     try:
         return env.float(name, default=default)
     except ValueError:
-        raise ImproperlyConfigured(f"{name} must be a number, got {env.str(name)!r}") from None
+        raise ImproperlyConfigured(
+            f"{name} must be a number, got {env.str(name)!r}"
+        ) from None
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -146,8 +148,17 @@ try:
         )
     }
 except Exception as exc:  # django-environ raises several types for a bad URL
-    raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from exc
+    raise ImproperlyConfigured(
+        f"DATABASE_URL is not a valid database URL: {exc}"
+    ) from exc
 DATABASE_ENGINE = DATABASES["default"]["ENGINE"]
+if DATABASE_ENGINE not in {
+    "django.db.backends.sqlite3",
+    "django.db.backends.postgresql",
+}:
+    raise ImproperlyConfigured(
+        "DATABASE_URL is not a valid database URL: use postgres://... or sqlite:///..."
+    )
 if DATABASE_ENGINE == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         # WAL lets readers run during a write; IMMEDIATE takes the write lock at
@@ -169,7 +180,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # limits, breaker hints and streams are shared by every web process.
 REDIS_URL = env.str("REDIS_URL", default="")
 if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
-    raise ImproperlyConfigured("REDIS_URL must start with redis://, rediss:// or unix://")
+    raise ImproperlyConfigured(
+        "REDIS_URL must start with redis://, rediss:// or unix://"
+    )
 
 if REDIS_URL:
     CACHES = {
@@ -197,11 +210,12 @@ else:
     }
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+_VALIDATORS = "django.contrib.auth.password_validation."
 AUTH_PASSWORD_VALIDATORS = [
-    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
-    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
-    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+    {"NAME": _VALIDATORS + "UserAttributeSimilarityValidator"},
+    {"NAME": _VALIDATORS + "MinimumLengthValidator"},
+    {"NAME": _VALIDATORS + "CommonPasswordValidator"},
+    {"NAME": _VALIDATORS + "NumericPasswordValidator"},
 ]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/chat/"
@@ -234,7 +248,9 @@ X_FRAME_OPTIONS = "DENY"
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-    raise ImproperlyConfigured(f"LOG_LEVEL must be a logging level name, got {LOG_LEVEL!r}")
+    raise ImproperlyConfigured(
+        f"LOG_LEVEL must be a logging level name, got {LOG_LEVEL!r}"
+    )
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -257,7 +273,9 @@ GATEWAY_CLIENTS_PER_ENDPOINT = _env_int("GATEWAY_CLIENTS_PER_ENDPOINT", 4)
 GATEWAY_MAX_CONNECTIONS = _env_int("GATEWAY_MAX_CONNECTIONS", 10)
 GATEWAY_MAX_KEEPALIVE = _env_int("GATEWAY_MAX_KEEPALIVE", 5)
 GATEWAY_MAX_RESPONSE_BYTES = _env_int("GATEWAY_MAX_RESPONSE_BYTES", 10 * 1024 * 1024)
-GATEWAY_MAX_BACKOFF = _positive("GATEWAY_MAX_BACKOFF", _env_float("GATEWAY_MAX_BACKOFF", 30))
+GATEWAY_MAX_BACKOFF = _positive(
+    "GATEWAY_MAX_BACKOFF", _env_float("GATEWAY_MAX_BACKOFF", 30)
+)
 GATEWAY_MAX_RETRY_AFTER = _positive(
     "GATEWAY_MAX_RETRY_AFTER", _env_float("GATEWAY_MAX_RETRY_AFTER", 60)
 )
@@ -272,7 +290,9 @@ CONTEXT_TARGET_RATIO = _ratio(
     "CONTEXT_TARGET_RATIO", _env_float("CONTEXT_TARGET_RATIO", 0.6)
 )
 if not CONTEXT_TARGET_RATIO < CONTEXT_COMPRESS_RATIO:
-    raise ImproperlyConfigured("CONTEXT_TARGET_RATIO must be below CONTEXT_COMPRESS_RATIO")
+    raise ImproperlyConfigured(
+        "CONTEXT_TARGET_RATIO must be below CONTEXT_COMPRESS_RATIO"
+    )
 
 # Default per-user and per-key rate limits (each can be overridden per key).
 RATE_LIMIT_RPM = _env_int("RATE_LIMIT_RPM", 5)
@@ -284,3 +304,74 @@ CHAT_MAX_MESSAGE_CHARS = _env_int("CHAT_MAX_MESSAGE_CHARS", 32_000)
 CHAT_MAX_CONCURRENT_GENERATIONS = _env_int("CHAT_MAX_CONCURRENT_GENERATIONS", 2)
 # Deltas are coalesced into one websocket frame per this many milliseconds.
 CHAT_FRAME_INTERVAL_MS = _env_int("CHAT_FRAME_INTERVAL_MS", 40)
+
+# --- Monitoring ------------------------------------------------------------
+
+# Probes: how many run at once, and the hard cap on each one (seconds).
+MONITOR_CONCURRENCY = int(
+    _positive("MONITOR_CONCURRENCY", _env_int("MONITOR_CONCURRENCY", 50))
+)
+MONITOR_PROBE_TIMEOUT = _positive(
+    "MONITOR_PROBE_TIMEOUT", _env_float("MONITOR_PROBE_TIMEOUT", 5.0)
+)
+# Classification: connected below SLOW_MS, slow up to DOWN_MS, disconnected
+# above it or on any error; DOWN_AFTER failed probes in a row mark an endpoint
+# disconnected (one blip does not), and a failing endpoint is re-probed after
+# RECHECK_SECONDS to confirm it quickly.
+MONITOR_SLOW_MS = _positive("MONITOR_SLOW_MS", _env_float("MONITOR_SLOW_MS", 500))
+MONITOR_DOWN_MS = _positive("MONITOR_DOWN_MS", _env_float("MONITOR_DOWN_MS", 2000))
+if not MONITOR_SLOW_MS < MONITOR_DOWN_MS:
+    raise ImproperlyConfigured("MONITOR_SLOW_MS must be below MONITOR_DOWN_MS")
+MONITOR_DOWN_AFTER = int(
+    _positive("MONITOR_DOWN_AFTER", _env_int("MONITOR_DOWN_AFTER", 2))
+)
+MONITOR_RECHECK_SECONDS = _positive(
+    "MONITOR_RECHECK_SECONDS", _env_float("MONITOR_RECHECK_SECONDS", 30)
+)
+# Probe results and alert history older than this are deleted.
+MONITOR_RETENTION_DAYS = int(
+    _positive("MONITOR_RETENTION_DAYS", _env_int("MONITOR_RETENTION_DAYS", 30))
+)
+# The active monitor renews its lease; a standby takes over once it expires.
+MONITOR_LEASE_SECONDS = _positive(
+    "MONITOR_LEASE_SECONDS", _env_float("MONITOR_LEASE_SECONDS", 30)
+)
+MONITOR_IDLE_SECONDS = _positive(
+    "MONITOR_IDLE_SECONDS", _env_float("MONITOR_IDLE_SECONDS", 1)
+)
+if not MONITOR_LEASE_SECONDS >= 3 * MONITOR_IDLE_SECONDS:
+    raise ImproperlyConfigured(
+        "MONITOR_LEASE_SECONDS must be at least three times MONITOR_IDLE_SECONDS"
+    )
+
+# Alerts: sent by the monitor on endpoint down/recovered and budget warnings,
+# to these and to the alert channels configured in the admin.
+ALERT_EMAILS = env.list("ALERT_EMAILS", default=[])
+for _address in ALERT_EMAILS:
+    if "@" not in _address:
+        raise ImproperlyConfigured(f"ALERT_EMAILS has an invalid address: {_address!r}")
+ALERT_WEBHOOK_URL = env.str("ALERT_WEBHOOK_URL", default="")
+if ALERT_WEBHOOK_URL and not ALERT_WEBHOOK_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured("ALERT_WEBHOOK_URL must start with http:// or https://")
+ALERT_WEBHOOK_TIMEOUT = _positive(
+    "ALERT_WEBHOOK_TIMEOUT", _env_float("ALERT_WEBHOOK_TIMEOUT", 10)
+)
+# A failed delivery is retried after RETRY_SECONDS, doubling each time.
+ALERT_MAX_ATTEMPTS = int(
+    _positive("ALERT_MAX_ATTEMPTS", _env_int("ALERT_MAX_ATTEMPTS", 4))
+)
+ALERT_RETRY_SECONDS = _positive(
+    "ALERT_RETRY_SECONDS", _env_float("ALERT_RETRY_SECONDS", 30)
+)
+
+# Mail for alerts: smtp://user:password@host:587/?tls=True, or consolemail://.
+try:
+    globals().update(env.email_url("EMAIL_URL", default="consolemail://"))
+except Exception as exc:  # django-environ raises several types for a bad URL
+    raise ImproperlyConfigured(f"EMAIL_URL is not a valid mail URL: {exc}") from exc
+EMAIL_TIMEOUT = _env_int("EMAIL_TIMEOUT", 10)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="llmsite@localhost")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+
+# /metrics answers a request with "Authorization: Bearer <token>" or a staff login.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")

@@ -19,9 +19,7 @@ def _clean_cache():
 @pytest.fixture
 def owner(django_user_model):
     """Alice: an ordinary user who owns the conversations under test."""
-    return django_user_model.objects.create_user(
-        "alice", "alice@example.com", PASSWORD
-    )
+    return django_user_model.objects.create_user("alice", "alice@example.com", PASSWORD)
 
 
 @pytest.fixture

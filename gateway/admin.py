@@ -1,0 +1,379 @@
+"""Admin for endpoints, routes, budgets, API keys and usage."""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.paginator import Paginator
+from django.db import connections
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.functional import cached_property
+from django.utils.html import format_html
+
+from gateway.models import (
+    ApiKey,
+    Budget,
+    BudgetCounter,
+    Endpoint,
+    EndpointStatus,
+    ModelRoute,
+    UsageRecord,
+)
+
+STATUS_COLOURS = {
+    EndpointStatus.CONNECTED: "#1a7f37",
+    EndpointStatus.SLOW: "#9a6700",
+    EndpointStatus.DISCONNECTED: "#cf222e",
+    EndpointStatus.UNKNOWN: "#6e7781",
+}
+
+
+def status_badge(status: str, label: str) -> str:
+    """A status as coloured text: the words carry the meaning, not the colour."""
+    colour = STATUS_COLOURS.get(status, "#6e7781")
+    return format_html(
+        '<span class="llm-status llm-status-{}" style="color:{};font-weight:600">'
+        "● {}</span>",
+        status,
+        colour,
+        label,
+    )
+
+
+class LargeTablePaginator(Paginator):
+    """Counts an unfiltered big table from PostgreSQL's statistics, not COUNT(*)."""
+
+    @cached_property
+    def count(self) -> int:
+        query = getattr(self.object_list, "query", None)
+        connection = connections[getattr(self.object_list, "db", "default")]
+        if query is not None and not query.where and connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT reltuples::bigint FROM pg_class WHERE relname = %s",
+                    [self.object_list.model._meta.db_table],
+                )
+                row = cursor.fetchone()
+            if row and row[0] > 10_000:
+                return int(row[0])
+        return super().count
+
+
+class EndpointForm(forms.ModelForm):
+    """The API key is write-only: never rendered, kept when left blank."""
+
+    base_url = forms.URLField(
+        max_length=500,
+        assume_scheme="https",
+        help_text="Up to and including the API version, e.g. https://api.openai.com/v1",
+    )
+
+    api_key = forms.CharField(
+        label="API key",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"}),
+        help_text="Stored encrypted. Leave blank to keep the current key.",
+    )
+    clear_api_key = forms.BooleanField(
+        label="Remove the stored API key", required=False
+    )
+
+    class Meta:
+        model = Endpoint
+        fields = [
+            "name",
+            "base_url",
+            "enabled",
+            "priority",
+            "timeout",
+            "connect_timeout",
+            "max_retries",
+            "backoff_multiplier",
+            "rpm_limit",
+            "tpm_limit",
+            "failure_threshold",
+            "cooldown_seconds",
+            "probe_interval",
+            "probe_mode",
+            "probe_model",
+            "extra_headers",
+            "supports_stream_usage",
+        ]
+
+    def save(self, commit: bool = True) -> Endpoint:
+        endpoint = super().save(commit=False)
+        if self.cleaned_data.get("clear_api_key"):
+            endpoint.api_key = ""
+        elif self.cleaned_data.get("api_key"):
+            endpoint.api_key = self.cleaned_data["api_key"]
+        if commit:
+            endpoint.save()
+            self.save_m2m()
+        return endpoint
+
+
+class ModelRouteInline(admin.TabularInline):
+    model = ModelRoute
+    extra = 0
+    fields = [
+        "model_name",
+        "upstream_model",
+        "priority",
+        "enabled",
+        "context_window",
+        "max_output_tokens",
+        "input_price_per_1k",
+        "output_price_per_1k",
+    ]
+
+
+@admin.register(Endpoint)
+class EndpointAdmin(admin.ModelAdmin):
+    form = EndpointForm
+    list_display = [
+        "name",
+        "base_url",
+        "enabled",
+        "priority",
+        "status_display",
+        "last_latency_display",
+        "last_checked_at",
+        "consecutive_failures",
+        "disabled_until",
+        "has_api_key",
+    ]
+    list_filter = ["enabled", "status"]
+    search_fields = ["name", "base_url"]
+    inlines = [ModelRouteInline]
+    actions = ["enable", "disable", "reset_breaker"]
+    readonly_fields = [
+        "status",
+        "status_changed_at",
+        "consecutive_failures",
+        "probe_failures",
+        "disabled_until",
+        "last_checked_at",
+        "last_latency_ms",
+        "next_probe_at",
+        "created_at",
+        "updated_at",
+    ]
+    fieldsets = [
+        (None, {"fields": ["name", "base_url", "api_key", "clear_api_key", "enabled"]}),
+        (
+            "Requests",
+            {
+                "fields": [
+                    "priority",
+                    ("timeout", "connect_timeout"),
+                    ("max_retries", "backoff_multiplier"),
+                    ("rpm_limit", "tpm_limit"),
+                    "extra_headers",
+                    "supports_stream_usage",
+                ]
+            },
+        ),
+        (
+            "Health",
+            {
+                "fields": [
+                    ("failure_threshold", "cooldown_seconds"),
+                    ("probe_interval", "probe_mode", "probe_model"),
+                    ("status", "status_changed_at"),
+                    ("consecutive_failures", "probe_failures", "disabled_until"),
+                    ("last_checked_at", "last_latency_ms", "next_probe_at"),
+                    ("created_at", "updated_at"),
+                ]
+            },
+        ),
+    ]
+
+    @admin.display(description="Status", ordering="status")
+    def status_display(self, obj: Endpoint) -> str:
+        return status_badge(obj.status, obj.get_status_display())
+
+    @admin.display(description="Latency", ordering="last_latency_ms")
+    def last_latency_display(self, obj: Endpoint) -> str:
+        return "—" if obj.last_latency_ms is None else f"{obj.last_latency_ms:.0f} ms"
+
+    @admin.display(description="Key", boolean=True)
+    def has_api_key(self, obj: Endpoint) -> bool:
+        return obj.has_api_key
+
+    @admin.action(description="Enable selected endpoints")
+    def enable(self, request: HttpRequest, queryset) -> None:
+        updated = queryset.update(enabled=True)
+        self.message_user(request, f"{updated} endpoint(s) enabled.")
+
+    @admin.action(description="Disable selected endpoints")
+    def disable(self, request: HttpRequest, queryset) -> None:
+        updated = queryset.update(enabled=False)
+        self.message_user(request, f"{updated} endpoint(s) disabled.")
+
+    @admin.action(description="Close the circuit breaker (re-enable now)")
+    def reset_breaker(self, request: HttpRequest, queryset) -> None:
+        updated = queryset.update(consecutive_failures=0, disabled_until=None)
+        self.message_user(request, f"Breaker closed on {updated} endpoint(s).")
+
+
+@admin.register(ModelRoute)
+class ModelRouteAdmin(admin.ModelAdmin):
+    list_display = [
+        "model_name",
+        "priority",
+        "endpoint",
+        "upstream_model",
+        "enabled",
+        "context_window",
+        "max_output_tokens",
+        "input_price_per_1k",
+        "output_price_per_1k",
+    ]
+    list_filter = ["enabled", "model_name", "endpoint"]
+    list_select_related = ["endpoint"]
+    search_fields = ["model_name", "upstream_model", "endpoint__name"]
+    autocomplete_fields = ["endpoint"]
+
+
+class BudgetCounterInline(admin.TabularInline):
+    model = BudgetCounter
+    extra = 0
+    max_num = 0
+    can_delete = False
+    fields = [
+        "period_start",
+        "used_tokens",
+        "reserved_tokens",
+        "warned_at",
+        "exhausted_at",
+    ]
+    readonly_fields = fields
+    ordering = ["-period_start"]
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    list_display = [
+        "__str__",
+        "scope",
+        "period",
+        "token_limit",
+        "warning_percent",
+        "enabled",
+    ]
+    list_filter = ["scope", "period", "enabled"]
+    list_select_related = ["user", "api_key", "endpoint"]
+    search_fields = ["name", "user__username", "api_key__name", "endpoint__name"]
+    autocomplete_fields = ["user", "api_key", "endpoint"]
+    inlines = [BudgetCounterInline]
+
+
+class ApiKeyForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ["user", "name", "rpm_limit", "tpm_limit", "revoked_at"]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    form = ApiKeyForm
+    list_display = [
+        "name",
+        "prefix_display",
+        "user",
+        "created_at",
+        "last_used_at",
+        "active",
+    ]
+    list_filter = ["revoked_at"]
+    list_select_related = ["user"]
+    search_fields = ["name", "prefix", "user__username"]
+    autocomplete_fields = ["user"]
+    readonly_fields = ["prefix_display", "created_at", "last_used_at"]
+    actions = ["revoke"]
+
+    @admin.display(description="Key")
+    def prefix_display(self, obj: ApiKey) -> str:
+        return f"{obj.prefix}…" if obj.prefix else "—"
+
+    @admin.display(description="Active", boolean=True)
+    def active(self, obj: ApiKey) -> bool:
+        return obj.is_active
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:
+        if obj is None:
+            return ["user", "name", "rpm_limit", "tpm_limit"]
+        return [
+            "user",
+            "name",
+            "prefix_display",
+            "rpm_limit",
+            "tpm_limit",
+            "created_at",
+            "last_used_at",
+            "revoked_at",
+        ]
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        created, raw = ApiKey.generate(obj.user, obj.name)
+        created.rpm_limit, created.tpm_limit = obj.rpm_limit, obj.tpm_limit
+        created.save(update_fields=["rpm_limit", "tpm_limit"])
+        # The admin's later steps (log entry, redirect) need the saved row.
+        obj.pk, obj.prefix, obj.key_hash, obj.created_at = (
+            created.pk,
+            created.prefix,
+            created.key_hash,
+            created.created_at,
+        )
+        obj._state.adding = False
+        self.message_user(
+            request,
+            f"API key created. Copy it now, it will not be shown again: {raw}",
+            level=messages.WARNING,
+        )
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request: HttpRequest, queryset) -> None:
+        updated = queryset.filter(revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )
+        self.message_user(request, f"{updated} key(s) revoked.")
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    list_display = [
+        "created_at",
+        "source",
+        "user",
+        "model_name",
+        "endpoint_name",
+        "status",
+        "prompt_tokens",
+        "completion_tokens",
+        "tokens_estimated",
+        "latency_ms",
+        "ttft_ms",
+        "attempts",
+        "cost",
+    ]
+    # created_at as a plain filter: the date hierarchy runs DISTINCT over dates,
+    # which scans the whole table.
+    list_filter = ["status", "source", ("created_at", admin.DateFieldListFilter)]
+    list_select_related = ["user"]
+    search_fields = ["model_name", "endpoint_name", "user__username", "=request_id"]
+    show_full_result_count = False
+    paginator = LargeTablePaginator
+    list_per_page = 50
+    ordering = ["-created_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False

@@ -1,0 +1,97 @@
+"""First-run setup for `make run`: an admin user and the demo endpoints."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandParser
+from django.db import transaction
+
+from gateway.models import Endpoint, ModelRoute
+
+DEMO_MODEL = "demo-chat"
+DEMO_UPSTREAM_MODEL = "sim-small"
+
+
+class Command(BaseCommand):
+    help = (
+        "Create an admin user if there is none (printing its password once) and "
+        "register the demo endpoints: two local simulated upstreams, and the real "
+        "endpoint named by LLM_BASE_URL / LLM_API_KEY / LLM_MODEL when set."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--primary-port", type=int, default=9101)
+        parser.add_argument("--fallback-port", type=int, default=9102)
+
+    def handle(
+        self, *args: object, primary_port: int, fallback_port: int, **opts
+    ) -> None:
+        self._admin()
+        with transaction.atomic():
+            self._demo_endpoints(primary_port, fallback_port)
+            self._configured_endpoint()
+
+    def _admin(self) -> None:
+        users = get_user_model()
+        if users.objects.filter(is_superuser=True).exists():
+            return
+        password = secrets.token_urlsafe(12)
+        users.objects.create_superuser("admin", "admin@localhost", password)
+        self.stdout.write(
+            self.style.WARNING(
+                "Created the admin user. Sign in as 'admin' with password "
+                f"{password} (shown only this once)."
+            )
+        )
+
+    def _demo_endpoints(self, primary_port: int, fallback_port: int) -> None:
+        for name, port, priority in (
+            ("demo-primary", primary_port, 10),
+            ("demo-fallback", fallback_port, 20),
+        ):
+            endpoint, _ = Endpoint.objects.update_or_create(
+                name=name,
+                defaults={
+                    "base_url": f"http://127.0.0.1:{port}/v1",
+                    "priority": priority,
+                    "probe_interval": 30,
+                },
+            )
+            ModelRoute.objects.update_or_create(
+                model_name=DEMO_MODEL,
+                endpoint=endpoint,
+                defaults={"upstream_model": DEMO_UPSTREAM_MODEL, "priority": priority},
+            )
+        self.stdout.write(
+            f"Demo model {DEMO_MODEL!r}: simulated upstreams on ports "
+            f"{primary_port} (primary) and {fallback_port} (fallback)."
+        )
+
+    def _configured_endpoint(self) -> None:
+        base_url = os.environ.get("LLM_BASE_URL", "").rstrip("/")
+        if not base_url:
+            return
+        model = os.environ.get("LLM_MODEL", "gpt-4o-mini")
+        endpoint, _ = Endpoint.objects.update_or_create(
+            name="configured", defaults={"base_url": base_url, "priority": 1}
+        )
+        key = os.environ.get("LLM_API_KEY", "")
+        if key and key != endpoint.api_key:
+            endpoint.api_key = key
+            endpoint.save(update_fields=["api_key_encrypted"])
+        ModelRoute.objects.update_or_create(
+            model_name=model,
+            endpoint=endpoint,
+            defaults={"upstream_model": model, "priority": 1},
+        )
+        # The simulated primary stands behind the real endpoint as its fallback.
+        demo = Endpoint.objects.get(name="demo-primary")
+        ModelRoute.objects.update_or_create(
+            model_name=model,
+            endpoint=demo,
+            defaults={"upstream_model": DEMO_UPSTREAM_MODEL, "priority": 50},
+        )
+        self.stdout.write(f"Registered {base_url} as model {model!r} (first in line).")

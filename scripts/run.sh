@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Starts the whole app for a laptop: two simulated upstreams, the monitor and
+# daphne. Ctrl-C stops them all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=.venv/bin/python
+HOST=${HOST:-127.0.0.1}
+PORT=${PORT:-8000}
+PRIMARY_PORT=${DEMO_PRIMARY_PORT:-9101}
+FALLBACK_PORT=${DEMO_FALLBACK_PORT:-9102}
+
+$PY manage.py migrate --noinput
+$PY manage.py setup_demo --primary-port "$PRIMARY_PORT" --fallback-port "$FALLBACK_PORT"
+
+pids=()
+stop() {
+    trap - EXIT INT TERM
+    kill "${pids[@]}" 2>/dev/null || true
+    wait || true
+}
+trap stop EXIT INT TERM
+
+# The demo upstreams answer at a readable pace, so streaming can be watched.
+$PY manage.py simulate_upstream --port "$PRIMARY_PORT" --tokens-per-second 25 \
+    --models sim-small,sim-large & pids+=($!)
+$PY manage.py simulate_upstream --port "$FALLBACK_PORT" --tokens-per-second 25 \
+    --models sim-small,sim-large & pids+=($!)
+if $PY manage.py help monitor >/dev/null 2>&1; then
+    $PY manage.py monitor & pids+=($!)
+fi
+.venv/bin/daphne -b "$HOST" -p "$PORT" llmsite.asgi:application & pids+=($!)
+
+echo
+echo "llmsite is running at http://$HOST:$PORT/  (admin: http://$HOST:$PORT/admin/)"
+echo "Press Ctrl-C to stop."
+# Stop everything as soon as any one of them exits.
+wait -n

@@ -1,0 +1,154 @@
+"""Endpoints, routes and budgets from a TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from gateway.config_file import ConfigFileError, export_text, import_text
+from gateway.models import Budget, Endpoint, ModelRoute
+
+pytestmark = pytest.mark.django_db
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "llm_api.example.toml"
+
+VALID = """
+[[endpoints]]
+name = "primary"
+base_url = "http://127.0.0.1:9101/v1"
+api_key = "sk-primary"
+priority = 1
+
+[[endpoints]]
+name = "fallback"
+base_url = "http://127.0.0.1:9102/v1"
+priority = 2
+timeout = 30
+
+[[routes]]
+model = "chat"
+endpoint = "primary"
+upstream_model = "gpt-4o-mini"
+priority = 1
+input_price_per_1k = 0.00015
+
+[[routes]]
+model = "chat"
+endpoint = "fallback"
+upstream_model = "llama3"
+priority = 2
+context_window = 16000
+
+[[budgets]]
+scope = "endpoint"
+endpoint = "primary"
+token_limit = 100000
+"""
+
+
+def test_it_imports_endpoints_routes_and_budgets():
+    summary = import_text(VALID)
+
+    assert summary.created == {"endpoints": 2, "routes": 2, "budgets": 1}
+    primary = Endpoint.objects.get(name="primary")
+    assert primary.api_key == "sk-primary"
+    assert Endpoint.objects.get(name="fallback").timeout == 30
+    chain = list(ModelRoute.objects.filter(model_name="chat").order_by("priority"))
+    assert [r.endpoint.name for r in chain] == ["primary", "fallback"]
+    assert chain[1].context_window == 16000
+    assert chain[1].max_output_tokens == 2000
+    assert Budget.objects.get(endpoint=primary).token_limit == 100000
+
+
+def test_importing_twice_updates_and_never_duplicates():
+    import_text(VALID)
+    second = import_text(VALID.replace("timeout = 30", "timeout = 45"))
+
+    assert Endpoint.objects.count() == 2
+    assert ModelRoute.objects.count() == 2
+    assert Budget.objects.count() == 1
+    assert second.updated["endpoints"] == 1
+    assert second.unchanged["routes"] == 2
+    assert Endpoint.objects.get(name="fallback").timeout == 45
+
+
+def test_a_bad_file_names_line_and_field_and_changes_nothing():
+    bad = VALID.replace("timeout = 30", "timeout = -5").replace(
+        'endpoint = "fallback"\nupstream_model', 'endpoint = "nowhere"\nupstream_model'
+    )
+
+    with pytest.raises(ConfigFileError) as caught:
+        import_text(bad)
+
+    problems = "\n".join(caught.value.problems)
+    assert "line 12: endpoints[2].timeout" in problems
+    assert "routes[2].endpoint: no endpoint named 'nowhere'" in problems
+    assert Endpoint.objects.count() == 0
+    assert ModelRoute.objects.count() == 0
+
+
+def test_a_syntax_error_reports_its_line():
+    with pytest.raises(ConfigFileError, match=r"line 3"):
+        import_text('[[endpoints]]\nname = "a"\nbase_url = \n')
+
+
+def test_unknown_keys_are_refused_not_ignored():
+    with pytest.raises(ConfigFileError, match=r"endpoints\[1\]\.tiemout: unknown key"):
+        import_text(
+            '[[endpoints]]\nname = "a"\nbase_url = "http://x/v1"\ntiemout = 3\n'
+        )
+
+
+def test_output_reservation_must_fit_the_window():
+    text = VALID.replace("context_window = 16000", "context_window = 1000")
+
+    with pytest.raises(ConfigFileError, match=r"routes\[2\]\.max_output_tokens"):
+        import_text(
+            text.replace("priority = 2\ncontext", "max_output_tokens = 1000\ncontext")
+        )
+
+
+def test_api_key_env_reads_the_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PRIMARY_KEY", "sk-from-env")
+    import_text(VALID.replace('api_key = "sk-primary"', 'api_key_env = "PRIMARY_KEY"'))
+
+    assert Endpoint.objects.get(name="primary").api_key == "sk-from-env"
+
+
+def test_a_missing_key_variable_is_an_error(monkeypatch):
+    monkeypatch.delenv("PRIMARY_KEY", raising=False)
+
+    with pytest.raises(ConfigFileError, match="PRIMARY_KEY' is not set"):
+        import_text(
+            VALID.replace('api_key = "sk-primary"', 'api_key_env = "PRIMARY_KEY"')
+        )
+
+
+def test_export_round_trips_without_secrets():
+    import_text(VALID)
+    exported = export_text()
+
+    assert "sk-primary" not in exported
+    summary = import_text(exported)
+    assert summary.created == {"endpoints": 0, "routes": 0, "budgets": 0}
+    assert summary.updated == {"endpoints": 0, "routes": 0, "budgets": 0}
+    assert Endpoint.objects.get(name="primary").api_key == "sk-primary"
+
+
+def test_the_shipped_example_imports(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-example")
+
+    call_command("import_endpoints", str(EXAMPLE))
+
+    assert ModelRoute.objects.filter(model_name="assistant").count() == 2
+    assert Budget.objects.get(scope="global").token_limit is None
+
+
+def test_the_command_reports_problems_as_a_command_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[routes]]\nmodel = "x"\nendpoint = "missing"\n')
+
+    with pytest.raises(CommandError, match="nothing changed"):
+        call_command("import_endpoints", str(path))
