@@ -5,15 +5,19 @@ from __future__ import annotations
 import pytest
 from django.core.cache import cache
 
+from gateway import router
+
 PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(autouse=True)
 def _clean_cache():
-    """No test sees another's rate-limit windows, breaker hints or cached answers."""
+    """No test sees another's rate limits, cached routes or cached answers."""
     cache.clear()
+    router.forget_routes()
     yield
     cache.clear()
+    router.forget_routes()
 
 
 @pytest.fixture

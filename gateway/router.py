@@ -1,0 +1,1071 @@
+"""Routing one chat request over a model's routes: retries, fallback, breaker, cache.
+
+`stream_chat()` and `complete_chat()` take a public model name and the
+conversation, and walk the model's routes by priority:
+
+1. skip an endpoint whose circuit is open, or half-open with its one trial
+   taken by another request; skip a route whose window cannot hold the system
+   prompt and newest turn (`gateway.context`); skip an endpoint that `admit`
+   says is saturated.  Each skip is a hop with its reason.
+2. try the route with tenacity: `Endpoint.max_retries` attempts, exponential
+   backoff (`backoff_multiplier` * 2^n, plus jitter, capped at
+   GATEWAY_MAX_BACKOFF), Retry-After honoured up to GATEWAY_MAX_RETRY_AFTER
+   (longer: fail over at once).  Only transient errors are retried; an
+   `APIEndpointError` fails over at once; a permanent error (the request is
+   wrong) ends the call.  Streams are retried only before their first token.
+3. a stream that fails after tokens flowed continues on the next route, with
+   the partial answer as an assistant message and an instruction to continue,
+   so the caller gets one answer and a `Fallback` event.
+4. when every route failed and nothing was sent yet, the last good answer to
+   the exact same conversation (`gateway.response_cache`) is served, flagged
+   as cached; otherwise the call ends with `AllEndpointsUnavailable`.
+
+Routes are read with one query and kept as snapshots for
+GATEWAY_ROUTE_CACHE_SECONDS (default 1 s; 0 reads them on every call);
+everything after works on snapshots, and the breaker writes only on failures
+and recoveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.db.models.signals import post_delete, post_save
+from django.utils import timezone
+from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, stop_any
+from tenacity.stop import stop_base
+
+from gateway import breaker, response_cache, tokens
+from gateway import client as upstream
+from gateway.client import APIClientError, EndpointConfig
+from gateway.context import (
+    ContextMessage,
+    ContextStatus,
+    ContextWindowExceeded,
+    fit_context,
+)
+from gateway.models import Endpoint, ModelRoute
+
+logger = logging.getLogger("gateway.router")
+
+CONTINUE_INSTRUCTION = (
+    "Your previous answer was cut off. Continue it exactly where it stopped, "
+    "without repeating anything and without mentioning the interruption."
+)
+# When nothing better is known, how long callers are told to wait.
+DEFAULT_RETRY_AFTER = 10.0
+# Parameters the router sets itself.
+_RESERVED_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
+
+Admit = Callable[[EndpointConfig, int], Awaitable[bool]]
+Message = ContextMessage | Mapping[str, Any]
+
+
+# --- Routes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A snapshot of one ModelRoute and its endpoint."""
+
+    id: int | None
+    model_name: str
+    upstream_model: str
+    priority: int
+    context_window: int
+    max_output_tokens: int
+    endpoint: EndpointConfig
+    input_price_per_1k: Decimal | None = None
+    output_price_per_1k: Decimal | None = None
+
+    @classmethod
+    def from_model(cls, route: ModelRoute) -> Route:
+        """Snapshot a ModelRoute whose endpoint was loaded with it."""
+        return cls(
+            id=route.pk,
+            model_name=route.model_name,
+            upstream_model=route.upstream_model,
+            priority=route.priority,
+            context_window=route.context_window,
+            max_output_tokens=route.max_output_tokens,
+            endpoint=EndpointConfig.from_model(route.endpoint),
+            input_price_per_1k=route.input_price_per_1k,
+            output_price_per_1k=route.output_price_per_1k,
+        )
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal | None:
+        """The price of some tokens on this route, or None when it has no prices."""
+        if self.input_price_per_1k is None and self.output_price_per_1k is None:
+            return None
+        total = (self.input_price_per_1k or Decimal(0)) * prompt_tokens + (
+            self.output_price_per_1k or Decimal(0)
+        ) * completion_tokens
+        return (total / 1000).quantize(Decimal("0.000001"))
+
+
+# Route snapshots per model name, kept for GATEWAY_ROUTE_CACHE_SECONDS: the
+# query and its thread hop cost more than the rest of the engine together
+# (bench/engine_overhead.py).  Writes through the ORM and breaker transitions
+# seen by this process drop them at once; other processes' within the TTL.
+_routes: dict[str, tuple[float, list[Route]]] = {}
+_MAX_CACHED_MODELS = 1024
+
+
+async def load_routes(model_name: str, *, fresh: bool = False) -> list[Route]:
+    """The usable routes of a public model name, in the order they are tried."""
+    ttl = float(getattr(settings, "GATEWAY_ROUTE_CACHE_SECONDS", 1.0))
+    if ttl > 0 and not fresh:
+        cached = _routes.get(model_name)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+    queryset = (
+        ModelRoute.objects.filter(
+            model_name=model_name, enabled=True, endpoint__enabled=True
+        )
+        .select_related("endpoint")
+        .order_by("priority", "endpoint__priority", "id")
+    )
+    routes = [Route.from_model(route) async for route in queryset]
+    # Unknown names are not kept: anyone can send any model name.
+    if ttl > 0 and routes:
+        if len(_routes) >= _MAX_CACHED_MODELS:
+            _routes.clear()
+        _routes[model_name] = (time.monotonic() + ttl, routes)
+    return routes
+
+
+def forget_routes(**kwargs: Any) -> None:
+    """Drop the route snapshots, so the next call reads the database."""
+    _routes.clear()
+
+
+for _model in (Endpoint, ModelRoute):
+    post_save.connect(forget_routes, sender=_model, dispatch_uid="router-forget")
+    post_delete.connect(forget_routes, sender=_model, dispatch_uid="router-forget")
+setting_changed.connect(forget_routes, dispatch_uid="router-forget")
+
+
+# --- Results and events --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens of a request; `estimated` when any part was counted by us."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.estimated or other.estimated,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One endpoint that did not (or not fully) answer, and why."""
+
+    endpoint: str
+    endpoint_id: int | None
+    reason: str
+    to_endpoint: str | None = None
+    error_type: str | None = None
+    status_code: int | None = None
+    message: str = ""
+    attempts: int = 0
+    # True when the endpoint failed after tokens had been sent.
+    mid_stream: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for UsageRecord.fallback_hops and the UI."""
+        return {
+            "endpoint": self.endpoint,
+            "endpoint_id": self.endpoint_id,
+            "reason": self.reason,
+            "to_endpoint": self.to_endpoint,
+            "error_type": self.error_type,
+            "status_code": self.status_code,
+            "message": self.message,
+            "attempts": self.attempts,
+            "mid_stream": self.mid_stream,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """The part of an answer one route produced, and its tokens."""
+
+    route: Route
+    text: str
+    usage: Usage
+
+    @property
+    def cost(self) -> Decimal | None:
+        return self.route.cost(self.usage.prompt_tokens, self.usage.completion_tokens)
+
+
+class RouterError(Exception):
+    """A request the router could not place on any route."""
+
+    reason = "router_error"
+
+
+class ModelNotFound(RouterError):
+    """No enabled route serves this model name."""
+
+    reason = "model_not_found"
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        super().__init__(f"Unknown model {model_name!r}.")
+
+
+class AllEndpointsUnavailable(RouterError):
+    """Every route failed or was skipped; `retry_after` says when to try again."""
+
+    reason = "all_endpoints_unavailable"
+
+    def __init__(
+        self, model_name: str, *, retry_after: float, hops: Sequence[Hop] = ()
+    ) -> None:
+        self.model_name = model_name
+        self.retry_after = retry_after
+        self.hops = list(hops)
+        super().__init__(
+            f"Every endpoint for {model_name!r} is unavailable; "
+            f"retry in {retry_after:.0f} s."
+        )
+
+
+@dataclass(slots=True)
+class RouterResult:
+    """The outcome of one routed request."""
+
+    model_name: str
+    endpoint_id: int | None = None
+    endpoint: str | None = None
+    upstream_model: str | None = None
+    route: Route | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    attempts: int = 0
+    hops: list[Hop] = field(default_factory=list)
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    cached: bool = False
+    context: ContextStatus | None = None
+    # APIClientError, RouterError or ContextWindowExceeded; `text` keeps what
+    # was received before it.
+    error: Exception | None = None
+    # The consumer stopped reading (stop button, disconnect) before the end.
+    stopped: bool = False
+    segments: list[Segment] = field(default_factory=list)
+    # The upstream body of a plain (non-streaming) answer, for pass-through.
+    raw: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.stopped
+
+    @property
+    def status(self) -> str:
+        """One of gateway.models.UsageStatus's values."""
+        if self.error is not None:
+            return "error"
+        if self.stopped:
+            return "cancelled"
+        return "cached" if self.cached else "ok"
+
+    @property
+    def error_type(self) -> str:
+        return type(self.error).__name__ if self.error is not None else ""
+
+    @property
+    def cost(self) -> Decimal | None:
+        """The price of every segment, or None when no route has prices."""
+        costs = [s.cost for s in self.segments if s.cost is not None]
+        return sum(costs, Decimal(0)) if costs else None
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """An endpoint began answering (again after a mid-stream Fallback)."""
+
+    endpoint: str | None
+    endpoint_id: int | None
+    upstream_model: str | None
+    context: ContextStatus | None
+    cached: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New answer text; `chunk` is the upstream chunk it came from (read-only)."""
+
+    text: str
+    chunk: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """An endpoint was skipped or failed and the call moved on."""
+
+    hop: Hop
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last event: the complete result, successful or not."""
+
+    result: RouterResult
+
+
+RouterEvent = Started | Delta | Fallback | Finished
+
+
+# --- Retry policy -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to wait between attempts; `sleep` is injectable for tests."""
+
+    max_backoff: float = 30.0
+    max_retry_after: float = 60.0
+    # Up to this fraction of the backoff is added at random, so that clients
+    # failing together do not retry together.
+    jitter: float = 0.25
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    random: Callable[[], float] = random.random
+
+    @classmethod
+    def from_settings(cls, **overrides: Any) -> RetryPolicy:
+        """GATEWAY_MAX_BACKOFF and GATEWAY_MAX_RETRY_AFTER, plus overrides."""
+        values: dict[str, Any] = {
+            "max_backoff": float(getattr(settings, "GATEWAY_MAX_BACKOFF", 30.0)),
+            "max_retry_after": float(
+                getattr(settings, "GATEWAY_MAX_RETRY_AFTER", 60.0)
+            ),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def retryable(self, exc: BaseException) -> bool:
+        """Whether another attempt on the same endpoint may help."""
+        if not isinstance(exc, APIClientError) or exc.permanent or not exc.retryable:
+            return False
+        return exc.retry_after is None or exc.retry_after <= self.max_retry_after
+
+    def wait(self, config: EndpointConfig, attempt: int, exc: BaseException) -> float:
+        """Seconds before attempt number `attempt` + 1."""
+        if isinstance(exc, APIClientError) and exc.retry_after is not None:
+            return min(exc.retry_after, self.max_retry_after)
+        base = min(self.max_backoff, config.backoff_multiplier * 2 ** (attempt - 1))
+        return min(self.max_backoff, base * (1 + self.jitter * self.random()))
+
+
+# --- The call -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Candidate:
+    route: Route
+    messages: list[Message]
+    status: ContextStatus
+    # The half-open lease this request holds, if it is the trial.
+    trial: datetime | None
+    circuit_opened: bool = False
+
+
+def _as_dict(message: Message) -> Mapping[str, Any]:
+    return message.to_dict() if isinstance(message, ContextMessage) else message
+
+
+def _clean_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not params:
+        return {}
+    return {k: v for k, v in params.items() if k not in _RESERVED_PARAMS}
+
+
+async def _persist_no_stream_usage(config: EndpointConfig) -> None:
+    if config.id is not None:
+        await Endpoint.objects.filter(id=config.id, supports_stream_usage=True).aupdate(
+            supports_stream_usage=False
+        )
+
+
+class _Call:
+    """The state of one routed request."""
+
+    def __init__(
+        self,
+        model_name: str,
+        messages: Sequence[Message],
+        *,
+        params: Mapping[str, Any] | None,
+        admit: Admit | None,
+        policy: RetryPolicy | None,
+        cache_scope: str,
+    ) -> None:
+        self.model_name = model_name
+        self.original = list(messages)
+        self.messages: list[Message] = self.original
+        self.params = _clean_params(params)
+        self.admit = admit
+        self.policy = policy or RetryPolicy.from_settings()
+        self.cache_scope = cache_scope
+        self.started = time.perf_counter()
+        self.routes: list[Route] = []
+        self.index = 0
+        self.attempts = 0
+        self.hops: list[Hop] = []
+        self.pending: list[Hop] = []
+        self.retry_hints: list[float] = []
+        self.context_error: ContextWindowExceeded | None = None
+        self.segments: list[Segment] = []
+        self.text_parts: list[str] = []
+        self.ttft_ms: float | None = None
+        self.result: RouterResult | None = None
+        # The route answering now, and what it has sent so far.
+        self.current: _Candidate | None = None
+        self.last_candidate: _Candidate | None = None
+        self.route_attempts = 0
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: Any = None
+
+    # -- route selection
+
+    async def load(self, routes: Sequence[Route] | None) -> bool:
+        """Load the routes; False when the model has none."""
+        self.routes = (
+            list(routes) if routes is not None else await load_routes(self.model_name)
+        )
+        return bool(self.routes)
+
+    def skip(
+        self,
+        route: Route,
+        reason: str,
+        *,
+        error: APIClientError | None = None,
+        attempts: int = 0,
+        mid_stream: bool = False,
+    ) -> None:
+        """Note a hop; its destination is filled in when the next route starts."""
+        config = route.endpoint
+        self.pending.append(
+            Hop(
+                endpoint=config.name,
+                endpoint_id=config.id,
+                reason=reason,
+                error_type=type(error).__name__ if error is not None else None,
+                status_code=error.status_code if error is not None else None,
+                message=error.message if error is not None else "",
+                attempts=attempts,
+                mid_stream=mid_stream,
+            )
+        )
+        if error is not None:
+            logger.warning(
+                "%s: %s on %s after %d attempt(s)%s: %s",
+                self.model_name,
+                reason,
+                config.name,
+                attempts,
+                " mid-stream" if mid_stream else "",
+                error,
+            )
+
+    def take_hops(self, to: str | None) -> list[Hop]:
+        """The pending hops, now that their destination is known."""
+        hops = [replace(hop, to_endpoint=to) if to else hop for hop in self.pending]
+        self.pending = []
+        self.hops.extend(hops)
+        return hops
+
+    async def next_candidate(self) -> _Candidate | None:
+        """The next route that may be tried, after noting every skipped one."""
+        while self.index < len(self.routes):
+            route = self.routes[self.index]
+            self.index += 1
+            config = route.endpoint
+            now = timezone.now()
+            state = breaker.state(config, now)
+            if state is breaker.BreakerState.OPEN:
+                self.retry_hints.append(breaker.seconds_until_half_open(config, now))
+                self.skip(route, "circuit_open")
+                continue
+            try:
+                messages, status = fit_context(
+                    self.messages,
+                    model=route.upstream_model,
+                    context_window=route.context_window,
+                    max_output_tokens=route.max_output_tokens,
+                )
+            except ContextWindowExceeded as exc:
+                self.context_error = exc
+                self.skip(route, "context_window_exceeded")
+                continue
+            if self.admit is not None and not await self.admit(
+                config, status.tokens + self._output_tokens(route)
+            ):
+                self.skip(route, "rate_limited_locally")
+                continue
+            trial = None
+            if state is breaker.BreakerState.HALF_OPEN:
+                trial = await breaker.claim_trial(config, now)
+                # Whoever won, the snapshot's disabled_until is stale now.
+                forget_routes()
+                if trial is None:
+                    self.retry_hints.append(breaker.trial_lease(config).total_seconds())
+                    self.skip(route, "circuit_half_open")
+                    continue
+            return _Candidate(route, messages, status, trial)
+        return None
+
+    def _output_tokens(self, route: Route) -> int:
+        asked = self.params.get("max_completion_tokens") or self.params.get(
+            "max_tokens"
+        )
+        if isinstance(asked, int) and asked > 0:
+            return min(asked, route.max_output_tokens)
+        return route.max_output_tokens
+
+    def payload(self, candidate: _Candidate) -> dict[str, Any]:
+        """The request body for a route."""
+        body = dict(self.params)
+        route = candidate.route
+        # The window was fitted for this much output; more could not fit.
+        for name in ("max_completion_tokens", "max_tokens"):
+            asked = body.get(name)
+            if isinstance(asked, int) and asked > route.max_output_tokens:
+                body[name] = route.max_output_tokens
+        body["model"] = route.upstream_model
+        body["messages"] = [_as_dict(m) for m in candidate.messages]
+        return body
+
+    # -- attempts
+
+    def retrying(self, candidate: _Candidate) -> AsyncRetrying:
+        """Tenacity for one route: a half-open trial gets a single attempt."""
+        config = candidate.route.endpoint
+        policy = self.policy
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            return policy.wait(config, state.attempt_number, exc)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            logger.info(
+                "%s: retrying %s in %.1f s after %s",
+                self.model_name,
+                config.name,
+                state.upcoming_sleep,
+                exc,
+            )
+
+        return AsyncRetrying(
+            stop=stop_any(
+                stop_after_attempt(1 if candidate.trial else config.max_retries),
+                # Once this request's failure opened the circuit, fail over now.
+                _StopIf(lambda: candidate.circuit_opened),
+            ),
+            wait=wait,
+            retry=_RetryIf(policy.retryable),
+            sleep=policy.sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    async def failed_attempt(self, candidate: _Candidate, exc: BaseException) -> None:
+        """Count a failed attempt against the endpoint's breaker."""
+        if not isinstance(exc, APIClientError):
+            return
+        if exc.retry_after is not None:
+            self.retry_hints.append(exc.retry_after)
+        config = candidate.route.endpoint
+        if exc.permanent or config.id is None:
+            return
+        # The snapshot's failure count is stale now.
+        forget_routes()
+        candidate.circuit_opened = await breaker.record_failure(
+            config.id,
+            threshold=config.failure_threshold,
+            cooldown_seconds=config.cooldown_seconds,
+            trial_until=candidate.trial,
+        )
+
+    async def succeeded(self, candidate: _Candidate) -> None:
+        """Close the breaker when this endpoint had failures on record."""
+        config = candidate.route.endpoint
+        if config.id is not None and (
+            candidate.trial is not None or config.consecutive_failures
+        ):
+            forget_routes()
+            await breaker.record_success(config.id)
+
+    # -- results
+
+    def begin(self, candidate: _Candidate) -> None:
+        """A route starts answering."""
+        self.current = candidate
+        self.parts = []
+        self.finish_reason = None
+        self.usage = None
+
+    def take_chunk(self, chunk: dict[str, Any]) -> Delta | None:
+        """Account for one upstream chunk; the Delta to pass on, if any."""
+        choice = _first_choice(chunk)
+        text, has_content = _content(choice)
+        if choice is not None and choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
+        if not has_content:
+            return None
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self.started) * 1000
+        self.parts.append(text)
+        self.text_parts.append(text)
+        return Delta(text, chunk)
+
+    def end_segment(self) -> None:
+        """The current route is done, fully or not: record what it produced."""
+        if self.current is not None:
+            self.segment(self.current, "".join(self.parts), self.usage)
+            self.current = None
+
+    def segment(self, candidate: _Candidate, text: str, usage: Any) -> None:
+        """Record what one route produced; count it ourselves if it did not say."""
+        route = candidate.route
+        if isinstance(usage, Mapping) and isinstance(usage.get("prompt_tokens"), int):
+            counted = Usage(
+                usage["prompt_tokens"], int(usage.get("completion_tokens") or 0), False
+            )
+        else:
+            counted = Usage(
+                candidate.status.tokens,
+                tokens.count_text(text, route.upstream_model),
+                True,
+            )
+        self.segments.append(Segment(route, text, counted))
+
+    def unavailable(self) -> Exception:
+        """The error for a call that found no route to answer."""
+        tried = any(h.reason != "context_window_exceeded" for h in self.hops)
+        if self.context_error is not None and not tried:
+            return self.context_error
+        hints = [h for h in self.retry_hints if h > 0]
+        return AllEndpointsUnavailable(
+            self.model_name,
+            retry_after=min(hints) if hints else DEFAULT_RETRY_AFTER,
+            hops=self.hops,
+        )
+
+    def finish(
+        self,
+        *,
+        candidate: _Candidate | None = None,
+        finish_reason: str | None = None,
+        error: Exception | None = None,
+        stopped: bool = False,
+        cached: bool = False,
+        raw: dict[str, Any] | None = None,
+    ) -> RouterResult:
+        """Build the result once; later calls return the same one."""
+        if self.result is not None:
+            return self.result
+        self.take_hops(None)
+        # The endpoint that produced the (last part of the) answer, if any.
+        route = self.segments[-1].route if self.segments else None
+        usage = Usage()
+        for segment in self.segments:
+            usage += segment.usage
+        self.result = RouterResult(
+            model_name=self.model_name,
+            endpoint_id=route.endpoint.id if route else None,
+            endpoint=route.endpoint.name if route else None,
+            upstream_model=route.upstream_model if route else None,
+            route=route,
+            text="".join(self.text_parts),
+            finish_reason=finish_reason,
+            usage=usage,
+            attempts=self.attempts,
+            hops=self.hops,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            ttft_ms=self.ttft_ms,
+            cached=cached,
+            context=candidate.status if candidate is not None else None,
+            error=error,
+            stopped=stopped,
+            segments=self.segments,
+            raw=raw,
+        )
+        return self.result
+
+    def continue_answer(self) -> None:
+        """Ask the next route to continue the answer from where it stopped."""
+        self.messages = [
+            *self.original,
+            {"role": "assistant", "content": "".join(self.text_parts)},
+            {"role": "user", "content": CONTINUE_INSTRUCTION},
+        ]
+
+    def settle_stopped(self) -> None:
+        """The consumer went away before the end: keep what was produced."""
+        if self.result is None:
+            self.end_segment()
+            self.finish(candidate=self.last_candidate, stopped=True)
+
+    async def remember(self, result: RouterResult) -> None:
+        """Keep a complete answer for degraded mode."""
+        if result.text and result.finish_reason and response_cache.enabled():
+            await response_cache.store(
+                self.cache_key(),
+                response_cache.CachedAnswer(
+                    text=result.text,
+                    finish_reason=result.finish_reason,
+                    endpoint=result.endpoint or "",
+                    upstream_model=result.upstream_model or "",
+                    stored_at=time.time(),
+                ),
+            )
+
+    async def cached_answer(self) -> response_cache.CachedAnswer | None:
+        """The kept answer to this exact conversation, if any."""
+        return await response_cache.lookup(self.cache_key())
+
+    def cache_key(self) -> str:
+        return response_cache.cache_key(
+            self.model_name, [_as_dict(m) for m in self.original], self.cache_scope
+        )
+
+
+class _StopIf(stop_base):
+    """A tenacity stop condition on the state of the call."""
+
+    def __init__(self, condition: Callable[[], bool]) -> None:
+        self.condition = condition
+
+    def __call__(self, state: RetryCallState) -> bool:
+        return self.condition()
+
+
+class _RetryIf:
+    """A tenacity retry condition on the attempt's exception."""
+
+    def __init__(self, predicate: Callable[[BaseException], bool]) -> None:
+        self.predicate = predicate
+
+    def __call__(self, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        return exc is not None and self.predicate(exc)
+
+
+def _first_choice(chunk: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    choices = chunk.get("choices")
+    if choices and isinstance(choices, list):
+        choice = choices[0]
+        if isinstance(choice, Mapping):
+            return choice
+    return None
+
+
+def _content(choice: Mapping[str, Any] | None) -> tuple[str, bool]:
+    """The text of a chunk's first choice, and whether it carries anything."""
+    if choice is None:
+        return "", False
+    delta = choice.get("delta")
+    if not isinstance(delta, Mapping):
+        return "", False
+    text = delta.get("content")
+    if text:
+        return str(text), True
+    # Tool calls, refusals and reasoning are content too, just not text.
+    return "", any(value for key, value in delta.items() if key != "role")
+
+
+# --- Streaming ----------------------------------------------------------------
+
+
+class ChatStream:
+    """The events of one streamed chat request; `result` once it has ended.
+
+    Iterate it for `Started`, `Delta`, `Fallback` and a final `Finished`.  When
+    the caller stops early (stop button, disconnect), `aclose()` (or leaving
+    `async with`) closes the upstream request, and `result` is still set, with
+    `stopped=True`, the partial text and estimated usage.
+    """
+
+    __slots__ = ("_call", "_events")
+
+    def __init__(self, call: _Call, events: Any) -> None:
+        self._call = call
+        self._events = events
+
+    def __aiter__(self) -> ChatStream:
+        return self
+
+    def __anext__(self) -> Awaitable[RouterEvent]:
+        return self._events.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop: close the upstream request and settle the result."""
+        await self._events.aclose()
+        self._call.settle_stopped()
+
+    async def __aenter__(self) -> ChatStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def result(self) -> RouterResult | None:
+        """The result, once the stream has finished or been closed."""
+        return self._call.result
+
+
+def stream_chat(
+    model_name: str,
+    messages: Sequence[Message],
+    *,
+    params: Mapping[str, Any] | None = None,
+    admit: Admit | None = None,
+    routes: Sequence[Route] | None = None,
+    policy: RetryPolicy | None = None,
+    cache_scope: str = "",
+) -> ChatStream:
+    """Stream a chat answer over the model's routes.
+
+    `messages` are OpenAI-style dicts or `ContextMessage` objects (pins and
+    importance guide context fitting); `params` go upstream as they are (the
+    router sets model, messages and stream, and caps max_tokens at the route's
+    max_output_tokens).  `routes` skips the query when the caller has them.
+    `cache_scope` separates degraded-mode answers, for example per user.
+    """
+    call = _Call(
+        model_name,
+        messages,
+        params=params,
+        admit=admit,
+        policy=policy,
+        cache_scope=cache_scope,
+    )
+    return ChatStream(call, _stream_events(call, routes))
+
+
+async def _stream_events(
+    call: _Call, routes: Sequence[Route] | None
+) -> AsyncIterator[RouterEvent]:
+    stream: Any = None
+    try:
+        if not await call.load(routes):
+            yield Finished(call.finish(error=ModelNotFound(call.model_name)))
+            return
+        while (candidate := await call.next_candidate()) is not None:
+            for hop in call.take_hops(candidate.route.endpoint.name):
+                yield Fallback(hop)
+            call.route_attempts = 0
+            try:
+                stream, buffered = await call.retrying(candidate)(
+                    _open_stream, call, candidate
+                )
+            except APIClientError as exc:
+                call.skip(
+                    candidate.route, exc.reason, error=exc, attempts=call.route_attempts
+                )
+                if exc.permanent:
+                    for hop in call.take_hops(None):
+                        yield Fallback(hop)
+                    yield Finished(call.finish(candidate=candidate, error=exc))
+                    return
+                continue
+            await call.succeeded(candidate)
+            call.begin(candidate)
+            route = candidate.route
+            yield Started(
+                route.endpoint.name,
+                route.endpoint.id,
+                route.upstream_model,
+                candidate.status,
+            )
+            try:
+                for chunk in buffered:
+                    delta = call.take_chunk(chunk)
+                    if delta is not None:
+                        yield delta
+                async for chunk in stream:
+                    delta = call.take_chunk(chunk)
+                    if delta is not None:
+                        yield delta
+            except APIClientError as exc:
+                await stream.aclose()
+                stream = None
+                call.end_segment()
+                await call.failed_attempt(candidate, exc)
+                call.skip(
+                    route,
+                    exc.reason,
+                    error=exc,
+                    attempts=call.route_attempts,
+                    mid_stream=True,
+                )
+                if exc.permanent:
+                    for hop in call.take_hops(None):
+                        yield Fallback(hop)
+                    yield Finished(call.finish(candidate=candidate, error=exc))
+                    return
+                call.continue_answer()
+                continue
+            stream = None
+            call.end_segment()
+            result = call.finish(candidate=candidate, finish_reason=call.finish_reason)
+            await call.remember(result)
+            yield Finished(result)
+            return
+
+        error = call.unavailable()
+        if not call.text_parts and isinstance(error, AllEndpointsUnavailable):
+            answer = await call.cached_answer()
+            if answer is not None:
+                for hop in call.take_hops(None):
+                    yield Fallback(hop)
+                yield Started(None, None, answer.upstream_model, None, cached=True)
+                call.text_parts.append(answer.text)
+                yield Delta(answer.text)
+                yield Finished(
+                    call.finish(finish_reason=answer.finish_reason, cached=True)
+                )
+                return
+        for hop in call.take_hops(None):
+            yield Fallback(hop)
+        yield Finished(call.finish(candidate=call.last_candidate, error=error))
+    except (GeneratorExit, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        # A bug, not an upstream failure: the caller sees it, the result says so.
+        call.end_segment()
+        call.finish(candidate=call.last_candidate, error=exc)
+        raise
+    finally:
+        if stream is not None:
+            await stream.aclose()
+        call.settle_stopped()
+
+
+async def _open_stream(
+    call: _Call, candidate: _Candidate
+) -> tuple[Any, list[dict[str, Any]]]:
+    """One attempt: open the stream and read it up to its first content."""
+    call.attempts += 1
+    call.route_attempts += 1
+    call.last_candidate = candidate
+    stream = upstream.stream_completion(
+        candidate.route.endpoint,
+        call.payload(candidate),
+        on_stream_usage_rejected=_persist_no_stream_usage,
+    )
+    buffered: list[dict[str, Any]] = []
+    try:
+        async for chunk in stream:
+            buffered.append(chunk)
+            if _content(_first_choice(chunk))[1]:
+                break
+    except BaseException as exc:
+        await stream.aclose()
+        await call.failed_attempt(candidate, exc)
+        raise
+    return stream, buffered
+
+
+# --- Plain --------------------------------------------------------------------
+
+
+async def complete_chat(
+    model_name: str,
+    messages: Sequence[Message],
+    *,
+    params: Mapping[str, Any] | None = None,
+    admit: Admit | None = None,
+    routes: Sequence[Route] | None = None,
+    policy: RetryPolicy | None = None,
+    cache_scope: str = "",
+) -> RouterResult:
+    """Get a whole chat answer over the model's routes (see `stream_chat`)."""
+    call = _Call(
+        model_name,
+        messages,
+        params=params,
+        admit=admit,
+        policy=policy,
+        cache_scope=cache_scope,
+    )
+    if not await call.load(routes):
+        return call.finish(error=ModelNotFound(model_name))
+    while (candidate := await call.next_candidate()) is not None:
+        call.take_hops(candidate.route.endpoint.name)
+        call.route_attempts = 0
+        try:
+            body = await call.retrying(candidate)(_complete_once, call, candidate)
+        except APIClientError as exc:
+            call.skip(
+                candidate.route, exc.reason, error=exc, attempts=call.route_attempts
+            )
+            if exc.permanent:
+                return call.finish(candidate=candidate, error=exc)
+            continue
+        await call.succeeded(candidate)
+        choice = _first_choice(body) or {}
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, Mapping) else None
+        text = text if isinstance(text, str) else ""
+        call.ttft_ms = (time.perf_counter() - call.started) * 1000
+        call.text_parts.append(text)
+        call.segment(candidate, text, body.get("usage"))
+        result = call.finish(
+            candidate=candidate, finish_reason=choice.get("finish_reason"), raw=body
+        )
+        await call.remember(result)
+        return result
+    error = call.unavailable()
+    if isinstance(error, AllEndpointsUnavailable):
+        answer = await call.cached_answer()
+        if answer is not None:
+            call.text_parts.append(answer.text)
+            return call.finish(finish_reason=answer.finish_reason, cached=True)
+    return call.finish(candidate=call.last_candidate, error=error)
+
+
+async def _complete_once(call: _Call, candidate: _Candidate) -> dict[str, Any]:
+    call.attempts += 1
+    call.route_attempts += 1
+    call.last_candidate = candidate
+    try:
+        return await upstream.create_completion(
+            candidate.route.endpoint, call.payload(candidate)
+        )
+    except BaseException as exc:
+        await call.failed_attempt(candidate, exc)
+        raise
