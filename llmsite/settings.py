@@ -279,7 +279,14 @@ GATEWAY_MAX_BACKOFF = _positive(
 GATEWAY_MAX_RETRY_AFTER = _positive(
     "GATEWAY_MAX_RETRY_AFTER", _env_float("GATEWAY_MAX_RETRY_AFTER", 60)
 )
+# Degraded mode: the last good answer per model and exact messages.
 GATEWAY_RESPONSE_CACHE_TTL = _env_int("GATEWAY_RESPONSE_CACHE_TTL", 24 * 3600)
+GATEWAY_RESPONSE_CACHE_MAX_BYTES = _env_int(
+    "GATEWAY_RESPONSE_CACHE_MAX_BYTES", 256 * 1024
+)
+# Routes are read once per this many seconds per process (0: every request);
+# saving an endpoint or route clears this process's copy at once.
+GATEWAY_ROUTE_CACHE_SECONDS = _env_float("GATEWAY_ROUTE_CACHE_SECONDS", 1.0)
 
 # Context window fitting (fractions of the window left after the reserved output).
 CONTEXT_WARN_RATIO = _ratio("CONTEXT_WARN_RATIO", _env_float("CONTEXT_WARN_RATIO", 0.8))

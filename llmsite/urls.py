@@ -13,4 +13,6 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("chat/", include("chat.urls")),
     path("admin/", admin.site.urls),
+    # /healthz, /readyz and /metrics for load balancers and Prometheus.
+    path("", include("monitoring.urls")),
 ]

@@ -1,0 +1,595 @@
+"""Health probes: claim due endpoints, probe them concurrently, record the outcome.
+
+A round is three steps, each usable on its own in tests:
+
+1. `claim_due` (sync): endpoints whose next probe is due, each claimed with a
+   compare-and-set on `next_probe_at`, so two monitors never probe one twice;
+2. `probe_all` (async): every claimed endpoint through `gateway.client`, at
+   most MONITOR_CONCURRENCY at once, each under its own timeout;
+3. `record` (sync, one transaction): ProbeResult rows in bulk, the health
+   fields of every endpoint, and a compare-and-set on `status` for each
+   transition, announced once with `endpoint_status_changed` after commit.
+
+Endpoints the circuit breaker disabled are re-enabled when they probe healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.db import IntegrityError, transaction
+from django.db.models import Count, F, Q, Sum
+from django.db.models.functions import TruncHour
+from django.utils import timezone
+
+from gateway import breaker
+from gateway.client import (
+    APIClientError,
+    ClientPools,
+    EndpointConfig,
+    PoolLimits,
+    create_completion,
+    health_check,
+)
+from gateway.models import Endpoint, EndpointStatus, ModelRoute, ProbeMode
+from gateway.signals import endpoint_status_changed
+from monitoring import conf
+from monitoring.conf import Thresholds
+from monitoring.models import UP_STATUSES, ProbeResult, ProbeRollup
+
+logger = logging.getLogger(__name__)
+
+ERROR_CHARS = 500
+# Claimed per round; a bigger backlog is worked through in the rounds after.
+CLAIM_LIMIT = 5000
+CLAIM_CHUNK = 500
+PROBE_PROMPT = [{"role": "user", "content": "ping"}]
+
+
+# --- Classification -------------------------------------------------------------
+
+
+def classify(ok: bool, latency_ms: float | None, thresholds: Thresholds) -> str:
+    """The status one probe shows: connected, slow or disconnected."""
+    if not ok or latency_ms is None or latency_ms > thresholds.down_ms:
+        return EndpointStatus.DISCONNECTED
+    if latency_ms < thresholds.slow_ms:
+        return EndpointStatus.CONNECTED
+    return EndpointStatus.SLOW
+
+
+def next_health(
+    current: str, failures: int, probe_status: str, thresholds: Thresholds
+) -> tuple[str, int]:
+    """An endpoint's status and failed probes in a row after one more probe.
+
+    A healthy probe sets the status at once. A failed one is counted, and the
+    endpoint is marked disconnected only after `down_after` of them in a row,
+    so one blip does not flap it; an endpoint that was never up (unknown) has
+    nothing to flap from and is marked disconnected on its first failure.
+    """
+    if probe_status in UP_STATUSES:
+        return probe_status, 0
+    failures += 1
+    if current == EndpointStatus.UNKNOWN or failures >= thresholds.down_after:
+        return EndpointStatus.DISCONNECTED, failures
+    return current, failures
+
+
+# --- Claiming ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One claimed endpoint: the row as claimed and what to probe it with."""
+
+    endpoint: Endpoint
+    next_probe_at: datetime
+    config: EndpointConfig | None
+    config_error: str = ""
+    completion_model: str = ""
+
+    @property
+    def id(self) -> int:
+        return self.endpoint.pk
+
+
+def _due(now: datetime) -> Q:
+    return Q(next_probe_at__isnull=True) | Q(next_probe_at__lte=now)
+
+
+def due_endpoints(now: datetime, *, force: bool = False) -> Any:
+    """Enabled endpoints whose next probe is due at `now` (all of them if forced)."""
+    queryset = Endpoint.objects.filter(enabled=True)
+    if not force:
+        queryset = queryset.filter(_due(now))
+    return queryset.order_by(F("next_probe_at").asc(nulls_first=True), "id")
+
+
+def claim_due(
+    now: datetime | None = None, *, force: bool = False, limit: int = CLAIM_LIMIT
+) -> list[Target]:
+    """Claim due endpoints for this round; rows another monitor took are skipped.
+
+    A compare-and-set in bulk: one UPDATE per chunk and probe interval moves
+    `next_probe_at` only where the row is still due, and the rows that then
+    hold this round's own timestamp are the ones it won.
+    """
+    now = now or timezone.now()
+    groups: dict[int, list[Endpoint]] = defaultdict(list)
+    for endpoint in due_endpoints(now, force=force)[:limit]:
+        groups[max(1, endpoint.probe_interval)].append(endpoint)
+    claimed: list[Target] = []
+    with transaction.atomic():
+        for interval, endpoints in groups.items():
+            next_at = now + timedelta(seconds=interval)
+            for start in range(0, len(endpoints), CLAIM_CHUNK):
+                chunk = endpoints[start : start + CLAIM_CHUNK]
+                rows = Endpoint.objects.filter(pk__in=[e.pk for e in chunk])
+                still_due = rows if force else rows.filter(_due(now))
+                still_due.update(next_probe_at=next_at)
+                won = set(
+                    rows.filter(next_probe_at=next_at).values_list("pk", flat=True)
+                )
+                claimed += [_target(e, next_at) for e in chunk if e.pk in won]
+    return _with_completion_models(claimed)
+
+
+def _target(endpoint: Endpoint, next_at: datetime) -> Target:
+    try:
+        config = EndpointConfig.from_model(endpoint)
+    except Exception as exc:
+        # Settings the client cannot use (headers saved as a list by a
+        # hand-edited import, say): this probe fails visibly, not the round.
+        logger.warning("Cannot probe endpoint %s: %s", endpoint.pk, type(exc).__name__)
+        return Target(
+            endpoint, next_at, None, f"cannot load its settings ({type(exc).__name__})"
+        )
+    return Target(endpoint, next_at, config)
+
+
+def _with_completion_models(targets: list[Target]) -> list[Target]:
+    """Fill in the model of completion probes that name none: the first route's."""
+    need = [
+        t.id
+        for t in targets
+        if t.endpoint.probe_mode == ProbeMode.COMPLETION and t.config is not None
+    ]
+    if not need:
+        return targets
+    first_route: dict[int, str] = {}
+    routes = (
+        ModelRoute.objects.filter(endpoint_id__in=need, enabled=True)
+        .order_by("endpoint_id", "priority", "id")
+        .values_list("endpoint_id", "upstream_model")
+    )
+    for endpoint_id, model in routes:
+        first_route.setdefault(endpoint_id, model)
+    return [
+        replace(
+            t,
+            completion_model=t.endpoint.probe_model or first_route.get(t.id, ""),
+        )
+        if t.id in need
+        else t
+        for t in targets
+    ]
+
+
+# --- Probing ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one probe found."""
+
+    target: Target
+    checked_at: datetime
+    ok: bool
+    latency_ms: float | None
+    http_status: int | None = None
+    error: str = ""
+    status: str = EndpointStatus.DISCONNECTED
+
+
+class _SharedTransport(httpx.AsyncBaseTransport):
+    """Connection pools and one TLS context shared by every endpoint of a round.
+
+    An httpx client builds its own TLS context, about 17 ms each: for a
+    thousand endpoints that alone would take longer than a round may. And one
+    pool's bookkeeping grows with its connections times its waiting requests
+    (encode/httpx#3215), so requests go round-robin over small pools. The
+    per-endpoint clients close their transport when retired, so closing is
+    left to the round that owns this one.
+    """
+
+    CONNECTIONS_PER_POOL = 8
+
+    def __init__(self, concurrency: int) -> None:
+        tls = httpx.create_ssl_context()
+        shards = max(1, -(-concurrency // self.CONNECTIONS_PER_POOL))
+        size = -(-concurrency // shards)
+        self._pools = [
+            # HTTP/1.1: a probe is one request per endpoint, so HTTP/2 would
+            # have nothing to multiplex.
+            httpx.AsyncHTTPTransport(
+                verify=tls,
+                limits=httpx.Limits(
+                    max_connections=size, max_keepalive_connections=size
+                ),
+            )
+            for _ in range(shards)
+        ]
+        self._next = itertools.cycle(self._pools).__next__
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._next().handle_async_request(request)
+
+    async def aclose(self) -> None:
+        """Kept open: the round closes the real pools with `close()`."""
+
+    async def close(self) -> None:
+        for pool in self._pools:
+            await pool.aclose()
+
+
+def _error_text(target: Target, exc: APIClientError) -> str:
+    text = exc.message
+    if target.config is not None:
+        text = target.config.redact(text)
+    return text[:ERROR_CHARS]
+
+
+async def probe(
+    target: Target,
+    *,
+    thresholds: Thresholds,
+    seconds: float,
+    client_pools: ClientPools | None = None,
+) -> Outcome:
+    """Probe one endpoint; never raises, whatever the endpoint does."""
+    checked_at = timezone.now()
+    if target.config is None:
+        return Outcome(target, checked_at, False, None, error=target.config_error)
+    started = time.perf_counter()
+    ok, status_code, error = False, None, ""
+    try:
+        async with asyncio.timeout(seconds):
+            if target.endpoint.probe_mode == ProbeMode.COMPLETION and (
+                target.completion_model
+            ):
+                await create_completion(
+                    target.config,
+                    {
+                        "model": target.completion_model,
+                        "messages": PROBE_PROMPT,
+                        "max_tokens": 1,
+                    },
+                    client_pools=client_pools,
+                )
+                ok, status_code = True, 200
+            else:
+                result = await health_check(target.config, client_pools=client_pools)
+                ok = result.ok
+                if result.error is not None:
+                    status_code = result.error.status_code
+                    error = _error_text(target, result.error)
+                else:
+                    status_code = 200
+    except TimeoutError:
+        error = f"no answer within {seconds:g} s"
+    except APIClientError as exc:
+        status_code, error = exc.status_code, _error_text(target, exc)
+    except Exception:
+        # A bug must cost one probe, not the round.
+        logger.exception("Probe of endpoint %s failed unexpectedly", target.id)
+        error = "the probe failed unexpectedly (see the monitor's log)"
+    latency_ms = round((time.perf_counter() - started) * 1000, 1)
+    if ok and latency_ms > thresholds.down_ms:
+        error = f"answered in {latency_ms:.0f} ms, over {thresholds.down_ms:g} ms"
+    return Outcome(
+        target,
+        checked_at,
+        ok,
+        latency_ms,
+        http_status=status_code,
+        error=error,
+        status=classify(ok, latency_ms, thresholds),
+    )
+
+
+async def probe_all(
+    targets: list[Target],
+    *,
+    thresholds: Thresholds | None = None,
+    concurrency: int | None = None,
+    probe_timeout: float | None = None,
+) -> list[Outcome]:
+    """Probe every target, at most `concurrency` at once, each time-limited."""
+    if not targets:
+        return []
+    thresholds = thresholds or Thresholds.from_settings()
+    concurrency = max(1, int(concurrency or conf.get("MONITOR_CONCURRENCY")))
+    limit = float(probe_timeout or conf.get("MONITOR_PROBE_TIMEOUT"))
+    seats = asyncio.Semaphore(concurrency)
+    transport = _SharedTransport(concurrency)
+    client_pools = ClientPools(
+        PoolLimits(clients=1, max_connections=1, max_keepalive=1)
+    )
+    client_pools.transport = transport
+
+    async def one(target: Target) -> Outcome:
+        async with seats:
+            return await probe(
+                target,
+                thresholds=thresholds,
+                seconds=min(limit, target.endpoint.timeout),
+                client_pools=client_pools,
+            )
+
+    try:
+        return await asyncio.gather(*(one(t) for t in targets))
+    finally:
+        await client_pools.aclose_all()
+        await transport.close()
+
+
+# --- Recording --------------------------------------------------------------------
+
+
+@dataclass
+class RecordReport:
+    """What `record` wrote."""
+
+    results: int = 0
+    transitions: list[tuple[int, str, str]] = field(default_factory=list)
+    # Healthy endpoints that the breaker had disabled or was counting against.
+    to_reenable: list[tuple[int, str]] = field(default_factory=list)
+
+
+def record(
+    outcomes: list[Outcome], *, thresholds: Thresholds | None = None
+) -> RecordReport:
+    """Write probe results and endpoint health; one transaction for the round."""
+    thresholds = thresholds or Thresholds.from_settings()
+    try:
+        return _record(outcomes, thresholds)
+    except IntegrityError:
+        # An endpoint deleted between the existence check and the commit.
+        logger.warning("An endpoint vanished while recording probes; retrying once")
+        return _record(outcomes, thresholds)
+
+
+def _record(outcomes: list[Outcome], thresholds: Thresholds) -> RecordReport:
+    report = RecordReport()
+    recheck = timedelta(seconds=float(conf.get("MONITOR_RECHECK_SECONDS")))
+    with transaction.atomic():
+        existing = set(
+            Endpoint.objects.filter(pk__in=[o.target.id for o in outcomes]).values_list(
+                "pk", flat=True
+            )
+        )
+        outcomes = [o for o in outcomes if o.target.id in existing]
+        ProbeResult.objects.bulk_create(
+            [
+                ProbeResult(
+                    endpoint_id=o.target.id,
+                    checked_at=o.checked_at,
+                    status=o.status,
+                    latency_ms=o.latency_ms,
+                    http_status=o.http_status,
+                    error=o.error[:ERROR_CHARS],
+                )
+                for o in outcomes
+            ],
+            batch_size=500,
+        )
+        report.results = len(outcomes)
+        if outcomes:
+            refresh_rollups(
+                [o.target.id for o in outcomes], min(o.checked_at for o in outcomes)
+            )
+        for outcome in outcomes:
+            _apply(outcome, thresholds, report, recheck)
+            endpoint = outcome.target.endpoint
+            if outcome.status in UP_STATUSES and (
+                endpoint.disabled_until is not None or endpoint.consecutive_failures
+            ):
+                report.to_reenable.append((endpoint.pk, outcome.status))
+    return report
+
+
+def _health_fields(
+    outcome: Outcome, failures: int, status: str, recheck: timedelta
+) -> dict[str, Any]:
+    next_at = outcome.target.next_probe_at
+    if failures and status != EndpointStatus.DISCONNECTED:
+        # Failing but not yet down: look again soon to confirm or clear it.
+        next_at = min(next_at, outcome.checked_at + recheck)
+    return {
+        "probe_failures": failures,
+        "last_checked_at": outcome.checked_at,
+        "last_latency_ms": outcome.latency_ms,
+        "next_probe_at": next_at,
+    }
+
+
+def _apply(
+    outcome: Outcome, thresholds: Thresholds, report: RecordReport, recheck: timedelta
+) -> None:
+    """Write one endpoint's health with a compare-and-set on its status.
+
+    The breaker may move the status between the claim and this write: then
+    the outcome is applied again to the status it left, so the freshest
+    evidence wins and a transition is announced exactly once.
+    """
+    endpoint = outcome.target.endpoint
+    old = endpoint.status
+    for _ in range(3):
+        new, failures = next_health(
+            old, endpoint.probe_failures, outcome.status, thresholds
+        )
+        fields = _health_fields(outcome, failures, new, recheck)
+        rows = Endpoint.objects.filter(pk=endpoint.pk, status=old)
+        if new == old:
+            if rows.update(**fields):
+                return
+        elif rows.update(status=new, status_changed_at=outcome.checked_at, **fields):
+            break
+        current = Endpoint.objects.filter(pk=endpoint.pk).values_list(
+            "status", flat=True
+        )
+        if not current:
+            return
+        old = current[0]
+    else:
+        logger.warning("Endpoint %s kept changing status; skipped", endpoint.pk)
+        return
+    announced = Endpoint(
+        **{
+            f.attname: getattr(endpoint, f.attname)
+            for f in Endpoint._meta.concrete_fields
+        }
+    )
+    announced.status = new
+    announced.status_changed_at = outcome.checked_at
+    for name, value in fields.items():
+        setattr(announced, name, value)
+    report.transitions.append((endpoint.pk, old, new))
+    logger.info("Endpoint %s: %s → %s", endpoint.pk, old, new)
+    transaction.on_commit(
+        lambda: endpoint_status_changed.send(
+            sender=Endpoint,
+            endpoint=announced,
+            old_status=old,
+            new_status=new,
+            reason="probe",
+            error=outcome.error,
+        )
+    )
+
+
+async def reenable_healthy(report: RecordReport) -> int:
+    """Close the breaker of endpoints that probed healthy; how many it closed."""
+    closed = 0
+    for endpoint_id, status in report.to_reenable:
+        try:
+            if await breaker.reenable(endpoint_id, status=status):
+                closed += 1
+        except Exception:
+            logger.exception("Could not re-enable endpoint %s", endpoint_id)
+    return closed
+
+
+# --- One round ----------------------------------------------------------------------
+
+
+@dataclass
+class RoundReport:
+    """What one probe round did."""
+
+    probed: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    transitions: list[tuple[int, str, str]] = field(default_factory=list)
+    reenabled: int = 0
+    seconds: float = 0.0
+
+
+async def run_round(*, force: bool = False) -> RoundReport:
+    """Claim due endpoints, probe them and record the outcome."""
+    started = time.perf_counter()
+    thresholds = Thresholds.from_settings()
+    targets = await sync_to_async(claim_due)(force=force)
+    report = RoundReport(probed=len(targets))
+    if targets:
+        outcomes = await probe_all(targets, thresholds=thresholds)
+        recorded = await sync_to_async(record)(outcomes, thresholds=thresholds)
+        report.transitions = recorded.transitions
+        report.reenabled = await reenable_healthy(recorded)
+        for outcome in outcomes:
+            count = report.by_status.get(outcome.status, 0)
+            report.by_status[outcome.status] = count + 1
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+ROLLUP_FIELDS = ("probes", "up", "slow", "latency_sum_ms", "latency_count")
+
+
+def refresh_rollups(endpoint_ids: list[int], since: datetime) -> int:
+    """Recount the hourly rollups of these endpoints from `since`'s hour on.
+
+    Recounted from ProbeResult rather than incremented, so writing the same
+    hour twice (two rounds in one hour, a retried transaction) stays exact.
+    """
+    hour = since.replace(minute=0, second=0, microsecond=0)
+    up = Q(status__in=UP_STATUSES)
+    written = 0
+    for start in range(0, len(endpoint_ids), CLAIM_CHUNK):
+        rows = (
+            ProbeResult.objects.filter(
+                endpoint_id__in=endpoint_ids[start : start + CLAIM_CHUNK],
+                checked_at__gte=hour,
+            )
+            .annotate(at=TruncHour("checked_at"))
+            .values("endpoint_id", "at")
+            .annotate(
+                probes=Count("id"),
+                up=Count("id", filter=up),
+                slow=Count("id", filter=Q(status=EndpointStatus.SLOW)),
+                latency_sum=Sum("latency_ms", filter=up),
+                latency_count=Count("latency_ms", filter=up),
+            )
+            .order_by()
+        )
+        rollups = [
+            ProbeRollup(
+                endpoint_id=row["endpoint_id"],
+                hour=row["at"],
+                probes=row["probes"],
+                up=row["up"],
+                slow=row["slow"],
+                latency_sum_ms=row["latency_sum"] or 0.0,
+                latency_count=row["latency_count"],
+            )
+            for row in rows
+        ]
+        ProbeRollup.objects.bulk_create(
+            rollups,
+            update_conflicts=True,
+            unique_fields=["endpoint", "hour"],
+            update_fields=ROLLUP_FIELDS,
+            batch_size=500,
+        )
+        written += len(rollups)
+    return written
+
+
+def prune(now: datetime | None = None, *, batch: int = 10_000) -> int:
+    """Delete probe history older than MONITOR_RETENTION_DAYS; how many results."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=int(conf.get("MONITOR_RETENTION_DAYS")))
+    deleted = 0
+    # Batches keep each DELETE (and its lock) short on a big table.
+    while True:
+        ids = list(
+            ProbeResult.objects.filter(checked_at__lt=cutoff)
+            .order_by()
+            .values_list("id", flat=True)[:batch]
+        )
+        if ids:
+            deleted += ProbeResult.objects.filter(id__in=ids).delete()[0]
+        if len(ids) < batch:
+            break
+    # An hour's rollup goes once all of that hour is past the retention.
+    ProbeRollup.objects.filter(hour__lte=cutoff - timedelta(hours=1)).delete()
+    return deleted

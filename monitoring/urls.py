@@ -1,0 +1,15 @@
+"""Health and metrics of the gateway, at the root of the site."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from monitoring import views
+
+app_name = "monitoring"
+
+urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("metrics", views.prometheus_metrics, name="metrics"),
+]

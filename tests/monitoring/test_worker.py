@@ -1,0 +1,214 @@
+"""The monitor process: one active at a time, handover, clean stop, no crash loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import time_machine
+from asgiref.sync import async_to_sync, sync_to_async
+from django.conf import settings as django_settings
+from django.core.management import CommandError, call_command
+
+from gateway.models import Endpoint
+from monitoring import probes
+from monitoring.lease import Lease
+from monitoring.models import MonitorLease, ProbeResult
+from monitoring.worker import Monitor
+
+T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.django_db
+def test_only_one_of_two_monitors_holds_the_lease_until_it_expires(settings):
+    settings.MONITOR_LEASE_SECONDS = 30
+    first, second = Monitor(holder="host-a:1"), Monitor(holder="host-b:2")
+
+    with time_machine.travel(T0, tick=False) as clock:
+        assert async_to_sync(first.lease_step)() is True
+        assert async_to_sync(second.lease_step)() is False
+
+        # The holder renews as it loops, so the standby keeps waiting.
+        clock.shift(20)
+        assert async_to_sync(first.lease_step)() is True
+        clock.shift(20)
+        assert async_to_sync(second.lease_step)() is False
+        assert MonitorLease.objects.get().expires_at == T0 + timedelta(seconds=50)
+
+        # The holder dies: once its lease runs out, the standby takes over...
+        clock.shift(31)
+        assert async_to_sync(second.lease_step)() is True
+        # ...and the old holder, if it comes back, stands by.
+        assert async_to_sync(first.lease_step)() is False
+
+    lease = MonitorLease.objects.get()
+    assert lease.holder == "host-b:2"
+    assert lease.acquired_at == T0 + timedelta(seconds=71)
+
+
+@pytest.mark.django_db
+def test_a_released_lease_is_taken_at_once():
+    first, second = Lease("a", ttl=30), Lease("b", ttl=30)
+    assert first.acquire() and not second.acquire()
+
+    first.release()
+
+    assert second.acquire()
+    assert second.current_holder() == "b"
+
+
+@pytest.mark.django_db
+def test_a_standby_monitor_does_not_probe(make_endpoint, fast_monitor):
+    make_endpoint()
+    Lease("someone-else", ttl=30).acquire()
+
+    assert async_to_sync(Monitor().run_once)() is False
+
+    assert ProbeResult.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_running_monitors_probe_each_endpoint_once_and_hand_over(
+    make_endpoint, fast_monitor
+):
+    fast_monitor.MONITOR_IDLE_SECONDS = 0.05
+    fast_monitor.MONITOR_LEASE_SECONDS = 5
+    for _ in range(5):
+        make_endpoint()
+
+    async def scenario() -> tuple[Monitor, Monitor, int, int]:
+        a, b = Monitor(holder="a"), Monitor(holder="b")
+        tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
+        count = sync_to_async(ProbeResult.objects.count)
+        await wait_for(lambda: count(), 5)
+        await asyncio.sleep(0.3)  # long enough for a second claim, were it possible
+        first_round = await count()
+        active, standby = (a, b) if a.active else (b, a)
+        assert not standby.active and standby.rounds == 0
+
+        active.stop()  # a clean stop gives the lease up at once
+        await tasks[[a, b].index(active)]
+        await sync_to_async(Endpoint.objects.update)(next_probe_at=None)
+        await wait_for(lambda: count(), 10)
+        assert standby.active and standby.rounds >= 1
+        standby.stop()
+        await asyncio.gather(*tasks)
+        return active, standby, first_round, await count()
+
+    _, _, first_round, total = async_to_sync(scenario)()
+
+    assert first_round == 5
+    assert total == 10
+    assert MonitorLease.objects.get().holder == ""
+
+
+async def wait_for(counter, expected: int, within: float = 10.0) -> None:
+    """Poll until `counter()` reaches `expected`, failing after `within` seconds."""
+    async with asyncio.timeout(within):
+        # Rows written by another task's thread: there is no event to wait on.
+        while await counter() < expected:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_step_is_logged_and_the_loop_goes_on(
+    make_endpoint, fast_monitor, monkeypatch, caplog
+):
+    fast_monitor.MONITOR_IDLE_SECONDS = 0.02
+    make_endpoint()
+    real_round = probes.run_round
+    calls = []
+
+    async def flaky_round(**kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("database went away")
+        return await real_round(**kwargs)
+
+    monkeypatch.setattr(probes, "run_round", flaky_round)
+
+    async def scenario() -> None:
+        monitor = Monitor()
+        task = asyncio.create_task(monitor.run())
+        await wait_for(sync_to_async(ProbeResult.objects.count), 1)
+        monitor.stop()
+        await task
+
+    async_to_sync(scenario)()
+
+    assert "Monitor loop failed; trying again shortly" in caplog.text
+    assert "database went away" in caplog.text
+    assert ProbeResult.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_monitor_once_probes_every_endpoint_and_gives_the_lease_back(
+    make_endpoint, fast_monitor, capsys
+):
+    for _ in range(3):
+        make_endpoint()
+
+    call_command("monitor", "--once")
+
+    assert ProbeResult.objects.count() == 3
+    assert "Probed in 1 round(s)." in capsys.readouterr().out
+    assert MonitorLease.objects.get().holder == ""
+
+    # Nothing is due any more; --all probes them anyway.
+    call_command("monitor", "--once")
+    assert ProbeResult.objects.count() == 3
+    call_command("monitor", "--once", "--all")
+    assert ProbeResult.objects.count() == 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_monitor_once_refuses_while_another_monitor_is_active(fast_monitor):
+    Lease("host-z:9:abc", ttl=30).acquire()
+
+    with pytest.raises(CommandError, match="host-z:9:abc"):
+        call_command("monitor", "--once")
+
+
+@pytest.mark.skipif(
+    not django_settings.DATABASE_ENGINE.endswith("sqlite3"),
+    reason="the subprocess gets its own SQLite database",
+)
+def test_the_monitor_command_stops_cleanly_on_sigterm(tmp_path):
+    env = {
+        **os.environ,
+        "DATA_DIR": str(tmp_path),
+        "MONITOR_IDLE_SECONDS": "0.1",
+        "DJANGO_SETTINGS_MODULE": "llmsite.settings",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("DATABASE_URL", None)
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    subprocess.run(
+        [*manage, "migrate", "--noinput"], env=env, check=True, capture_output=True
+    )
+    process = subprocess.Popen(
+        [*manage, "monitor"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        assert "is running" in line
+        time.sleep(0.5)  # into its loop, holding the lease
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    assert "finishing" in output
+    assert "Traceback" not in output

@@ -1,0 +1,11 @@
+"""The URLs the monitoring tests need: the admin and the health endpoints."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include("monitoring.urls")),
+]
