@@ -19,6 +19,8 @@ from gateway.models import (
     EndpointStatus,
     ModelRoute,
     UsageRecord,
+    UsageRollup,
+    UserLimits,
 )
 
 STATUS_COLOURS = {
@@ -371,6 +373,42 @@ class UsageRecordAdmin(admin.ModelAdmin):
     paginator = LargeTablePaginator
     list_per_page = 50
     ordering = ["-created_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(UserLimits)
+class UserLimitsAdmin(admin.ModelAdmin):
+    list_display = ["user", "rpm_limit", "tpm_limit"]
+    list_select_related = ["user"]
+    search_fields = ["user__username", "user__email"]
+    autocomplete_fields = ["user"]
+
+
+@admin.register(UsageRollup)
+class UsageRollupAdmin(admin.ModelAdmin):
+    list_display = [
+        "bucket",
+        "user",
+        "api_key",
+        "model_name",
+        "endpoint_name",
+        "requests",
+        "errors",
+        "rejected",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+    ]
+    list_filter = [("bucket", admin.DateFieldListFilter)]
+    list_select_related = ["user", "api_key"]
+    show_full_result_count = False
+    paginator = LargeTablePaginator
+    ordering = ["-bucket"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -234,10 +234,16 @@ class ApiKey(models.Model):
     )
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     rpm_limit = models.PositiveIntegerField(
-        "requests per minute", null=True, blank=True, help_text="Empty: the default."
+        "requests per minute",
+        null=True,
+        blank=True,
+        help_text="Empty: the default (RATE_LIMIT_RPM). 0: no limit.",
     )
     tpm_limit = models.PositiveIntegerField(
-        "tokens per minute", null=True, blank=True, help_text="Empty: the default."
+        "tokens per minute",
+        null=True,
+        blank=True,
+        help_text="Empty: the default (RATE_LIMIT_TPM). 0: no limit.",
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -481,3 +487,122 @@ class UsageRecord(models.Model):
     @property
     def hop_count(self) -> int:
         return len(self.fallback_hops)
+
+
+class UserLimits(models.Model):
+    """Rate limits for one user, instead of RATE_LIMIT_RPM and RATE_LIMIT_TPM."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="rate_limits"
+    )
+    rpm_limit = models.PositiveIntegerField(
+        "requests per minute",
+        null=True,
+        blank=True,
+        help_text="Empty: the default (RATE_LIMIT_RPM). 0: no limit.",
+    )
+    tpm_limit = models.PositiveIntegerField(
+        "tokens per minute",
+        null=True,
+        blank=True,
+        help_text="Empty: the default (RATE_LIMIT_TPM). 0: no limit.",
+    )
+
+    class Meta:
+        verbose_name = "user rate limit"
+
+    def __str__(self) -> str:
+        rpm = "default" if self.rpm_limit is None else self.rpm_limit or "unlimited"
+        tpm = "default" if self.tpm_limit is None else self.tpm_limit or "unlimited"
+        return f"{self.user}: {rpm} rpm, {tpm} tpm"
+
+
+class UsageRollup(models.Model):
+    """Usage per hour, user, API key, model and endpoint, kept current.
+
+    Written in the same transaction as the usage records it counts, so the
+    dashboards read these rows instead of scanning UsageRecord; one hour is
+    fine enough for "errors per hour" and cheap to sum into days. Sums of
+    latency and cost are whole microseconds, so that rebuilding them from raw
+    records with SQL gives exactly the same numbers as adding them up live.
+    """
+
+    bucket = models.DateTimeField(help_text="Start of the hour, UTC.")
+    # A hash of the dimensions below: nullable columns cannot carry a unique
+    # constraint that upserts can target on both SQLite and PostgreSQL.
+    dimensions = models.CharField(max_length=40, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    api_key = models.ForeignKey(
+        ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    model_name = models.CharField(max_length=200)
+    endpoint = models.ForeignKey(
+        Endpoint, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    endpoint_name = models.CharField(max_length=100, blank=True)
+
+    requests = models.PositiveBigIntegerField(default=0)
+    errors = models.PositiveBigIntegerField(default=0)
+    cancelled = models.PositiveBigIntegerField(default=0)
+    rejected = models.PositiveBigIntegerField(default=0)
+    cached = models.PositiveBigIntegerField(default=0)
+    estimated = models.PositiveBigIntegerField(
+        default=0, help_text="Requests whose tokens were counted by us, not upstream."
+    )
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cost_micros = models.BigIntegerField(
+        default=0, help_text="Cost in millionths of the price unit."
+    )
+    latency_us_sum = models.PositiveBigIntegerField(default=0)
+    latency_count = models.PositiveBigIntegerField(default=0)
+    ttft_us_sum = models.PositiveBigIntegerField(default=0)
+    ttft_count = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-bucket"]
+        constraints = [
+            # The upsert target of every live write.
+            models.UniqueConstraint(
+                fields=["bucket", "dimensions"], name="usage_rollup_one_per_bucket"
+            ),
+        ]
+        indexes = [
+            # "Tokens used today" and per-user charts: one user's buckets.
+            models.Index(fields=["user", "bucket"], name="usage_rollup_user_time"),
+            models.Index(fields=["api_key", "bucket"], name="usage_rollup_key_time"),
+            # Endpoint and model charts over a time range.
+            models.Index(fields=["endpoint", "bucket"], name="usage_rollup_ep_time"),
+            models.Index(
+                fields=["model_name", "bucket"], name="usage_rollup_model_time"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.bucket:%Y-%m-%d %H:00} {self.model_name}: {self.requests}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def cost(self) -> Decimal:
+        return Decimal(self.cost_micros) / 1_000_000
+
+    @property
+    def mean_latency_ms(self) -> float | None:
+        return (
+            self.latency_us_sum / self.latency_count / 1000
+            if self.latency_count
+            else None
+        )
+
+    @property
+    def mean_ttft_ms(self) -> float | None:
+        return self.ttft_us_sum / self.ttft_count / 1000 if self.ttft_count else None

@@ -301,9 +301,15 @@ if not CONTEXT_TARGET_RATIO < CONTEXT_COMPRESS_RATIO:
         "CONTEXT_TARGET_RATIO must be below CONTEXT_COMPRESS_RATIO"
     )
 
-# Default per-user and per-key rate limits (each can be overridden per key).
+# Default per-user and per-key rate limits (overridable per user and per key).
 RATE_LIMIT_RPM = _env_int("RATE_LIMIT_RPM", 5)
 RATE_LIMIT_TPM = _env_int("RATE_LIMIT_TPM", 0)  # 0: no token limit
+# The cache alias that holds rate-limit counters.
+RATE_LIMIT_CACHE = env.str("RATE_LIMIT_CACHE", default="default")
+# Per-process cache of user/key limits and budget lists; saves clear it at once.
+GATEWAY_POLICY_CACHE_SECONDS = _env_float("GATEWAY_POLICY_CACHE_SECONDS", 5.0)
+# Usage records are gathered for this long and written in one transaction.
+USAGE_WRITE_DELAY_MS = _env_int("USAGE_WRITE_DELAY_MS", 50)
 
 # --- Chat ------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.core.cache import cache
 
-from gateway import router
+from gateway import accounting, router
 
 PASSWORD = "correct horse battery staple"
 
@@ -18,6 +18,14 @@ def _clean_cache():
     yield
     cache.clear()
     router.forget_routes()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _usage_writer_closed(django_db_setup, django_db_blocker):
+    """Close the usage writer's connection before the test database is dropped."""
+    yield
+    with django_db_blocker.unblock():
+        accounting.close_writer()
 
 
 @pytest.fixture

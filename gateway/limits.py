@@ -1,0 +1,480 @@
+"""Rate limits: requests and tokens per minute per user, API key and endpoint.
+
+Each limit is a GCRA counter (the "generic cell rate algorithm", a token bucket
+kept as one timestamp): a limit of L per minute lets a request of cost n
+through when the bucket's theoretical arrival time, pushed n * 60 / L seconds
+further, stays within one minute of now. A full minute's allowance may be
+used at once; after that requests are spread evenly, and a refusal knows
+exactly when the next one fits (its retry_after).
+
+The counters live in Django's cache. On Redis every check is one Lua script,
+one round trip, atomic across all web processes: every limit of a request is
+checked and charged together, or none is. On other backends (local memory: one
+process) a process-wide lock makes the same read-check-write atomic.
+
+Tokens are charged as they become known: prompt tokens when the request is
+admitted, the rest when it settles (`settle_caller`), so a limit holds over
+time without refusing requests for output they may never produce.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from functools import cache as memoize
+from typing import Any, Generic, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import caches
+from django.core.signals import setting_changed
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
+
+from gateway.models import ApiKey, UserLimits
+
+PERIOD = 60.0
+KEY_PREFIX = "rl"
+
+T = TypeVar("T")
+
+
+# --- Policy lookups -----------------------------------------------------------
+
+
+class LocalTTLCache(Generic[T]):
+    """A per-process map with expiry, for settings rows read on every request.
+
+    Saves through the ORM clear it at once in the saving process; other
+    processes see a change within GATEWAY_POLICY_CACHE_SECONDS.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[Hashable, tuple[float, T]] = {}
+
+    def get(self, key: Hashable) -> T | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def set(self, key: Hashable, value: T) -> None:
+        ttl = float(getattr(settings, "GATEWAY_POLICY_CACHE_SECONDS", 5))
+        if ttl <= 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            # Wholesale is enough: it refills at one query per active caller.
+            self._entries.clear()
+        self._entries[key] = (time.monotonic() + ttl, value)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class CallerLimits:
+    """The requests and tokens per minute of a user and of an API key; 0: none."""
+
+    user_rpm: int
+    user_tpm: int
+    key_rpm: int
+    key_tpm: int
+
+
+_caller_limits: LocalTTLCache[CallerLimits] = LocalTTLCache()
+
+
+def _or_default(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def caller_limits(user_id: int | None, api_key_id: int | None) -> CallerLimits:
+    """The limits that apply to a caller: its own rows, else the settings."""
+    cache_key = (user_id, api_key_id)
+    cached = _caller_limits.get(cache_key)
+    if cached is not None:
+        return cached
+    rpm, tpm = settings.RATE_LIMIT_RPM, settings.RATE_LIMIT_TPM
+    user_row = (
+        UserLimits.objects.filter(user_id=user_id)
+        .values_list("rpm_limit", "tpm_limit")
+        .first()
+        if user_id is not None
+        else None
+    )
+    key_row = (
+        ApiKey.objects.filter(pk=api_key_id)
+        .values_list("rpm_limit", "tpm_limit")
+        .first()
+        if api_key_id is not None
+        else None
+    )
+    user_rpm, user_tpm = user_row or (None, None)
+    key_rpm, key_tpm = key_row or (None, None)
+    limits = CallerLimits(
+        user_rpm=_or_default(user_rpm, rpm) if user_id is not None else 0,
+        user_tpm=_or_default(user_tpm, tpm) if user_id is not None else 0,
+        key_rpm=_or_default(key_rpm, rpm) if api_key_id is not None else 0,
+        key_tpm=_or_default(key_tpm, tpm) if api_key_id is not None else 0,
+    )
+    _caller_limits.set(cache_key, limits)
+    return limits
+
+
+async def acaller_limits(user_id: int | None, api_key_id: int | None) -> CallerLimits:
+    """`caller_limits` from async code; no thread hop while the entry is cached."""
+    cached = _caller_limits.get((user_id, api_key_id))
+    if cached is not None:
+        return cached
+    return await sync_to_async(caller_limits)(user_id, api_key_id)
+
+
+@receiver(post_save, sender=UserLimits)
+@receiver(post_delete, sender=UserLimits)
+@receiver(post_save, sender=ApiKey)
+@receiver(post_delete, sender=ApiKey)
+def _forget_caller_limits(**kwargs: Any) -> None:
+    _caller_limits.clear()
+
+
+# --- Counters -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One counter to charge: `per_minute` units, of which this request costs `cost`."""
+
+    key: str
+    per_minute: int
+    cost: int
+    # "requests" or "tokens", and whose: "your account", "this API key", ...
+    unit: str
+    holder: str
+
+    @property
+    def increment(self) -> float:
+        """Seconds of the window this request uses up."""
+        return self.cost * PERIOD / self.per_minute
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of a rate-limit check; a refusal says which limit and until when."""
+
+    allowed: bool
+    limit: Limit | None = None
+    # Seconds until the request would fit; None when it never can (it is
+    # larger than the whole per-minute allowance).
+    retry_after: float | None = None
+
+    @property
+    def message(self) -> str:
+        """A sentence for the person or program that was refused."""
+        if self.allowed or self.limit is None:
+            return ""
+        limit = self.limit
+        allowance = f"{limit.per_minute:,} {limit.unit} per minute for {limit.holder}"
+        if self.retry_after is None:
+            return (
+                f"This request needs {limit.cost:,} {limit.unit}, more than the "
+                f"limit of {allowance}."
+            )
+        wait = max(1, math.ceil(self.retry_after))
+        return f"Rate limit reached: {allowance}. Try again in {wait} s."
+
+
+ALLOWED = Decision(allowed=True)
+
+
+class _LocalCounters:
+    """GCRA on any Django cache, made atomic by a lock: right for one process."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self.lock = threading.Lock()
+
+    def acquire(self, limits: Sequence[Limit], now: float) -> tuple[int, float]:
+        with self.lock:
+            stored = self.cache.get_many([limit.key for limit in limits])
+            updates: dict[str, float] = {}
+            worst, worst_wait = -1, 0.0
+            for index, limit in enumerate(limits):
+                tat = max(float(stored.get(limit.key, now)), now) + limit.increment
+                wait = tat - PERIOD - now
+                if wait > worst_wait:
+                    worst, worst_wait = index, wait
+                updates[limit.key] = tat
+            if worst >= 0:
+                return worst, worst_wait
+            for key, tat in updates.items():
+                self.cache.set(key, tat, math.ceil(tat - now) + 1)
+            return -1, 0.0
+
+    def adjust(self, changes: Sequence[tuple[str, float]], now: float) -> None:
+        with self.lock:
+            stored = self.cache.get_many([key for key, _ in changes])
+            for key, seconds in changes:
+                tat = max(float(stored.get(key, now)), now) + seconds
+                if tat <= now:
+                    self.cache.delete(key)
+                else:
+                    self.cache.set(key, tat, math.ceil(tat - now) + 1)
+
+
+# KEYS: the counters. ARGV: now, then each counter's increment (seconds).
+# Returns {index of the refusing counter (1-based) or 0, seconds to wait}.
+# Numbers go back as strings: Redis would truncate a Lua number to an integer.
+_ACQUIRE_LUA = """
+local now = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local worst, worst_wait = 0, 0
+local tats = {}
+for i, key in ipairs(KEYS) do
+    local tat = tonumber(redis.call('GET', key)) or now
+    if tat < now then tat = now end
+    tat = tat + tonumber(ARGV[i + 2])
+    tats[i] = tat
+    local wait = tat - period - now
+    if wait > worst_wait then worst, worst_wait = i, wait end
+end
+if worst > 0 then return {worst, tostring(worst_wait)} end
+for i, key in ipairs(KEYS) do
+    redis.call('SET', key, string.format('%.6f', tats[i]),
+               'PX', math.ceil((tats[i] - now) * 1000) + 1000)
+end
+return {0, '0'}
+"""
+
+# KEYS: the counters. ARGV: now, then each counter's change in seconds.
+_ADJUST_LUA = """
+local now = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+    local tat = tonumber(redis.call('GET', key)) or now
+    if tat < now then tat = now end
+    tat = tat + tonumber(ARGV[i + 1])
+    if tat <= now then
+        redis.call('DEL', key)
+    else
+        redis.call('SET', key, string.format('%.6f', tat),
+                   'PX', math.ceil((tat - now) * 1000) + 1000)
+    end
+end
+return 0
+"""
+
+
+class _RedisCounters:
+    """GCRA in Redis: every check is one atomic script, shared by all processes."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        # One client on the pool of Django's cache, kept: Django builds a new
+        # redis.Redis per call, which costs more than the round trip itself.
+        client = cache._cache.get_client(write=True)
+        self._acquire = client.register_script(_ACQUIRE_LUA)
+        self._adjust = client.register_script(_ADJUST_LUA)
+
+    def acquire(self, limits: Sequence[Limit], now: float) -> tuple[int, float]:
+        keys = [self.cache.make_key(limit.key) for limit in limits]
+        args = [repr(now), repr(PERIOD), *(repr(limit.increment) for limit in limits)]
+        index, wait = self._acquire(keys=keys, args=args)
+        return int(index) - 1, float(wait)
+
+    def adjust(self, changes: Sequence[tuple[str, float]], now: float) -> None:
+        keys = [self.cache.make_key(key) for key, _ in changes]
+        args = [repr(now), *(repr(seconds) for _, seconds in changes)]
+        self._adjust(keys=keys, args=args)
+
+
+@memoize
+def _counters() -> _LocalCounters | _RedisCounters:
+    from django.core.cache.backends.redis import RedisCache
+
+    cache = caches[getattr(settings, "RATE_LIMIT_CACHE", "default")]
+    if isinstance(cache, RedisCache):
+        return _RedisCounters(cache)
+    return _LocalCounters(cache)
+
+
+@receiver(setting_changed)
+def _reset_backend(*, setting: str, **kwargs: Any) -> None:
+    if setting in {"CACHES", "RATE_LIMIT_CACHE"}:
+        _counters.cache_clear()
+    if setting in {"RATE_LIMIT_RPM", "RATE_LIMIT_TPM", "GATEWAY_POLICY_CACHE_SECONDS"}:
+        _caller_limits.clear()
+
+
+def acquire(limits: Sequence[Limit], now: float | None = None) -> Decision:
+    """Charge every limit, or none of them when one would be exceeded."""
+    limits = [limit for limit in limits if limit.per_minute > 0 and limit.cost > 0]
+    if not limits:
+        return ALLOWED
+    for limit in limits:
+        if limit.cost > limit.per_minute:
+            return Decision(allowed=False, limit=limit, retry_after=None)
+    index, wait = _counters().acquire(limits, time.time() if now is None else now)
+    if index < 0:
+        return ALLOWED
+    return Decision(allowed=False, limit=limits[index], retry_after=wait)
+
+
+def adjust(changes: Sequence[tuple[Limit, int]], now: float | None = None) -> None:
+    """Charge (or refund, when negative) tokens known only after the request."""
+    moves = [
+        (limit.key, tokens * PERIOD / limit.per_minute)
+        for limit, tokens in changes
+        if limit.per_minute > 0 and tokens
+    ]
+    if moves:
+        _counters().adjust(moves, time.time() if now is None else now)
+
+
+# --- Callers and endpoints ----------------------------------------------------
+
+
+def caller_token_limits(
+    user_id: int | None, api_key_id: int | None, limits: CallerLimits, tokens: int
+) -> list[Limit]:
+    """The tokens-per-minute counters of a caller, charged `tokens`."""
+    found = []
+    if user_id is not None:
+        found.append(
+            Limit(
+                f"{KEY_PREFIX}:u:{user_id}:t",
+                limits.user_tpm,
+                tokens,
+                "tokens",
+                "your account",
+            )
+        )
+    if api_key_id is not None:
+        found.append(
+            Limit(
+                f"{KEY_PREFIX}:k:{api_key_id}:t",
+                limits.key_tpm,
+                tokens,
+                "tokens",
+                "this API key",
+            )
+        )
+    return found
+
+
+def caller_request_limits(
+    user_id: int | None, api_key_id: int | None, limits: CallerLimits
+) -> list[Limit]:
+    """The requests-per-minute counters of a caller, charged one request."""
+    found = []
+    if user_id is not None:
+        found.append(
+            Limit(
+                f"{KEY_PREFIX}:u:{user_id}:r",
+                limits.user_rpm,
+                1,
+                "requests",
+                "your account",
+            )
+        )
+    if api_key_id is not None:
+        found.append(
+            Limit(
+                f"{KEY_PREFIX}:k:{api_key_id}:r",
+                limits.key_rpm,
+                1,
+                "requests",
+                "this API key",
+            )
+        )
+    return found
+
+
+async def check_caller(
+    user_id: int | None, api_key_id: int | None, tokens: int
+) -> Decision:
+    """Admit one request of `tokens` prompt tokens for a user and/or API key."""
+    limits = await acaller_limits(user_id, api_key_id)
+    return acquire(
+        caller_request_limits(user_id, api_key_id, limits)
+        + caller_token_limits(user_id, api_key_id, limits, tokens)
+    )
+
+
+async def check_caller_requests(
+    user_id: int | None, api_key_id: int | None
+) -> Decision:
+    """Count one request against a caller's requests per minute."""
+    limits = await acaller_limits(user_id, api_key_id)
+    return acquire(caller_request_limits(user_id, api_key_id, limits))
+
+
+async def check_caller_tokens(
+    user_id: int | None, api_key_id: int | None, tokens: int
+) -> Decision:
+    """Count prompt tokens against a caller's tokens per minute."""
+    limits = await acaller_limits(user_id, api_key_id)
+    return acquire(caller_token_limits(user_id, api_key_id, limits, tokens))
+
+
+async def settle_caller(
+    user_id: int | None, api_key_id: int | None, charged: int, used: int
+) -> None:
+    """Bring a caller's token counters from the `charged` tokens to the `used` ones."""
+    if used == charged:
+        return
+    limits = await acaller_limits(user_id, api_key_id)
+    adjust(
+        [
+            (limit, used - charged)
+            for limit in caller_token_limits(user_id, api_key_id, limits, 0)
+        ]
+    )
+
+
+def endpoint_limits(endpoint: Any, tokens: int) -> list[Limit]:
+    """The counters of an endpoint (anything with id, name, rpm_limit, tpm_limit)."""
+    found = []
+    holder = f"endpoint {endpoint.name}"
+    if endpoint.rpm_limit:
+        found.append(
+            Limit(
+                f"{KEY_PREFIX}:e:{endpoint.id}:r",
+                endpoint.rpm_limit,
+                1,
+                "requests",
+                holder,
+            )
+        )
+    if endpoint.tpm_limit:
+        found.append(
+            Limit(
+                f"{KEY_PREFIX}:e:{endpoint.id}:t",
+                endpoint.tpm_limit,
+                tokens,
+                "tokens",
+                holder,
+            )
+        )
+    return found
+
+
+def check_endpoint(endpoint: Any, tokens: int) -> Decision:
+    """Admit one upstream request of `tokens` tokens to an endpoint."""
+    if not (endpoint.rpm_limit or endpoint.tpm_limit) or endpoint.id is None:
+        return ALLOWED
+    return acquire(endpoint_limits(endpoint, tokens))
+
+
+async def admit_endpoint(endpoint: Any, tokens: int) -> bool:
+    """The router's `admit` hook: whether an endpoint has room for this request."""
+    return check_endpoint(endpoint, tokens).allowed
+
+
+def settle_endpoint(endpoint: Any, charged: int, used: int) -> None:
+    """Bring an endpoint's token counter from the `charged` tokens to the `used`."""
+    if used != charged and endpoint.tpm_limit and endpoint.id is not None:
+        limits = [lim for lim in endpoint_limits(endpoint, 0) if lim.unit == "tokens"]
+        adjust([(limit, used - charged) for limit in limits])

@@ -1,0 +1,274 @@
+"""Rate limits per user, API key and endpoint, on local memory or shared Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import time_machine
+
+from gateway import limits
+from gateway.models import ApiKey, UserLimits
+from tests.gateway.usage_support import close_thread_connections
+
+START = "2026-03-02 10:00:00+00:00"
+
+
+@pytest.fixture(autouse=True)
+def _limits(settings):
+    settings.RATE_LIMIT_RPM = 5
+    settings.RATE_LIMIT_TPM = 0
+    limits._caller_limits.clear()
+    yield
+    limits._caller_limits.clear()
+    close_thread_connections()
+
+
+@pytest.fixture
+def frozen():
+    with time_machine.travel(START, tick=False) as traveller:
+        yield traveller
+
+
+@dataclass
+class FakeEndpoint:
+    id: int | None
+    name: str = "primary"
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+
+
+def admitted(user_id, api_key_id=None, tokens=10, times=1):
+    """How many of `times` requests are admitted."""
+    return sum(
+        limits.acquire(
+            limits.caller_request_limits(
+                user_id, api_key_id, limits.caller_limits(user_id, api_key_id)
+            )
+            + limits.caller_token_limits(
+                user_id,
+                api_key_id,
+                limits.caller_limits(user_id, api_key_id),
+                tokens,
+            )
+        ).allowed
+        for _ in range(times)
+    )
+
+
+async def test_a_user_gets_five_requests_a_minute_then_a_retry_after(db, owner, frozen):
+    decisions = [await limits.check_caller(owner.pk, None, 10) for _ in range(6)]
+
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    refused = decisions[-1]
+    # A minute's allowance spread evenly: the next slot opens in 60 / 5 s.
+    assert refused.retry_after == pytest.approx(12.0)
+    assert refused.message == (
+        "Rate limit reached: 5 requests per minute for your account. Try again in 12 s."
+    )
+
+
+@pytest.mark.django_db
+def test_the_window_slides_rather_than_resetting(owner, frozen):
+    assert admitted(owner.pk, times=5) == 5
+
+    frozen.shift(11.9)
+    assert admitted(owner.pk) == 0
+    frozen.shift(0.2)
+    assert admitted(owner.pk, times=2) == 1
+    frozen.shift(60)
+    assert admitted(owner.pk, times=6) == 5
+
+
+@pytest.mark.django_db
+def test_a_users_own_limit_overrides_the_default(owner, other_user, frozen):
+    UserLimits.objects.create(user=owner, rpm_limit=2)
+
+    assert admitted(owner.pk, times=4) == 2
+    assert admitted(other_user.pk, times=6) == 5
+
+
+@pytest.mark.django_db
+def test_zero_means_no_limit(owner, frozen, settings):
+    UserLimits.objects.create(user=owner, rpm_limit=0)
+
+    assert admitted(owner.pk, times=50) == 50
+
+
+@pytest.mark.django_db
+def test_an_api_key_counts_against_its_own_limit_and_its_users(owner, frozen):
+    key, _ = ApiKey.generate(owner, "script")
+    key.rpm_limit = 3
+    key.save()
+
+    assert admitted(owner.pk, key.pk, times=4) == 3
+    # The user's own window saw only the three admitted requests.
+    assert admitted(owner.pk, times=5) == 2
+
+
+@pytest.mark.django_db
+def test_a_refused_request_charges_none_of_its_counters(owner, frozen):
+    key, _ = ApiKey.generate(owner, "script")
+    key.rpm_limit = 1
+    key.save()
+
+    assert admitted(owner.pk, key.pk, times=10) == 1
+    assert admitted(owner.pk, times=10) == 4
+
+
+@pytest.mark.django_db
+def test_tokens_per_minute_refuse_until_the_tokens_have_drained(
+    owner, frozen, settings
+):
+    settings.RATE_LIMIT_TPM = 1000
+    limits._caller_limits.clear()
+
+    assert admitted(owner.pk, tokens=600) == 1
+    decision = limits.acquire(
+        limits.caller_token_limits(
+            owner.pk, None, limits.caller_limits(owner.pk, None), 600
+        )
+    )
+
+    assert not decision.allowed
+    # 1,200 tokens need 72 s of a 1,000-per-minute allowance: 12 s past the minute.
+    assert decision.retry_after == pytest.approx(12.0)
+    assert "1,000 tokens per minute for your account" in decision.message
+
+
+@pytest.mark.django_db
+def test_a_request_larger_than_the_whole_allowance_is_told_so(owner, frozen, settings):
+    settings.RATE_LIMIT_TPM = 1000
+    limits._caller_limits.clear()
+
+    decision = limits.acquire(
+        limits.caller_token_limits(
+            owner.pk, None, limits.caller_limits(owner.pk, None), 1500
+        )
+    )
+
+    assert decision.retry_after is None
+    assert decision.message == (
+        "This request needs 1,500 tokens, more than the limit of 1,000 tokens "
+        "per minute for your account."
+    )
+
+
+async def test_settling_gives_back_tokens_that_were_not_used(
+    db, owner, frozen, settings
+):
+    settings.RATE_LIMIT_TPM = 1000
+    limits._caller_limits.clear()
+
+    assert (await limits.check_caller(owner.pk, None, 900)).allowed
+    assert not (await limits.check_caller(owner.pk, None, 900)).allowed
+    await limits.settle_caller(owner.pk, None, charged=900, used=100)
+
+    assert (await limits.check_caller(owner.pk, None, 850)).allowed
+
+
+async def test_settling_charges_tokens_learned_after_admission(
+    db, owner, frozen, settings
+):
+    settings.RATE_LIMIT_TPM = 1000
+    limits._caller_limits.clear()
+
+    assert (await limits.check_caller(owner.pk, None, 100)).allowed
+    await limits.settle_caller(owner.pk, None, charged=100, used=950)
+
+    decision = await limits.check_caller(owner.pk, None, 100)
+    assert not decision.allowed
+    assert decision.retry_after == pytest.approx(3.0)
+
+
+async def test_an_endpoint_over_its_rpm_is_not_admitted(frozen):
+    endpoint = FakeEndpoint(id=7, rpm_limit=2)
+
+    assert [await limits.admit_endpoint(endpoint, 100) for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    frozen.shift(30)
+    assert await limits.admit_endpoint(endpoint, 100)
+
+
+async def test_an_endpoint_over_its_tpm_is_not_admitted(frozen):
+    endpoint = FakeEndpoint(id=7, tpm_limit=1000)
+
+    assert await limits.admit_endpoint(endpoint, 800)
+    assert not await limits.admit_endpoint(endpoint, 800)
+    limits.settle_endpoint(endpoint, charged=800, used=100)
+    assert await limits.admit_endpoint(endpoint, 800)
+
+
+async def test_an_endpoint_without_limits_is_always_admitted(frozen):
+    endpoint = FakeEndpoint(id=7)
+
+    assert all([await limits.admit_endpoint(endpoint, 10**6) for _ in range(100)])
+
+
+async def test_endpoints_have_separate_counters(frozen):
+    first, second = FakeEndpoint(id=1, rpm_limit=1), FakeEndpoint(id=2, rpm_limit=1)
+
+    assert await limits.admit_endpoint(first, 1)
+    assert await limits.admit_endpoint(second, 1)
+    assert not await limits.admit_endpoint(first, 1)
+
+
+@pytest.mark.django_db
+def test_a_saved_limit_applies_to_the_next_request(owner, frozen):
+    assert admitted(owner.pk, times=3) == 3
+    UserLimits.objects.create(user=owner, rpm_limit=2)
+
+    assert admitted(owner.pk) == 0
+
+
+_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    import django
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmsite.settings")
+    django.setup()
+    from gateway import limits
+    user_id, start_at = int(sys.argv[1]), float(sys.argv[2])
+    policy = limits.CallerLimits(user_rpm=5, user_tpm=0, key_rpm=0, key_tpm=0)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    allowed = 0
+    for _ in range(20):
+        if limits.acquire(limits.caller_request_limits(user_id, None, policy)).allowed:
+            allowed += 1
+    print(allowed)
+    """
+)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("REDIS_URL"),
+    reason="needs REDIS_URL: only Redis shares rate limits between processes",
+)
+def test_limits_hold_across_two_processes_sharing_redis(tmp_path):
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    start_at = time.time() + 2.0
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, "4242", repr(start_at)],
+            cwd=root,
+            env={**os.environ, "DATA_DIR": str(tmp_path)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    counts = [int(child.communicate(timeout=60)[0].strip()) for child in children]
+
+    # 40 attempts in the same instant from two processes: one allowance of 5.
+    assert sum(counts) == 5
