@@ -6,3 +6,7 @@ from django.apps import AppConfig
 class ChatConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "chat"
+
+    def ready(self) -> None:
+        # Connects the settings-reset receiver and registers the system checks.
+        from chat import checks, conf  # noqa: F401

@@ -1,3 +1,5 @@
+"""URLs of the chat page and its JSON API, under /chat/."""
+
 from __future__ import annotations
 
 from django.urls import path
@@ -8,4 +10,11 @@ app_name = "chat"
 
 urlpatterns = [
     path("", views.chat_page, name="page"),
+    path("c/<uuid:conversation_id>/", views.conversation_page, name="conversation"),
+    path("api/conversations/", views.conversations, name="conversations"),
+    path(
+        "api/conversations/<uuid:conversation_id>/",
+        views.conversation,
+        name="conversation-api",
+    ),
 ]

@@ -1,12 +1,149 @@
-"""The chat page."""
+"""The chat page and the small JSON API behind its sidebar."""
 
 from __future__ import annotations
 
+import functools
+import json
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.utils.dateparse import parse_datetime
+from django.views.decorators.http import require_GET, require_http_methods
+
+from chat import actions, budget
+from chat.conf import chat_settings
+from chat.errors import ChatError
+from chat.generation import registry
+from chat.models import Conversation
+
+# Model output is rendered as HTML in this page. The sanitizer is the first
+# line of defence; this policy is the second: no inline script, no plugin, no
+# remote image or style, whatever slips through.
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "font-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+
+ERROR_STATUS = {"not_found": 404, "too_large": 400, "invalid": 400}
+
+
+def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str, Any]:
+    models = actions.available_models()
+    return {
+        "config": {
+            "conversation_id": conversation_id,
+            "models": models,
+            "default_model": models[0] if models else None,
+            "max_message_chars": chat_settings().max_message_chars,
+            "budget": budget.remaining_today(request.user),
+            "socket_path": "/ws/chat/",
+            "urls": {
+                "page": "/chat/",
+                "conversations": "/chat/api/conversations/",
+            },
+        },
+    }
+
+
+def _with_policy(response: HttpResponse) -> HttpResponse:
+    response["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response["Referrer-Policy"] = "same-origin"
+    return response
 
 
 @login_required
+@require_GET
 def chat_page(request: HttpRequest) -> HttpResponse:
-    return render(request, "chat/page.html")
+    """The chat page, on a new conversation."""
+    return _with_policy(render(request, "chat/page.html", _page_context(request, None)))
+
+
+@login_required
+@require_GET
+def conversation_page(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+    """The chat page, showing one of the user's conversations."""
+    if not Conversation.objects.filter(id=conversation_id, user=request.user).exists():
+        raise Http404("No such conversation.")
+    context = _page_context(request, str(conversation_id))
+    return _with_policy(render(request, "chat/page.html", context))
+
+
+def _api_error(exc: ChatError) -> JsonResponse:
+    return JsonResponse(
+        {"error": {"code": exc.code, "message": exc.message}},
+        status=ERROR_STATUS.get(exc.code, 400),
+    )
+
+
+def _api(view: Callable[..., Any]) -> Callable[..., Any]:
+    # JSON views answer 401 rather than redirecting to the login page.
+    @functools.wraps(view)
+    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        user = await request.auser()
+        if not user.is_authenticated:
+            return JsonResponse(
+                {"error": {"code": "unauthenticated", "message": "Sign in again."}},
+                status=401,
+            )
+        try:
+            return await view(request, user, *args, **kwargs)
+        except ChatError as exc:
+            return _api_error(exc)
+
+    return wrapper
+
+
+@require_GET
+@_api
+async def conversations(request: HttpRequest, user: Any) -> JsonResponse:
+    """The user's conversations, newest first; ``q`` searches titles and messages."""
+    query = request.GET.get("q", "")[:200]
+    before: datetime | None = None
+    if raw := request.GET.get("before"):
+        before = parse_datetime(raw)
+        if before is None:
+            raise ChatError("invalid", "before must be an ISO 8601 date and time.")
+    page = await sync_to_async(actions.list_conversations)(user, query, before)
+    return JsonResponse(page)
+
+
+@require_http_methods(["PATCH", "DELETE"])
+@_api
+async def conversation(
+    request: HttpRequest, user: Any, conversation_id: uuid.UUID
+) -> JsonResponse:
+    """Rename (PATCH {"title": ...}) or delete (DELETE) one conversation."""
+    if request.method == "DELETE":
+        # A running answer is stopped and stored first, so nothing writes to
+        # the conversation once it is gone.
+        running = registry.get(conversation_id)
+        if running is not None and running.user_id == user.pk:
+            running.stop("stop")
+            await running.wait()
+        await sync_to_async(actions.delete)(user, conversation_id)
+        return JsonResponse({"deleted": str(conversation_id)})
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        raise ChatError("invalid", "The request body must be JSON.") from None
+    title = body.get("title") if isinstance(body, dict) else None
+    if not isinstance(title, str):
+        raise ChatError("invalid", "title must be text.")
+    renamed = await sync_to_async(actions.rename)(user, conversation_id, title)
+    return JsonResponse({"conversation": renamed})

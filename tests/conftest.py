@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import pytest
+from django.conf import settings
 from django.core.cache import cache
 
 from gateway import accounting, router
 
 PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(
+    django_db_modify_db_settings_parallel_suffix, tmp_path_factory
+) -> None:
+    """Put the SQLite test database in a file, as in production.
+
+    pytest-django's default in-memory database runs in SQLite's shared-cache
+    mode, where a table being written by one connection cannot be read by
+    another ("database table is locked", with no busy wait). Several threads
+    write at once here (the usage writer, the chat's answer store, a live
+    server), so the tests use a file with WAL and busy waits instead.
+    """
+    database = settings.DATABASES["default"]
+    if database["ENGINE"].endswith("sqlite3") and not database.get("TEST", {}).get(
+        "NAME"
+    ):
+        path = tmp_path_factory.mktemp("sqlite") / "test.sqlite3"
+        database.setdefault("TEST", {})["NAME"] = str(path)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,60 @@
+"""The chat app's settings, with their defaults, read once and re-read on change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+DEFAULTS: dict[str, float] = {
+    # Longest user message, in characters.
+    "CHAT_MAX_MESSAGE_CHARS": 32_000,
+    # Answers one user may have streaming at once, across all web processes.
+    "CHAT_MAX_CONCURRENT_GENERATIONS": 2,
+    # Deltas are coalesced into one websocket frame per this many milliseconds.
+    "CHAT_FRAME_INTERVAL_MS": 40,
+    # How long an answer keeps streaming after its last socket went away, so a
+    # reload or a dropped connection can resume it; 0 cancels at once.
+    "CHAT_RESUME_GRACE_SECONDS": 10,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ChatSettings:
+    """The chat settings in effect."""
+
+    max_message_chars: int
+    max_concurrent_generations: int
+    frame_interval: float
+    resume_grace: float
+
+    @property
+    def max_frame_chars(self) -> int:
+        """Longest websocket frame accepted, leaving room for JSON escaping."""
+        # A control character costs six characters once escaped (\u0001).
+        return self.max_message_chars * 6 + 4096
+
+
+@cache
+def chat_settings() -> ChatSettings:
+    """Return the chat settings, read from django.conf.settings."""
+
+    def read(name: str) -> float:
+        return getattr(settings, name, DEFAULTS[name])
+
+    return ChatSettings(
+        max_message_chars=int(read("CHAT_MAX_MESSAGE_CHARS")),
+        max_concurrent_generations=int(read("CHAT_MAX_CONCURRENT_GENERATIONS")),
+        frame_interval=read("CHAT_FRAME_INTERVAL_MS") / 1000,
+        resume_grace=float(read("CHAT_RESUME_GRACE_SECONDS")),
+    )
+
+
+@receiver(setting_changed)
+def _reset(*, setting: str, **kwargs: object) -> None:
+    # Tests change these with override_settings; the next read sees the change.
+    if setting in DEFAULTS:
+        chat_settings.cache_clear()

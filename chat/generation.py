@@ -1,0 +1,738 @@
+"""Running answers: owned by the server, watched by any number of sockets.
+
+An answer is an asyncio task in the web process that started it, registered
+here by conversation. Sockets are listeners: the one that asked, a reloaded
+page, a second tab. Frames reach local listeners by a direct call (never
+through the channel layer); the answer so far plus coalesced deltas reach a
+socket served by another process through the channel layer, one message per
+frame and only for such extra listeners.
+
+Life of an answer:
+
+- ``start()`` checks ownership, claims the conversation and a per-user slot
+  (chat.leases), stores the user message and starts the task.
+- Deltas are coalesced: at most one ``delta`` frame per CHAT_FRAME_INTERVAL_MS.
+- ``stop`` cancels the task at once: the upstream request is closed, the
+  partial answer is stored as partial with its (cancelled) usage record.
+- When the last listener leaves, the answer keeps streaming for
+  CHAT_RESUME_GRACE_SECONDS so a reload or a dropped connection can resume it,
+  then it is cancelled as if stopped. With a grace of 0 it is cancelled at once.
+- At the end the assistant message is stored, the claims are released and the
+  last frame (``done`` or ``error``) goes to every listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from channels.exceptions import ChannelFull
+from channels.layers import get_channel_layer
+from django.utils import timezone
+
+from chat import actions, errors, leases
+from chat.conf import chat_settings
+from chat.errors import ChatError
+from chat.models import MessageStatus
+from chat.protocol import Edit, Regenerate, Send
+from gateway import accounting, router, service
+from gateway.models import UsageRecord
+
+logger = logging.getLogger(__name__)
+
+GROUP_PREFIX = "chat.conv."
+
+
+def group_name(conversation_id: uuid.UUID) -> str:
+    """The channel-layer group of the sockets showing a conversation."""
+    return f"{GROUP_PREFIX}{conversation_id.hex}"
+
+
+def encode(frame: dict[str, Any]) -> str:
+    """Serialise a frame once, whatever the number of listeners."""
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+class Listener(Protocol):
+    """A socket that receives an answer's frames."""
+
+    channel_name: str
+
+    async def deliver(self, text: str) -> None:
+        """Send one encoded frame to the browser."""
+
+
+class Generation:
+    """One answer being written, and the sockets watching it."""
+
+    def __init__(
+        self,
+        registry: GenerationRegistry,
+        user: Any,
+        turn: actions.Turn,
+        lease: leases.Lease,
+    ) -> None:
+        self.registry = registry
+        self.user_id: int = user.pk
+        self.conversation_id: uuid.UUID = turn.conversation.id
+        # Every frame names its conversation; converted once.
+        self._cid = str(self.conversation_id)
+        self.conversation = actions.conversation_dict(turn.conversation)
+        self.user_message = actions.message_dict(turn.user_message)
+        self.model = turn.model
+        self.history = turn.history
+        self.lease = lease
+        self.started_at = timezone.now()
+        # What every listener has been sent, and what waits for the next frame.
+        self.sent: list[str] = []
+        self.seq = 0
+        self._outbox: list[str | dict[str, Any]] = []
+        self._dirty = asyncio.Event()
+        self._closing = False
+        self._lock = asyncio.Lock()
+        self.endpoint: str | None = None
+        self.context: dict[str, Any] | None = None
+        self.hops: list[dict[str, Any]] = []
+        self.cached = False
+        self.local: set[Listener] = set()
+        self.remote: set[str] = set()
+        self.stop_reason: str | None = None
+        self._rejected: service.Rejected | None = None
+        self._streaming = False
+        self._grace: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    # Listeners ---------------------------------------------------------------
+
+    def start_frame(self) -> dict[str, Any]:
+        """The frame that opens the answer on a socket: everything so far."""
+        return {
+            "type": "start",
+            "conversation_id": self._cid,
+            "conversation": self.conversation,
+            "user_message": self.user_message,
+            "model": self.model,
+            "text": "".join(self.sent),
+            "seq": self.seq,
+            "endpoint": self.endpoint,
+            "context": self.context,
+            "hops": self.hops,
+            "cached": self.cached,
+        }
+
+    async def attach(self, listener: Listener) -> None:
+        """Add a socket in this process; it first gets the answer so far."""
+        async with self._lock:
+            await listener.deliver(encode(self.start_frame()))
+            self.local.add(listener)
+            self._keep()
+
+    async def attach_remote(self, channel: str) -> None:
+        """Add a socket served by another process, through the channel layer."""
+        async with self._lock:
+            if await self.registry.send_remote(channel, encode(self.start_frame())):
+                self.remote.add(channel)
+                self._keep()
+
+    def detach(self, listener: Listener) -> None:
+        """A socket in this process left."""
+        self.local.discard(listener)
+        self._maybe_abandoned()
+
+    def detach_remote(self, channel: str) -> None:
+        """A socket in another process left."""
+        self.remote.discard(channel)
+        self._maybe_abandoned()
+
+    def _keep(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def _maybe_abandoned(self) -> None:
+        if self.local or self.remote or self._grace is not None:
+            return
+        grace = chat_settings().resume_grace
+        if grace <= 0:
+            self.stop("disconnect")
+        else:
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(grace, self.stop, "disconnect")
+
+    # Control -----------------------------------------------------------------
+
+    def stop(self, reason: str = "stop") -> None:
+        """Cancel the upstream request now; the partial answer is kept."""
+        self._keep()
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self._streaming and self.task is not None:
+            self.task.cancel()
+
+    def run(self) -> asyncio.Task[None]:
+        """Start streaming in a task of its own, owned by the registry."""
+        self.task = asyncio.create_task(
+            self._run(), name=f"chat-answer-{self.conversation_id}"
+        )
+        self._pump = asyncio.create_task(self._pump_frames())
+        return self.task
+
+    async def wait(self) -> None:
+        """Return once the answer is stored and its last frame sent."""
+        if self.task is not None:
+            await asyncio.shield(self.task)
+
+    # Streaming -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        done: service.Done | None = None
+        error: ChatError | None = None
+        self._streaming = True
+        try:
+            if self.stop_reason is None:
+                caller = service.Caller(
+                    user_id=self.user_id, conversation_id=self.conversation_id
+                )
+                events = service.stream_chat(caller, self.model, self.history)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, service.Delta):
+                            self._push_text(event.text)
+                        elif isinstance(event, service.Started):
+                            self._on_started(event)
+                        elif isinstance(event, service.Fallback):
+                            self._on_fallback(event)
+                        elif isinstance(event, service.Done):
+                            done = event
+        except service.Rejected as exc:
+            error = errors.from_service(exc.code, exc.message, exc.retry_after)
+            self._rejected = exc
+        except asyncio.CancelledError:
+            # Our own stop: the service has closed the upstream request and
+            # written the usage record as cancelled. Go on to store the answer.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            self.stop_reason = self.stop_reason or "stop"
+        except Exception:
+            logger.exception("answer in conversation %s failed", self.conversation_id)
+            error = ChatError(
+                "internal_error",
+                "Something went wrong on our side while writing the answer. "
+                "Your message is saved; try again.",
+            )
+        finally:
+            self._streaming = False
+        await self._finish(done, error)
+
+    def _push_text(self, text: str) -> None:
+        if not text:
+            return
+        if self._outbox and isinstance(self._outbox[-1], str):
+            self._outbox[-1] += text
+        else:
+            self._outbox.append(text)
+        self._dirty.set()
+
+    def _push_frame(self, frame: dict[str, Any]) -> None:
+        self._outbox.append(frame)
+        self._dirty.set()
+
+    def _on_started(self, event: service.Started) -> None:
+        self.endpoint = event.endpoint
+        self.cached = event.cached
+        self.context = event.context.to_dict() if event.context is not None else None
+        self._push_frame(
+            {
+                "type": "context",
+                "conversation_id": self._cid,
+                "endpoint": self.endpoint,
+                "cached": self.cached,
+                "status": self.context,
+            }
+        )
+
+    def _on_fallback(self, event: service.Fallback) -> None:
+        hop = hop_dict(event.hop)
+        self.hops.append(hop)
+        self._push_frame({"type": "fallback", "conversation_id": self._cid, **hop})
+
+    async def _pump_frames(self) -> None:
+        # The only sender while streaming, so frames keep their order.
+        interval = chat_settings().frame_interval
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._flush()
+            if self._closing:
+                return
+            await asyncio.sleep(interval)
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            items, self._outbox = self._outbox, []
+            for item in items:
+                if isinstance(item, str):
+                    self.sent.append(item)
+                    self.seq += 1
+                    frame = {
+                        "type": "delta",
+                        "conversation_id": self._cid,
+                        "seq": self.seq,
+                        "text": item,
+                    }
+                else:
+                    frame = item
+                await self._broadcast(encode(frame))
+
+    async def _broadcast(self, text: str) -> None:
+        for listener in list(self.local):
+            try:
+                await listener.deliver(text)
+            except Exception:
+                # A socket that cannot take a frame is gone; the others go on.
+                logger.debug("dropping a listener of %s", self.conversation_id)
+                self.local.discard(listener)
+        for channel in list(self.remote):
+            if not await self.registry.send_remote(channel, text):
+                self.remote.discard(channel)
+
+    async def _finish(self, done: service.Done | None, error: ChatError | None) -> None:
+        self._closing = True
+        self._dirty.set()
+        if self._pump is not None:
+            with contextlib.suppress(Exception):
+                await self._pump
+        saved = None
+        try:
+            answer, error = self._answer(done, error)
+            answer.usage_id = await self._usage_id(done)
+            saved = await database_sync_to_async(actions.save_answer)(
+                self.conversation_id, self.user_message["id"], answer
+            )
+        except Exception:
+            logger.exception("storing the answer of %s failed", self.conversation_id)
+            error = ChatError(
+                "internal_error",
+                "The answer could not be stored. Your message is saved; try again.",
+            )
+            answer = actions.Answer(
+                content="".join(self.sent), status=MessageStatus.ERROR, model=self.model
+            )
+        finally:
+            await self.registry.forget(self)
+        conversation_id = self._cid
+        budget = {"budget_remaining": done.budget_remaining} if done else {}
+        if error is not None:
+            frame = error.frame(conversation_id=conversation_id, answer=saved, **budget)
+        else:
+            frame = {
+                "type": "done",
+                "conversation_id": conversation_id,
+                "answer": saved,
+                **answer.meta,
+                **budget,
+            }
+        async with self._lock:
+            await self._broadcast(encode(frame))
+            self.local.clear()
+            self.remote.clear()
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    async def _usage_id(self, done: service.Done | None) -> int | None:
+        """The id of this answer's usage record, once the gateway has stored it."""
+        try:
+            if done is not None:
+                return await done.recorded()
+            if self._rejected is not None:
+                return await self._rejected.recorded()
+            # Stopped, or failed inside the service: the record was queued on
+            # this loop but no event carries its id. One answer runs per
+            # conversation at a time, so the conversation's newest record since
+            # the start is this one.
+            await accounting.flush()
+            return await database_sync_to_async(self._newest_record)()
+        except Exception:
+            # The answer is worth keeping without its link to the record.
+            logger.exception("no usage record for the answer in %s", self._cid)
+            return None
+
+    def _newest_record(self) -> int | None:
+        return (
+            UsageRecord.objects.filter(
+                conversation_id=self.conversation_id,
+                user_id=self.user_id,
+                created_at__gte=self.started_at,
+            )
+            .order_by("-created_at")
+            .values_list("id", flat=True)
+            .first()
+        )
+
+    def _answer(
+        self, done: service.Done | None, error: ChatError | None
+    ) -> tuple[actions.Answer, ChatError | None]:
+        text = "".join(self.sent)
+        meta: dict[str, Any] = {
+            "endpoint": self.endpoint,
+            "hops": self.hops,
+            "cached": self.cached,
+            "context": self.context,
+            "stopped": self.stop_reason is not None,
+            "stop_reason": self.stop_reason,
+        }
+        answer = actions.Answer(
+            content=text, status=MessageStatus.COMPLETE, model=self.model
+        )
+        if done is not None:
+            answer.content = done.text or text
+            answer.endpoint_id = done.endpoint_id
+            answer.endpoint_name = done.endpoint or ""
+            answer.completion_tokens = done.completion_tokens
+            meta.update(
+                endpoint=done.endpoint,
+                upstream_model=done.upstream_model,
+                usage={
+                    "prompt_tokens": done.prompt_tokens,
+                    "completion_tokens": done.completion_tokens,
+                    "estimated": done.tokens_estimated,
+                },
+                latency_ms=round(done.latency_ms, 1),
+                ttft_ms=None if done.ttft_ms is None else round(done.ttft_ms, 1),
+                attempts=done.attempts,
+                cached=done.cached,
+                finish_reason=done.finish_reason,
+            )
+            if done.context is not None:
+                meta["context"] = done.context.to_dict()
+            if done.error is not None:
+                error = errors.from_service(
+                    done.error.code,
+                    done.error.message,
+                    done.error.retry_after,
+                    partial=bool(answer.content),
+                )
+        if error is not None:
+            answer.status = (
+                MessageStatus.PARTIAL if answer.content else MessageStatus.ERROR
+            )
+            meta["error"] = {
+                "code": error.code,
+                "message": error.message,
+                "retry_after": error.retry_after,
+            }
+        elif self.stop_reason is not None:
+            answer.status = MessageStatus.PARTIAL
+        answer.meta = meta
+        return answer, error
+
+
+def hop_dict(hop: router.Hop) -> dict[str, Any]:
+    """What the browser shows about a fallback: from where, why, to where."""
+    return {
+        "from": hop.endpoint,
+        "to": hop.to_endpoint,
+        "reason": hop.reason,
+        "status_code": hop.status_code,
+        "message": hop.message,
+        "mid_stream": hop.mid_stream,
+    }
+
+
+def prepare_for(
+    user: Any, request: Send | Regenerate | Edit
+) -> Callable[[str], tuple[actions.Turn, leases.Lease]]:
+    """The synchronous first step of an answer: check, claim, store the question.
+
+    Ownership is checked before anything is claimed, so a busy conversation of
+    another user looks exactly like a missing one.
+    """
+
+    def prepare(owner: str) -> tuple[actions.Turn, leases.Lease]:
+        build: Callable[[], actions.Turn]
+        model = request.model
+        if isinstance(request, Send):
+            if request.conversation_id is None:
+                conversation_id = uuid.uuid4()
+            else:
+                conversation_id = actions.owned_conversation(
+                    user, request.conversation_id
+                ).id
+
+            def build() -> actions.Turn:
+                return actions.start_turn(
+                    user,
+                    request.conversation_id,
+                    request.content,
+                    request.model,
+                    new_id=conversation_id,
+                )
+
+        elif isinstance(request, Regenerate):
+            conversation_id = actions.owned_conversation(
+                user, request.conversation_id
+            ).id
+
+            def build() -> actions.Turn:
+                return actions.prepare_regenerate(user, conversation_id, model)
+
+        else:
+            conversation_id = actions.conversation_of_message(user, request.message_id)
+
+            def build() -> actions.Turn:
+                return actions.prepare_edit(
+                    user, request.message_id, request.content, model
+                )
+
+        limit = chat_settings().max_concurrent_generations
+        lease = leases.claim(user.pk, conversation_id, limit, owner)
+        try:
+            return build(), lease
+        except BaseException:
+            leases.release(lease)
+            raise
+
+    return prepare
+
+
+async def check_model(model: str) -> None:
+    """Refuse a model name no enabled route serves, before anything is stored."""
+    # The router keeps route snapshots in memory: no query per message.
+    if not await router.load_routes(model):
+        raise ChatError("unknown_model", f"The model {model[:80]!r} is not available.")
+
+
+class GenerationRegistry:
+    """The answers running in this process, by conversation."""
+
+    def __init__(self, layer_alias: str = "default") -> None:
+        self.layer_alias = layer_alias
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._running: dict[uuid.UUID, Generation] = {}
+        self._layer: Any = None
+        self._channel: str | None = None
+        self._control: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def _ready(self) -> None:
+        # Per event loop: a test suite runs many loops in one process.
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._reset()
+            self._layer = get_channel_layer(self.layer_alias)
+        if self._layer is not None and self._channel is None:
+            # The default prefix on purpose: channels_redis reads every
+            # channel of one prefix with a single blocking pop per process;
+            # a prefix of our own would wait behind the sockets' pop.
+            self._channel = await self._layer.new_channel()
+            self._control = asyncio.create_task(self._receive_control())
+
+    @property
+    def channel(self) -> str:
+        """This process's channel for control messages from other processes."""
+        return self._channel or ""
+
+    def get(self, conversation_id: uuid.UUID) -> Generation | None:
+        """The answer running here for a conversation, if any."""
+        return self._running.get(conversation_id)
+
+    def running(self) -> list[Generation]:
+        """Every answer running in this process."""
+        return list(self._running.values())
+
+    # Starting ------------------------------------------------------------------
+
+    async def start(
+        self,
+        user: Any,
+        prepare: Callable[[str], tuple[actions.Turn, leases.Lease]],
+        listener: Listener | None,
+    ) -> Generation:
+        """Store the question (``prepare``) and start answering it."""
+        await self._ready()
+        turn, lease = await database_sync_to_async(prepare)(self.channel)
+        generation = Generation(self, user, turn, lease)
+        self._running[generation.conversation_id] = generation
+        if listener is not None:
+            await generation.attach(listener)
+        generation.run()
+        self._ensure_renewer()
+        await self._announce(generation, listener)
+        return generation
+
+    async def _announce(self, generation: Generation, origin: Listener | None) -> None:
+        # Other tabs showing this conversation join the stream themselves.
+        if self._layer is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._layer.group_send(
+                group_name(generation.conversation_id),
+                {
+                    "type": "chat.started",
+                    "conversation_id": str(generation.conversation_id),
+                    "origin": origin.channel_name if origin is not None else "",
+                },
+            )
+
+    async def forget(self, generation: Generation) -> None:
+        """Unregister a finished answer and release its claims."""
+        if self._running.get(generation.conversation_id) is generation:
+            del self._running[generation.conversation_id]
+        try:
+            await sync_to_async(leases.release)(generation.lease)
+        except Exception:
+            # The claims expire on their own after LEASE_SECONDS.
+            logger.exception(
+                "releasing the claims of %s failed", generation.conversation_id
+            )
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        while self._running:
+            await asyncio.sleep(leases.RENEW_SECONDS)
+            current = [g.lease for g in self._running.values()]
+            try:
+                await sync_to_async(leases.renew)(current)
+            except Exception:
+                logger.exception("renewing answer claims failed")
+
+    # Joining, leaving, stopping --------------------------------------------------
+
+    async def attach(
+        self, conversation_id: uuid.UUID, listener: Listener
+    ) -> str | None:
+        """Join a running answer; say where it runs.
+
+        Returns "" when it runs in this process, the channel of the process
+        running it otherwise, and None when no answer is running.
+        """
+        await self._ready()
+        generation = self._running.get(conversation_id)
+        if generation is not None:
+            await generation.attach(listener)
+            return ""
+        if self._layer is None:
+            return None
+        owner = await sync_to_async(leases.owner_of)(conversation_id)
+        if not owner or owner == self._channel:
+            return None
+        sent = await self._send_control(
+            owner,
+            {
+                "type": "chat.attach",
+                "conversation_id": str(conversation_id),
+                "reply_to": listener.channel_name,
+            },
+        )
+        return owner if sent else None
+
+    async def detach(
+        self, conversation_id: uuid.UUID, listener: Listener, owner: str
+    ) -> None:
+        """Leave an answer joined with attach()."""
+        if not owner:
+            generation = self._running.get(conversation_id)
+            if generation is not None:
+                generation.detach(listener)
+            return
+        await self._send_control(
+            owner,
+            {
+                "type": "chat.detach",
+                "conversation_id": str(conversation_id),
+                "channel": listener.channel_name,
+            },
+        )
+
+    async def stop(self, user_id: int, conversation_id: uuid.UUID) -> bool:
+        """Stop the user's answer in a conversation, wherever it runs."""
+        await self._ready()
+        generation = self._running.get(conversation_id)
+        if generation is not None:
+            if generation.user_id != user_id:
+                return False
+            generation.stop("stop")
+            return True
+        if self._layer is None:
+            return False
+        owner = await sync_to_async(leases.owner_of)(conversation_id)
+        if not owner:
+            return False
+        return await self._send_control(
+            owner,
+            {
+                "type": "chat.stop",
+                "conversation_id": str(conversation_id),
+                "user_id": user_id,
+            },
+        )
+
+    # Channel layer -------------------------------------------------------------
+
+    async def send_remote(self, channel: str, text: str) -> bool:
+        """Send one encoded frame to a socket of another process."""
+        return await self._send_control(channel, {"type": "chat.frame", "text": text})
+
+    async def _send_control(self, channel: str, message: dict[str, Any]) -> bool:
+        try:
+            await self._layer.send(channel, message)
+        except ChannelFull:
+            return False
+        except Exception:
+            logger.exception("channel layer send failed")
+            return False
+        return True
+
+    async def _receive_control(self) -> None:
+        while True:
+            try:
+                message = await self._layer.receive(self._channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("receiving chat control messages failed")
+                await asyncio.sleep(1)
+                continue
+            try:
+                await self._on_control(message)
+            except Exception:
+                logger.exception("chat control message %r failed", message.get("type"))
+
+    async def _on_control(self, message: dict[str, Any]) -> None:
+        conversation_id = uuid.UUID(message["conversation_id"])
+        generation = self._running.get(conversation_id)
+        kind = message["type"]
+        if generation is None:
+            if kind == "chat.attach":
+                # It ended meanwhile: the page reloads the stored answer.
+                await self._send_control(
+                    message["reply_to"],
+                    {"type": "chat.ended", "conversation_id": str(conversation_id)},
+                )
+            return
+        if kind == "chat.attach":
+            await generation.attach_remote(message["reply_to"])
+        elif kind == "chat.detach":
+            generation.detach_remote(message["channel"])
+        elif kind == "chat.stop" and message.get("user_id") == generation.user_id:
+            generation.stop("stop")
+
+
+registry = GenerationRegistry()

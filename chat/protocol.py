@@ -1,0 +1,170 @@
+"""Parsing and validation of the frames a browser sends on the chat websocket.
+
+See chat/PROTOCOL.md for the whole protocol. Every check here raises
+ChatError with a code and a sentence for the person at the keyboard; the
+consumer turns it into an ``error`` frame and keeps the socket open.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from chat.conf import chat_settings
+from chat.errors import ChatError
+
+MAX_MODEL_NAME = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Ask a question, in an existing conversation or (None) a new one."""
+
+    conversation_id: uuid.UUID | None
+    content: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Stop the answer streaming in a conversation."""
+
+    conversation_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Regenerate:
+    """Answer the last user message of a conversation again."""
+
+    conversation_id: uuid.UUID
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """Replace a user message, drop everything after it and answer again."""
+
+    message_id: int
+    content: str
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Show a conversation, and join its answer if one is streaming."""
+
+    conversation_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Keep an idle connection alive through proxies."""
+
+
+Request = Send | Stop | Regenerate | Edit | Open | Ping
+
+FRAME_TYPES = ("send", "stop", "regenerate", "edit", "open", "resume", "ping")
+
+
+def decode(text: str | None, binary: bytes | None = None) -> dict[str, Any]:
+    """Decode one websocket frame into a JSON object, or raise ChatError."""
+    if text is None:
+        raise ChatError("bad_frame", "Frames must be JSON text, not binary data.")
+    limit = chat_settings().max_frame_chars
+    if len(text) > limit:
+        raise ChatError(
+            "too_large",
+            f"That frame is {len(text):,} characters; the limit is {limit:,}.",
+        )
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ChatError("bad_json", "That frame is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ChatError("bad_frame", "A frame must be a JSON object with a type.")
+    return data
+
+
+def parse(data: dict[str, Any]) -> Request:
+    """Turn a decoded frame into a request, or raise ChatError."""
+    kind = data.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise ChatError("bad_frame", "A frame must be a JSON object with a type.")
+    if kind == "send":
+        return Send(
+            conversation_id=_conversation_id(data, required=False),
+            content=_content(data),
+            model=_model(data, required=True),
+        )
+    if kind == "stop":
+        return Stop(conversation_id=_conversation_id(data))
+    if kind == "regenerate":
+        return Regenerate(
+            conversation_id=_conversation_id(data), model=_model(data, required=False)
+        )
+    if kind == "edit":
+        return Edit(
+            message_id=_message_id(data),
+            content=_content(data),
+            model=_model(data, required=False),
+        )
+    if kind in ("open", "resume"):
+        return Open(conversation_id=_conversation_id(data))
+    if kind == "ping":
+        return Ping()
+    raise ChatError(
+        "unknown_type",
+        f"Unknown frame type {kind[:40]!r}; expected one of {', '.join(FRAME_TYPES)}.",
+    )
+
+
+def _conversation_id(
+    data: dict[str, Any], *, required: bool = True
+) -> uuid.UUID | None:
+    value = data.get("conversation_id")
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise ChatError("invalid", "conversation_id must be a conversation's id.")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ChatError(
+            "invalid", "conversation_id must be a conversation's id."
+        ) from None
+
+
+def _content(data: dict[str, Any]) -> str:
+    value = data.get("content")
+    if not isinstance(value, str):
+        raise ChatError("invalid", "content must be text.")
+    if not value.strip():
+        raise ChatError("empty_content", "Type a message before sending.")
+    limit = chat_settings().max_message_chars
+    if len(value) > limit:
+        raise ChatError(
+            "too_large",
+            f"Your message is {len(value):,} characters long; the limit is {limit:,}.",
+        )
+    return value
+
+
+def _model(data: dict[str, Any], *, required: bool) -> str | None:
+    value = data.get("model")
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ChatError("invalid", "Choose a model.")
+    if len(value) > MAX_MODEL_NAME:
+        raise ChatError("invalid", "That model name is too long.")
+    return value.strip()
+
+
+def _message_id(data: dict[str, Any]) -> int:
+    value = data.get("message_id")
+    # bool is an int in Python; true is not a message id.
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ChatError("invalid", "message_id must be a message's id.")
+    return value

@@ -1,0 +1,622 @@
+// The chat page: conversation list, message list, composer and the websocket
+// protocol of chat/PROTOCOL.md. Plain ES modules, no build step.
+
+import { copyText } from "./markdown.js";
+import { Sidebar } from "./sidebar.js";
+import { ChatSocket } from "./socket.js";
+import {
+  answerElement,
+  editorElement,
+  formatNumber,
+  updateAnswer,
+  userMessageElement,
+} from "./view.js";
+
+const config = JSON.parse(document.getElementById("chat-config").textContent);
+const $ = (id) => document.getElementById(id);
+const ui = {
+  chat: $("chat"),
+  messages: $("messages"),
+  empty: $("empty-state"),
+  input: $("input"),
+  composer: $("composer"),
+  send: $("send"),
+  stop: $("stop"),
+  model: $("model"),
+  title: $("conversation-title"),
+  banner: $("banner"),
+  status: $("status"),
+  gauge: $("gauge"),
+  budget: $("budget"),
+  charCount: $("char-count"),
+  openSidebar: $("open-sidebar"),
+  closeSidebar: $("close-sidebar"),
+  scrim: $("scrim"),
+  newChat: $("new-chat"),
+};
+
+const state = {
+  conversationId: config.conversation_id,
+  conversation: null,
+  messages: [],
+  // The answer streaming in the shown conversation:
+  // {conversationId, userMessageId, seq, text, meta, element}.
+  live: null,
+  pendingSend: null,
+  renderQueued: false,
+  retryTimer: null,
+  budget: config.budget,
+};
+
+const socket = new ChatSocket(config.socket_path);
+const sidebar = new Sidebar({
+  url: config.urls.conversations,
+  onOpen: (id) => openConversation(id, { push: true }),
+  onDeleted: (id) => {
+    if (id === state.conversationId) newChat({ push: true });
+  },
+  onRenamed: (conversation) => {
+    if (conversation.id === state.conversationId) setTitle(conversation.title);
+  },
+  onError: (message) => showBanner(message),
+});
+
+// --- Small helpers -------------------------------------------------------------
+
+function announce(text) {
+  ui.status.textContent = "";
+  // A change after a tick makes screen readers read the same text twice.
+  setTimeout(() => (ui.status.textContent = text), 50);
+}
+
+let bannerTimer = null;
+function showBanner(text, { sticky = false } = {}) {
+  ui.banner.textContent = text;
+  ui.banner.hidden = false;
+  clearTimeout(bannerTimer);
+  if (!sticky) bannerTimer = setTimeout(hideBanner, 8000);
+}
+
+function hideBanner() {
+  ui.banner.hidden = true;
+  ui.banner.textContent = "";
+}
+
+function setTitle(title) {
+  ui.title.textContent = title || "New chat";
+  document.title = `${title || "New chat"} · llmsite`;
+}
+
+function nearBottom() {
+  const m = ui.messages;
+  return m.scrollHeight - m.scrollTop - m.clientHeight < 120;
+}
+
+function scrollToBottom() {
+  ui.messages.scrollTop = ui.messages.scrollHeight;
+}
+
+function isStreamingHere() {
+  return state.live !== null && state.live.conversationId === state.conversationId;
+}
+
+function updateControls() {
+  const streaming = isStreamingHere();
+  ui.stop.hidden = !streaming;
+  ui.send.hidden = streaming;
+  ui.send.disabled = !socket.connected || !ui.model.value || state.pendingSend !== null;
+  const length = ui.input.value.length;
+  const max = config.max_message_chars;
+  ui.charCount.textContent =
+    length > max * 0.8 ? `${formatNumber(length)} / ${formatNumber(max)} characters` : "";
+  ui.charCount.classList.toggle("error", length > max);
+}
+
+function autoGrow() {
+  ui.input.style.height = "auto";
+  ui.input.style.height = `${Math.min(ui.input.scrollHeight, 240)}px`;
+}
+
+// --- Budget and context gauge -------------------------------------------------------
+
+function showBudget(budget) {
+  if (!budget) return;
+  if (budget.remaining === null || budget.remaining === undefined) {
+    ui.budget.textContent =
+      budget.used_today !== undefined
+        ? `${formatNumber(budget.used_today)} tokens used today · no budget limit`
+        : "No budget limit";
+    ui.budget.classList.remove("warning");
+    return;
+  }
+  const resets = budget.resets_at
+    ? ` (resets ${new Date(budget.resets_at).toISOString().slice(11, 16)} UTC)`
+    : "";
+  ui.budget.textContent = `${formatNumber(budget.remaining)} tokens left${
+    budget.period === "daily" || !budget.period ? " today" : ` this ${budget.period.replace("ly", "")}`
+  }${resets}`;
+  ui.budget.classList.toggle("warning", budget.limit && budget.remaining < budget.limit * 0.2);
+}
+
+function applyBudget(frame) {
+  // The page's budget is read once; each answer says what is left after it.
+  if (!("budget_remaining" in frame)) return;
+  const budget = { ...state.budget, remaining: frame.budget_remaining };
+  if (frame.usage && budget.used_today !== undefined) {
+    budget.used_today += frame.usage.prompt_tokens + frame.usage.completion_tokens;
+  }
+  state.budget = budget;
+  showBudget(budget);
+}
+
+function showContext(status) {
+  if (!status) {
+    ui.gauge.hidden = true;
+    return;
+  }
+  const percent = Math.min(100, Math.round(status.percent));
+  const shown = status.percent > 0 && status.percent < 1 ? "<1" : String(percent);
+  ui.gauge.hidden = false;
+  const track = ui.gauge.querySelector(".gauge-track");
+  track.setAttribute("aria-valuenow", String(percent));
+  ui.gauge.querySelector(".gauge-bar").style.width = `${percent}%`;
+  ui.gauge.classList.toggle("warning", Boolean(status.warning));
+  let text = `Context: ${formatNumber(status.tokens)} of ${formatNumber(status.limit)} tokens (${shown} %)`;
+  if (status.warning) text += " — nearly full";
+  if (status.dropped_count) {
+    text += ` · ${status.dropped_count} older message${status.dropped_count === 1 ? "" : "s"} left out`;
+  }
+  ui.gauge.querySelector(".gauge-text").textContent = text;
+  const dropped = new Set(status.dropped_ids || []);
+  for (const article of ui.messages.querySelectorAll("article[data-id]")) {
+    article.classList.toggle("out-of-context", dropped.has(Number(article.dataset.id)));
+  }
+}
+
+function latestContext() {
+  for (let i = state.messages.length - 1; i >= 0; i--) {
+    const meta = state.messages[i].meta;
+    if (meta && meta.context) return meta.context;
+  }
+  return null;
+}
+
+// --- Drawing the conversation ---------------------------------------------------------
+
+function messageElement(message) {
+  return message.role === "user" ? userMessageElement(message) : answerElement(message);
+}
+
+function renderConversation() {
+  for (const node of [...ui.messages.children]) if (node !== ui.empty) node.remove();
+  for (const message of state.messages) {
+    if (message.role === "system") continue;
+    ui.messages.append(messageElement(message));
+  }
+  if (isStreamingHere()) {
+    state.live.element = answerElement(
+      { content: state.live.text, meta: state.live.meta },
+      { live: true },
+    );
+    ui.messages.append(state.live.element);
+  }
+  ui.empty.hidden = ui.messages.children.length > 1;
+  showContext(isStreamingHere() && state.live.meta.context ? state.live.meta.context : latestContext());
+  markRetryCountdown();
+  updateControls();
+  scrollToBottom();
+}
+
+function queueLiveRender() {
+  if (state.renderQueued) return;
+  state.renderQueued = true;
+  requestAnimationFrame(() => {
+    state.renderQueued = false;
+    if (!isStreamingHere() || !state.live.element) return;
+    const stick = nearBottom();
+    updateAnswer(state.live.element, { content: state.live.text, meta: state.live.meta }, {
+      live: true,
+      textOnly: true,
+    });
+    if (stick) scrollToBottom();
+  });
+}
+
+function redrawLive() {
+  if (!isStreamingHere() || !state.live.element) return;
+  updateAnswer(state.live.element, { content: state.live.text, meta: state.live.meta }, {
+    live: true,
+  });
+}
+
+function markRetryCountdown() {
+  clearInterval(state.retryTimer);
+  const last = state.messages[state.messages.length - 1];
+  const error = last && last.meta && last.meta.error;
+  if (!error || !error.retry_after || isStreamingHere()) return;
+  const article = ui.messages.querySelector(`article[data-id="${last.id}"]`);
+  const button = article && article.querySelector(".regenerate");
+  if (!button) return;
+  const until = new Date(last.created_at).getTime() + error.retry_after * 1000;
+  const tick = () => {
+    const left = Math.ceil((until - Date.now()) / 1000);
+    if (left > 0) {
+      button.textContent = `Retry in ${left} s`;
+    } else {
+      button.textContent = "Retry";
+      clearInterval(state.retryTimer);
+    }
+  };
+  tick();
+  state.retryTimer = setInterval(tick, 1000);
+}
+
+// --- Navigation -----------------------------------------------------------------
+
+function openConversation(id, { push = false } = {}) {
+  closeSidebar();
+  if (push) history.pushState({ id }, "", `/chat/c/${id}/`);
+  if (state.conversationId !== id) {
+    state.messages = [];
+    if (state.live && state.live.conversationId !== id) state.live.element = null;
+  }
+  state.conversationId = id;
+  sidebar.select(id);
+  renderConversation();
+  ui.messages.setAttribute("aria-busy", "true");
+  socket.send({ type: "open", conversation_id: id });
+}
+
+function newChat({ push = false } = {}) {
+  closeSidebar();
+  if (push) history.pushState({ id: null }, "", config.urls.page);
+  state.conversationId = null;
+  state.conversation = null;
+  state.messages = [];
+  sidebar.select(null);
+  setTitle("");
+  renderConversation();
+  ui.input.focus();
+}
+
+function openSidebar() {
+  ui.chat.classList.add("sidebar-open");
+  ui.scrim.hidden = false;
+  ui.openSidebar.setAttribute("aria-expanded", "true");
+  document.getElementById("search").focus();
+}
+
+function closeSidebar() {
+  if (!ui.chat.classList.contains("sidebar-open")) return;
+  ui.chat.classList.remove("sidebar-open");
+  ui.scrim.hidden = true;
+  ui.openSidebar.setAttribute("aria-expanded", "false");
+}
+
+// --- Sending --------------------------------------------------------------------
+
+function sendFrame(frame) {
+  if (socket.send(frame)) return true;
+  showBanner("Not connected to the server; reconnecting. Your text is still here.");
+  return false;
+}
+
+function submit() {
+  const content = ui.input.value;
+  if (!content.trim() || isStreamingHere() || state.pendingSend !== null) return;
+  if (content.length > config.max_message_chars) {
+    showBanner(
+      `Your message is ${formatNumber(content.length)} characters long; the limit is ${formatNumber(config.max_message_chars)}.`,
+    );
+    return;
+  }
+  const sent = sendFrame({
+    type: "send",
+    conversation_id: state.conversationId,
+    content,
+    model: ui.model.value,
+  });
+  if (sent) {
+    state.pendingSend = content;
+    updateControls();
+  }
+}
+
+function stop() {
+  if (isStreamingHere()) sendFrame({ type: "stop", conversation_id: state.conversationId });
+}
+
+function regenerate() {
+  if (isStreamingHere() || !state.conversationId) return;
+  sendFrame({ type: "regenerate", conversation_id: state.conversationId, model: ui.model.value });
+}
+
+function startEdit(article) {
+  const id = Number(article.dataset.id);
+  const message = state.messages.find((m) => m.id === id);
+  if (!message || article.querySelector(".editor")) return;
+  const bubble = article.querySelector(".bubble");
+  const editor = editorElement(message.content);
+  bubble.hidden = true;
+  article.querySelector(".msg-actions").hidden = true;
+  article.insertBefore(editor, bubble);
+  const area = editor.querySelector("textarea");
+  area.focus();
+  const close = () => {
+    editor.remove();
+    bubble.hidden = false;
+    article.querySelector(".msg-actions").hidden = false;
+  };
+  editor.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (!area.value.trim() || isStreamingHere()) return;
+    if (sendFrame({ type: "edit", message_id: id, content: area.value, model: ui.model.value })) {
+      close();
+    }
+  });
+  editor.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      event.stopPropagation();
+      close();
+    } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      editor.requestSubmit();
+    }
+  });
+  editor.querySelector('[data-action="cancel-edit"]').addEventListener("click", close);
+}
+
+// --- Frames from the server -----------------------------------------------------------
+
+const handlers = {
+  opened(frame) {
+    if (frame.conversation.id !== state.conversationId) return;
+    ui.messages.removeAttribute("aria-busy");
+    state.conversation = frame.conversation;
+    state.messages = frame.messages;
+    if (state.live && state.live.conversationId === state.conversationId) state.live = null;
+    setTitle(frame.conversation.title);
+    if (config.models.includes(frame.conversation.model)) ui.model.value = frame.conversation.model;
+    sidebar.upsert(frame.conversation, { place: "keep" });
+    renderConversation();
+  },
+
+  start(frame) {
+    const id = frame.conversation_id;
+    sidebar.upsert(frame.conversation);
+    sidebar.setRunning(id, true);
+    const mine = state.pendingSend !== null && state.conversationId === null;
+    if (mine) {
+      state.conversationId = id;
+      history.replaceState({ id }, "", `/chat/c/${id}/`);
+      sidebar.select(id);
+    }
+    if (state.pendingSend !== null && (mine || id === state.conversationId)) {
+      state.pendingSend = null;
+      ui.input.value = "";
+      autoGrow();
+    }
+    if (id !== state.conversationId) return;
+    state.conversation = frame.conversation;
+    setTitle(frame.conversation.title);
+    // Everything after the question being answered is replaced by this answer.
+    const question = frame.user_message;
+    const index = state.messages.findIndex((m) => m.id === question.id);
+    if (index >= 0) state.messages.splice(index, state.messages.length - index, question);
+    else state.messages.push(question);
+    state.live = {
+      conversationId: id,
+      userMessageId: question.id,
+      seq: frame.seq,
+      text: frame.text,
+      meta: { endpoint: frame.endpoint, context: frame.context, hops: frame.hops, cached: frame.cached },
+      element: null,
+    };
+    renderConversation();
+    announce("Writing an answer…");
+  },
+
+  delta(frame) {
+    const live = state.live;
+    if (!live || live.conversationId !== frame.conversation_id) return;
+    if (frame.seq <= live.seq) return;
+    if (frame.seq !== live.seq + 1) {
+      // A frame went missing: ask for the answer so far again.
+      socket.send({ type: "open", conversation_id: frame.conversation_id });
+      return;
+    }
+    live.seq = frame.seq;
+    live.text += frame.text;
+    queueLiveRender();
+  },
+
+  context(frame) {
+    const live = state.live;
+    if (!live || live.conversationId !== frame.conversation_id) return;
+    live.meta.endpoint = frame.endpoint;
+    live.meta.cached = frame.cached;
+    live.meta.context = frame.status;
+    showContext(frame.status);
+    redrawLive();
+  },
+
+  fallback(frame) {
+    const live = state.live;
+    if (!live || live.conversationId !== frame.conversation_id) return;
+    live.meta.hops = [...(live.meta.hops || []), frame];
+    redrawLive();
+  },
+
+  done(frame) {
+    finishAnswer(frame);
+    applyBudget(frame);
+    announce(frame.stopped ? "Answer stopped." : "Answer finished.");
+  },
+
+  error(frame) {
+    if (frame.conversation_id && frame.answer !== undefined) {
+      // The end of an answer that failed: it is stored with its error.
+      finishAnswer(frame);
+      applyBudget(frame);
+      announce(frame.message);
+      return;
+    }
+    if (frame.request === "send" || frame.code === "busy") state.pendingSend = null;
+    if (frame.request === "open" && frame.code === "not_found") {
+      newChat({ push: true });
+    }
+    showBanner(frame.message);
+    announce(frame.message);
+    updateControls();
+  },
+
+  refresh(frame) {
+    if (frame.conversation_id === state.conversationId) {
+      socket.send({ type: "open", conversation_id: frame.conversation_id });
+    }
+  },
+
+  pong() {},
+};
+
+function finishAnswer(frame) {
+  const id = frame.conversation_id;
+  sidebar.setRunning(id, false);
+  if (frame.answer && frame.answer.id && id === state.conversationId) {
+    const live = state.live;
+    const questionId = live ? live.userMessageId : null;
+    if (questionId !== null) {
+      const index = state.messages.findIndex((m) => m.id === questionId);
+      if (index >= 0) state.messages.splice(index + 1);
+    }
+    if (!state.messages.some((m) => m.id === frame.answer.id)) state.messages.push(frame.answer);
+  }
+  if (state.live && state.live.conversationId === id) state.live = null;
+  if (id === state.conversationId) renderConversation();
+  if (!frame.answer && frame.type === "error") showBanner(frame.message);
+}
+
+socket.addEventListener("frame", (event) => {
+  const frame = event.detail;
+  const handler = handlers[frame.type];
+  if (handler) handler(frame);
+});
+
+socket.addEventListener("open", () => {
+  hideBanner();
+  if (state.conversationId) {
+    socket.send({ type: "open", conversation_id: state.conversationId });
+  }
+  updateControls();
+});
+
+socket.addEventListener("close", async (event) => {
+  const { wasOpen, retryIn } = event.detail;
+  state.pendingSend = null;
+  updateControls();
+  if (wasOpen) {
+    showBanner("Connection lost; reconnecting…", { sticky: true });
+    return;
+  }
+  // A refused handshake looks like any failed connection: check the session.
+  try {
+    const response = await fetch(config.urls.conversations, { credentials: "same-origin" });
+    if (response.status === 401) {
+      location.assign(`/accounts/login/?next=${encodeURIComponent(location.pathname)}`);
+      return;
+    }
+  } catch {
+    // The server is unreachable; the banner says so.
+  }
+  showBanner(`Can't reach the chat server; retrying in ${Math.ceil(retryIn / 1000)} s.`, {
+    sticky: true,
+  });
+});
+
+// --- Wiring -------------------------------------------------------------------
+
+function setupModels() {
+  ui.model.replaceChildren();
+  for (const name of config.models) {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    ui.model.append(option);
+  }
+  if (config.models.length === 0) {
+    const option = document.createElement("option");
+    option.textContent = "No models configured";
+    option.value = "";
+    option.disabled = true;
+    ui.model.append(option);
+    showBanner("No model is configured yet. An administrator can add one in the admin.", {
+      sticky: true,
+    });
+  } else {
+    ui.model.value = config.default_model;
+  }
+}
+
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  submit();
+});
+
+ui.input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    submit();
+  }
+});
+ui.input.addEventListener("input", () => {
+  autoGrow();
+  updateControls();
+});
+
+ui.stop.addEventListener("click", stop);
+ui.newChat.addEventListener("click", () => newChat({ push: true }));
+ui.openSidebar.addEventListener("click", openSidebar);
+ui.closeSidebar.addEventListener("click", closeSidebar);
+ui.scrim.addEventListener("click", closeSidebar);
+
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") {
+    if (ui.chat.classList.contains("sidebar-open")) closeSidebar();
+    else if (isStreamingHere()) stop();
+  }
+});
+
+ui.messages.addEventListener("click", async (event) => {
+  const target = event.target.closest("button[data-action]");
+  if (!target) return;
+  const article = target.closest("article");
+  const action = target.dataset.action;
+  if (action === "regenerate") regenerate();
+  else if (action === "edit") startEdit(article);
+  else if (action === "copy") {
+    const message = state.messages.find((m) => m.id === Number(article.dataset.id));
+    const ok = message && (await copyText(message.content));
+    target.textContent = ok ? "Copied" : "Copy failed";
+    setTimeout(() => (target.textContent = "Copy"), 1500);
+  }
+});
+
+window.addEventListener("popstate", () => {
+  const match = location.pathname.match(/\/chat\/c\/([0-9a-f-]{36})\//);
+  if (match) openConversation(match[1]);
+  else newChat();
+});
+
+setupModels();
+showBudget(config.budget);
+setTitle("");
+if (state.conversationId) {
+  sidebar.select(state.conversationId);
+  ui.messages.setAttribute("aria-busy", "true");
+}
+renderConversation();
+sidebar.load();
+socket.connect();
+ui.input.focus();
+
+// For the browser tests and for debugging from the console.
+window.llmsiteChat = { socket, state };

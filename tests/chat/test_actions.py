@@ -1,0 +1,230 @@
+"""The chat's reads and writes, without a socket: ownership, turns, search."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from chat import actions
+from chat.errors import ChatError
+from chat.models import Conversation, Message, MessageStatus
+from tests.chat.conftest import ASSISTANT, MODEL, USER
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_first_message_creates_a_conversation_titled_after_it(owner, model_route):
+    new_id = uuid.uuid4()
+
+    turn = actions.start_turn(
+        owner,
+        None,
+        "  How do   tides work?\nAnd why twice a day?",
+        MODEL,
+        new_id=new_id,
+    )
+
+    assert turn.conversation.id == new_id
+    assert turn.conversation.title == "How do tides work? And why twice a day?"
+    assert turn.user_message.content.startswith("  How do")
+    assert turn.user_message.token_count > 0
+    assert [m.role for m in turn.history] == ["user"]
+    assert turn.history[0].id == turn.user_message.id
+
+
+def test_long_first_messages_give_a_shortened_title():
+    title = actions.title_from("word " * 40)
+
+    assert len(title) <= actions.TITLE_CHARS
+    assert title.endswith("…")
+
+
+def test_history_keeps_the_system_prompt_and_skips_failed_answers(
+    owner, make_conversation
+):
+    conversation = make_conversation(
+        owner,
+        (USER, "one"),
+        (ASSISTANT, "", MessageStatus.ERROR),
+        (USER, "one again"),
+        (ASSISTANT, "partial answer", MessageStatus.PARTIAL),
+    )
+    conversation.system_prompt = "Be brief."
+    conversation.save()
+
+    turn = actions.start_turn(owner, conversation.id, "two", MODEL)
+
+    assert [(m.role, m.content) for m in turn.history] == [
+        ("system", "Be brief."),
+        ("user", "one"),
+        ("user", "one again"),
+        ("assistant", "partial answer"),
+        ("user", "two"),
+    ]
+
+
+def test_nobody_can_write_into_another_users_conversation(
+    owner, other_user, make_conversation
+):
+    conversation = make_conversation(owner, (USER, "mine"))
+
+    with pytest.raises(ChatError) as caught:
+        actions.start_turn(other_user, conversation.id, "hello", MODEL)
+
+    assert caught.value.code == "not_found"
+    assert conversation.messages.count() == 1
+
+
+def test_regenerate_drops_the_last_answer_and_keeps_the_question(
+    owner, make_conversation
+):
+    conversation = make_conversation(
+        owner, (USER, "q1"), (ASSISTANT, "a1"), (USER, "q2"), (ASSISTANT, "a2")
+    )
+
+    turn = actions.prepare_regenerate(owner, conversation.id, None)
+
+    assert turn.user_message.content == "q2"
+    assert list(conversation.messages.values_list("content", flat=True)) == [
+        "q1",
+        "a1",
+        "q2",
+    ]
+
+
+def test_edit_rewrites_the_question_and_forgets_what_came_after(
+    owner, make_conversation
+):
+    conversation = make_conversation(
+        owner, (USER, "q1"), (ASSISTANT, "a1"), (USER, "q2"), (ASSISTANT, "a2")
+    )
+    first = conversation.messages.first()
+
+    turn = actions.prepare_edit(owner, first.id, "q1, better", None)
+
+    assert turn.user_message.id == first.id
+    assert list(conversation.messages.values_list("content", flat=True)) == [
+        "q1, better"
+    ]
+
+
+def test_only_user_messages_can_be_edited(owner, make_conversation):
+    conversation = make_conversation(owner, (USER, "q"), (ASSISTANT, "a"))
+    answer = conversation.messages.last()
+
+    with pytest.raises(ChatError) as caught:
+        actions.prepare_edit(owner, answer.id, "rewritten", None)
+
+    assert caught.value.code == "invalid"
+
+
+def test_another_users_message_cannot_be_edited(owner, other_user, make_conversation):
+    question = make_conversation(owner, (USER, "q")).messages.get()
+
+    with pytest.raises(ChatError) as caught:
+        actions.prepare_edit(other_user, question.id, "mine now", None)
+
+    assert caught.value.code == "not_found"
+    question.refresh_from_db()
+    assert question.content == "q"
+
+
+def test_an_answer_is_stored_with_its_footer(owner, make_conversation):
+    conversation = make_conversation(owner, (USER, "q"))
+    question = conversation.messages.get()
+    meta = {"endpoint": "primary", "usage": {"prompt_tokens": 5}}
+
+    saved = actions.save_answer(
+        conversation.id,
+        question.id,
+        actions.Answer(
+            content="a", status=MessageStatus.COMPLETE, model=MODEL, meta=meta
+        ),
+    )
+
+    stored = Message.objects.get(id=saved["id"])
+    assert (stored.role, stored.content, stored.meta) == (ASSISTANT, "a", meta)
+
+
+def test_an_answer_to_a_deleted_conversation_is_dropped(owner, make_conversation):
+    conversation = make_conversation(owner, (USER, "q"))
+    question = conversation.messages.get()
+    conversation.delete()
+
+    saved = actions.save_answer(
+        conversation.id,
+        question.id,
+        actions.Answer(content="a", status=MessageStatus.PARTIAL, model=MODEL),
+    )
+
+    assert saved is None
+    assert not Message.objects.exists()
+
+
+def test_the_list_is_newest_first_and_only_the_users_own(
+    owner, other_user, make_conversation
+):
+    older = make_conversation(owner, title="older")
+    newer = make_conversation(owner, title="newer")
+    make_conversation(other_user, title="bob's")
+    Conversation.objects.filter(id=newer.id).update(updated_at=older.updated_at)
+    Conversation.objects.filter(id=older.id).update(
+        updated_at=older.updated_at.replace(year=2020)
+    )
+
+    page = actions.list_conversations(owner)
+
+    assert [c["title"] for c in page["conversations"]] == ["newer", "older"]
+    assert page["more"] is False
+
+
+def test_search_finds_titles_and_message_text(owner, other_user, make_conversation):
+    make_conversation(owner, (USER, "nothing here"), title="Tides")
+    make_conversation(owner, (USER, "what about TIDES in lakes?"), title="Lakes")
+    make_conversation(owner, (USER, "bread"), title="Baking")
+    make_conversation(other_user, (USER, "tides"), title="Bob's tides")
+
+    found = actions.list_conversations(owner, "tides")
+
+    assert sorted(c["title"] for c in found["conversations"]) == ["Lakes", "Tides"]
+
+
+def test_paging_goes_on_from_the_oldest_shown(owner, make_conversation):
+    for index in range(5):
+        make_conversation(owner, title=f"c{index}")
+
+    first = actions.list_conversations(owner, limit=3)
+    oldest = Conversation.objects.get(id=first["conversations"][-1]["id"]).updated_at
+    rest = actions.list_conversations(owner, before=oldest, limit=3)
+
+    assert first["more"] is True
+    assert len(first["conversations"]) + len(rest["conversations"]) == 5
+    assert rest["more"] is False
+
+
+def test_rename_and_delete_are_owner_only(owner, other_user, make_conversation):
+    conversation = make_conversation(owner, (USER, "q"))
+
+    with pytest.raises(ChatError):
+        actions.rename(other_user, conversation.id, "stolen")
+    with pytest.raises(ChatError):
+        actions.delete(other_user, conversation.id)
+    renamed = actions.rename(owner, conversation.id, "  New   name ")
+
+    assert renamed["title"] == "New name"
+    actions.delete(owner, conversation.id)
+    assert not Conversation.objects.exists()
+
+
+def test_only_models_with_an_enabled_route_are_offered(model_route):
+    endpoint = model_route.endpoint
+    model_route.pk = None
+    model_route.model_name = "switched-off"
+    model_route.enabled = False
+    model_route.save()
+
+    assert actions.available_models() == [MODEL]
+    endpoint.enabled = False
+    endpoint.save()
+    assert actions.available_models() == []
