@@ -266,8 +266,8 @@ class PoolLimits:
     """How many clients and connections one endpoint gets in one process."""
 
     clients: int = 4
-    max_connections: int = 10
-    max_keepalive: int = 5
+    max_connections: int = 100
+    max_keepalive: int = 20
 
     @classmethod
     def from_settings(cls) -> PoolLimits:

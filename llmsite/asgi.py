@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -18,6 +19,7 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from gateway import tokens  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_http) if settings.SERVE_STATIC else django_http
 
@@ -31,3 +33,10 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+# Load the token encodings now rather than on the first request, then move
+# everything loaded so far (their rank tables hold hundreds of thousands of
+# objects) out of the collector's sight: full collections at 1,000 open
+# websockets otherwise pause the loop for 70-180 ms.
+tokens.preload()
+gc.freeze()

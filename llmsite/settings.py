@@ -167,6 +167,8 @@ if DATABASE_ENGINE == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
     }
+    # Opening a SQLite connection costs about a millisecond; keep it per thread.
+    DATABASES["default"]["CONN_MAX_AGE"] = _env_int("DATABASE_CONN_MAX_AGE", 600)
 elif DATABASE_ENGINE == "django.db.backends.postgresql":
     DATABASES["default"]["CONN_MAX_AGE"] = _env_int("DATABASE_CONN_MAX_AGE", 0)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
@@ -196,7 +198,9 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # redis-py 8 times out idle socket reads after 5 s, which would
+                # crash every consumer waiting on the layer (channels_redis#422).
+                "hosts": [{"address": REDIS_URL, "socket_timeout": None}],
                 "prefix": env.str("CACHE_KEY_PREFIX", default="llmsite") + ":asgi",
             },
         }
@@ -270,8 +274,10 @@ LOGGING = {
 # Upstream connection pool per endpoint: several clients used round-robin,
 # because one httpx client's pool bookkeeping grows with its connections.
 GATEWAY_CLIENTS_PER_ENDPOINT = _env_int("GATEWAY_CLIENTS_PER_ENDPOINT", 4)
-GATEWAY_MAX_CONNECTIONS = _env_int("GATEWAY_MAX_CONNECTIONS", 10)
-GATEWAY_MAX_KEEPALIVE = _env_int("GATEWAY_MAX_KEEPALIVE", 5)
+# Each streamed HTTP/1.1 answer holds a connection for its whole length, so
+# this is also how many answers one endpoint can stream at once per process.
+GATEWAY_MAX_CONNECTIONS = _env_int("GATEWAY_MAX_CONNECTIONS", 100)
+GATEWAY_MAX_KEEPALIVE = _env_int("GATEWAY_MAX_KEEPALIVE", 20)
 GATEWAY_MAX_RESPONSE_BYTES = _env_int("GATEWAY_MAX_RESPONSE_BYTES", 10 * 1024 * 1024)
 GATEWAY_MAX_BACKOFF = _positive(
     "GATEWAY_MAX_BACKOFF", _env_float("GATEWAY_MAX_BACKOFF", 30)
@@ -317,6 +323,11 @@ CHAT_MAX_MESSAGE_CHARS = _env_int("CHAT_MAX_MESSAGE_CHARS", 32_000)
 CHAT_MAX_CONCURRENT_GENERATIONS = _env_int("CHAT_MAX_CONCURRENT_GENERATIONS", 2)
 # Deltas are coalesced into one websocket frame per this many milliseconds.
 CHAT_FRAME_INTERVAL_MS = _env_int("CHAT_FRAME_INTERVAL_MS", 40)
+# How long an answer keeps streaming after its last socket left, so a reload or
+# a dropped connection can resume it; an explicit stop always cancels at once.
+CHAT_RESUME_GRACE_SECONDS = _env_float("CHAT_RESUME_GRACE_SECONDS", 10.0)
+if CHAT_RESUME_GRACE_SECONDS < 0:
+    raise ImproperlyConfigured("CHAT_RESUME_GRACE_SECONDS must be 0 or more")
 
 # --- Monitoring ------------------------------------------------------------
 
