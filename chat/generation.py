@@ -35,7 +35,6 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
-from django.utils import timezone
 
 from chat import actions, errors, leases
 from chat.conf import chat_settings
@@ -89,7 +88,8 @@ class Generation:
         self.model = turn.model
         self.history = turn.history
         self.lease = lease
-        self.started_at = timezone.now()
+        # The usage record's request id, so a stopped answer finds its record.
+        self.request_id = uuid.uuid4()
         # What every listener has been sent, and what waits for the next frame.
         self.sent: list[str] = []
         self.seq = 0
@@ -199,7 +199,9 @@ class Generation:
         try:
             if self.stop_reason is None:
                 caller = service.Caller(
-                    user_id=self.user_id, conversation_id=self.conversation_id
+                    user_id=self.user_id,
+                    conversation_id=self.conversation_id,
+                    request_id=self.request_id,
                 )
                 events = service.stream_chat(caller, self.model, self.history)
                 async with contextlib.aclosing(events):
@@ -357,24 +359,17 @@ class Generation:
             if self._rejected is not None:
                 return await self._rejected.recorded()
             # Stopped, or failed inside the service: the record was queued on
-            # this loop but no event carries its id. One answer runs per
-            # conversation at a time, so the conversation's newest record since
-            # the start is this one.
+            # this loop under the request id this answer chose.
             await accounting.flush()
-            return await database_sync_to_async(self._newest_record)()
+            return await database_sync_to_async(self._record_id)()
         except Exception:
             # The answer is worth keeping without its link to the record.
             logger.exception("no usage record for the answer in %s", self._cid)
             return None
 
-    def _newest_record(self) -> int | None:
+    def _record_id(self) -> int | None:
         return (
-            UsageRecord.objects.filter(
-                conversation_id=self.conversation_id,
-                user_id=self.user_id,
-                created_at__gte=self.started_at,
-            )
-            .order_by("-created_at")
+            UsageRecord.objects.filter(request_id=self.request_id)
             .values_list("id", flat=True)
             .first()
         )

@@ -99,6 +99,9 @@ class Caller:
     source: str = UsageSource.CHAT
     # chat.Conversation's id, kept on the usage record.
     conversation_id: uuid.UUID | None = None
+    # The usage record's id-to-be; callers that need to find the record of a
+    # stopped request choose it. A Caller then serves one request only.
+    request_id: uuid.UUID | None = None
 
 
 class RejectCode(StrEnum):
@@ -291,7 +294,7 @@ class _Request:
         self.model_name = model_name
         self.messages = messages
         self.params: dict[str, Any] = dict(params or {})
-        self.request_id = uuid.uuid4()
+        self.request_id = caller.request_id or uuid.uuid4()
         self.created_at = timezone.now()
         self.started = time.perf_counter()
         self.ttft_ms: float | None = None
