@@ -393,6 +393,9 @@ class _Candidate:
     # The half-open lease this request holds, if it is the trial.
     trial: datetime | None
     circuit_opened: bool = False
+    # A request counts once against the breaker however often it retried, so
+    # one bad minute of a flaky endpoint does not take it out for everyone.
+    failure_counted: bool = False
 
 
 def _as_dict(message: Message) -> Mapping[str, Any]:
@@ -598,7 +601,7 @@ class _Call:
         )
 
     async def failed_attempt(self, candidate: _Candidate, exc: BaseException) -> None:
-        """Count a failed attempt against the endpoint's breaker."""
+        """Count a failed request (once, at its first failed attempt) on the breaker."""
         if not isinstance(exc, APIClientError):
             return
         if exc.retry_after is not None:
@@ -606,6 +609,9 @@ class _Call:
         config = candidate.route.endpoint
         if exc.permanent or config.id is None:
             return
+        if candidate.failure_counted and candidate.trial is None:
+            return
+        candidate.failure_counted = True
         # The snapshot's failure count is stale now.
         forget_routes()
         candidate.circuit_opened = await breaker.record_failure(
@@ -619,7 +625,9 @@ class _Call:
         """Close the breaker when this endpoint had failures on record."""
         config = candidate.route.endpoint
         if config.id is not None and (
-            candidate.trial is not None or config.consecutive_failures
+            candidate.trial is not None
+            or config.consecutive_failures
+            or candidate.failure_counted
         ):
             forget_routes()
             await breaker.record_success(config.id)

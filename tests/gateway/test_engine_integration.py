@@ -199,12 +199,15 @@ async def test_a_closed_circuit_opens_and_spares_the_primary(
 ):
     primary.set_behaviour(Behaviour(fault="status", fault_status=500))
 
-    await run(policy)
-    second = (await run(policy))[-1].result
+    for _ in range(3):
+        await run(policy)
+    fourth = (await run(policy))[-1].result
 
-    assert primary.stats.chat_requests == 3
-    assert second.endpoint == "fallback"
-    assert second.hops[0].reason == "circuit_open"
+    # The default threshold is three failed requests; the third fails over as
+    # soon as its first failure opens the circuit.
+    assert primary.stats.chat_requests == 3 + 3 + 1
+    assert fourth.endpoint == "fallback"
+    assert fourth.hops[0].reason == "circuit_open"
     primary_row = await Endpoint.objects.aget(name="primary")
     assert primary_row.disabled_until is not None
     assert primary_row.status == "disconnected"

@@ -720,19 +720,36 @@ async def test_cancelling_the_consumer_task_closes_the_upstream(
 # --- Circuit breaker ------------------------------------------------------------
 
 
-async def test_failures_open_the_circuit_and_later_requests_skip_it(
+async def test_one_failed_request_counts_once_however_often_it_retried(
     upstreams, endpoints, policy
 ):
     upstreams.script("alpha.test", status(503), status(503), status(503))
-    upstreams.script("beta.test", answer("one"), answer("two"))
+    upstreams.script("beta.test", answer("one"))
 
     with time_machine.travel(NOW, tick=False):
         await run(policy=policy)
+
+    alpha = await Endpoint.objects.aget(name="alpha")
+    assert upstreams.count("alpha.test") == 3
+    assert (alpha.consecutive_failures, alpha.disabled_until) == (1, None)
+
+
+async def test_failed_requests_open_the_circuit_and_later_requests_skip_it(
+    upstreams, endpoints, policy
+):
+    upstreams.script("alpha.test", *[status(503)] * 9)
+    upstreams.script("beta.test", *[answer(str(n)) for n in range(4)])
+
+    with time_machine.travel(NOW, tick=False):
+        for _ in range(3):
+            await run(policy=policy)
         events = await run(policy=policy)
 
     alpha = await Endpoint.objects.aget(name="alpha")
     assert alpha.disabled_until == NOW + timedelta(seconds=60)
-    assert upstreams.count("alpha.test") == 3
+    # Three attempts each for two requests; the third request's first failure
+    # opens the circuit and it fails over at once; the fourth skips alpha.
+    assert upstreams.count("alpha.test") == 7
     result = events[-1].result
     assert result.endpoint == "beta"
     assert result.hops[0].reason == "circuit_open"
