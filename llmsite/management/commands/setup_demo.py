@@ -48,14 +48,17 @@ class Command(BaseCommand):
         )
 
     def _demo_endpoints(self, primary_port: int, fallback_port: int) -> None:
+        # Each endpoint has its own path prefix, so a chat message can script
+        # one of them alone: "/sim prefix=/primary fault=status status=503".
         for name, port, priority in (
             ("demo-primary", primary_port, 10),
             ("demo-fallback", fallback_port, 20),
         ):
+            prefix = name.removeprefix("demo-")
             endpoint, _ = Endpoint.objects.update_or_create(
                 name=name,
                 defaults={
-                    "base_url": f"http://127.0.0.1:{port}/v1",
+                    "base_url": f"http://127.0.0.1:{port}/{prefix}/v1",
                     "priority": priority,
                     "probe_interval": 30,
                 },
@@ -67,7 +70,9 @@ class Command(BaseCommand):
             )
         self.stdout.write(
             f"Demo model {DEMO_MODEL!r}: simulated upstreams on ports "
-            f"{primary_port} (primary) and {fallback_port} (fallback)."
+            f"{primary_port} (primary) and {fallback_port} (fallback). To watch a "
+            "fallback, send a message with the line "
+            "'/sim prefix=/primary fault=status status=503'."
         )
 
     def _configured_endpoint(self) -> None:

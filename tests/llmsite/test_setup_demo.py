@@ -1,0 +1,56 @@
+"""setup_demo: the first admin and the demo endpoints of `make run`."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+
+from gateway.models import Endpoint, ModelRoute
+
+pytestmark = pytest.mark.django_db
+
+
+def _setup() -> str:
+    out = io.StringIO()
+    call_command("setup_demo", stdout=out)
+    return out.getvalue()
+
+
+def test_it_creates_an_admin_once_and_prints_the_password_once(client):
+    first = _setup()
+    second = _setup()
+
+    password = first.split("with password ")[1].split(" ")[0]
+    assert client.login(username="admin", password=password)
+    assert get_user_model().objects.get(username="admin").is_superuser
+    assert "password" not in second
+
+
+def test_demo_endpoints_form_a_fallback_chain_and_are_not_duplicated():
+    _setup()
+    _setup()
+
+    chain = ModelRoute.objects.filter(model_name="demo-chat").order_by("priority")
+    assert [r.endpoint.name for r in chain] == ["demo-primary", "demo-fallback"]
+    # Distinct path prefixes let a /sim directive script one endpoint alone.
+    assert [r.endpoint.base_url for r in chain] == [
+        "http://127.0.0.1:9101/primary/v1",
+        "http://127.0.0.1:9102/fallback/v1",
+    ]
+
+
+def test_a_configured_real_endpoint_goes_first_with_its_key(monkeypatch):
+    monkeypatch.setenv("LLM_BASE_URL", "https://llm.example.com/v1/")
+    monkeypatch.setenv("LLM_API_KEY", "sk-real")
+    monkeypatch.setenv("LLM_MODEL", "big-model")
+
+    _setup()
+
+    configured = Endpoint.objects.get(name="configured")
+    assert configured.base_url == "https://llm.example.com/v1"
+    assert configured.api_key == "sk-real"
+    chain = ModelRoute.objects.filter(model_name="big-model").order_by("priority")
+    assert [r.endpoint.name for r in chain] == ["configured", "demo-primary"]
