@@ -15,6 +15,8 @@ urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("chat/", include("chat.urls")),
+    # The OpenAI-compatible API for programs (personal API keys).
+    path("v1/", include("gateway.urls")),
     path("admin/", admin.site.urls),
     # /healthz, /readyz and /metrics for load balancers and Prometheus.
     path("", include("monitoring.urls")),

@@ -1,0 +1,598 @@
+"""The OpenAI-compatible API for programs: `/v1/models` and `/v1/chat/completions`.
+
+The views only authenticate, parse and format: every completion goes through
+`gateway.service` like a chat message does, so programs get the same limits,
+budgets, fallback and exactly one usage record (source "api", with the key).
+
+Errors use OpenAI's shape, `{"error": {"message", "type", "code", "param"}}`,
+so the official SDKs raise their usual exceptions. A streamed request is read
+up to its first token before the response starts: a refusal then still gets
+its own status code (429, 404, ...) and the headers can say which endpoint
+answered; an error after that ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, cast
+
+from django.core.exceptions import RequestDataTooBig
+from django.db.models import Q
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from gateway import service
+from gateway.limits import LocalTTLCache
+from gateway.models import ApiKey, ModelRoute, UsageSource
+from gateway.service import Caller, Delta, Done, Fallback, RejectCode, Rejected
+
+logger = logging.getLogger("gateway.api")
+
+# Roles OpenAI's chat API accepts; anything else is a client bug worth a 400.
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# Parameters that must be positive integers when given: the budget reservation
+# is sized from them, so a string or a negative number must not slip through.
+_TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
+# How often a key's last_used_at is written, at most.
+_TOUCH_INTERVAL = timedelta(minutes=1)
+
+_ERROR_TYPES = {
+    RejectCode.RATE_LIMITED: "rate_limit_error",
+    RejectCode.BUDGET_EXHAUSTED: "insufficient_quota",
+    RejectCode.ALL_ENDPOINTS_UNAVAILABLE: "server_error",
+    RejectCode.UPSTREAM_ERROR: "server_error",
+}
+_ERROR_PARAMS = {
+    RejectCode.MODEL_NOT_FOUND: "model",
+    RejectCode.CONTEXT_TOO_LARGE: "messages",
+}
+
+
+# --- Errors -----------------------------------------------------------------------
+
+
+def error_body(
+    message: str,
+    *,
+    error_type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+) -> dict[str, Any]:
+    """An error in OpenAI's shape."""
+    return {
+        "error": {"message": message, "type": error_type, "code": code, "param": param}
+    }
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    error_type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    retry_after: float | None = None,
+) -> JsonResponse:
+    response = JsonResponse(
+        error_body(message, error_type=error_type, code=code, param=param),
+        status=status,
+    )
+    if retry_after is not None:
+        # Whole seconds, never 0: clients that honour it must actually wait.
+        response["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
+
+
+def _rejected_body(rejected: Rejected) -> dict[str, Any]:
+    return error_body(
+        rejected.message,
+        error_type=_ERROR_TYPES.get(rejected.code, "invalid_request_error"),
+        code=str(rejected.code),
+        param=_ERROR_PARAMS.get(rejected.code),
+    )
+
+
+def _rejected_response(rejected: Rejected) -> JsonResponse:
+    response = JsonResponse(_rejected_body(rejected), status=rejected.http_status)
+    if rejected.retry_after is not None:
+        response["Retry-After"] = str(max(1, math.ceil(rejected.retry_after)))
+    return response
+
+
+class BadRequest(Exception):
+    """A request body that does not follow the API; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+# --- Authentication ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyOwner:
+    """An active API key, as the hot path needs it."""
+
+    api_key_id: int
+    user_id: int
+
+
+# Active keys by hash, so a request costs no query to authenticate. A key
+# revoked (or its user deactivated) in another process keeps working here for
+# at most GATEWAY_POLICY_CACHE_SECONDS; saves through the ORM in this process
+# drop the cache at once. Unknown keys are not cached: anyone can send any.
+_keys: LocalTTLCache[KeyOwner] = LocalTTLCache()
+# When this process last wrote each key's last_used_at (monotonic seconds), so
+# the conditional UPDATE below runs at most once a minute per key and process.
+_touched: dict[int, float] = {}
+_MAX_TOUCHED = 10_000
+
+
+@receiver(post_save, sender=ApiKey, dispatch_uid="api-forget-keys")
+@receiver(post_delete, sender=ApiKey, dispatch_uid="api-forget-keys")
+def forget_keys(**kwargs: Any) -> None:
+    """Drop the cached keys, so revocations in this process apply at once."""
+    _keys.clear()
+    _touched.clear()
+
+
+def _bearer(request: HttpRequest) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, raw = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        return None
+    return raw.strip()
+
+
+async def authenticate(request: HttpRequest) -> KeyOwner | None:
+    """The active key in the Authorization header, or None."""
+    raw = _bearer(request)
+    if raw is None:
+        return None
+    key_hash = ApiKey.hash(raw)
+    owner = _keys.get(key_hash)
+    if owner is None:
+        row = await (
+            ApiKey.objects.active()
+            .filter(key_hash=key_hash, user__is_active=True)
+            .values_list("pk", "user_id")
+            .afirst()
+        )
+        if row is None:
+            return None
+        owner = KeyOwner(api_key_id=row[0], user_id=row[1])
+        _keys.set(key_hash, owner)
+    await _touch(owner.api_key_id)
+    return owner
+
+
+async def _touch(api_key_id: int) -> None:
+    """Set last_used_at when it is a minute old or more.
+
+    The compare-and-set makes all processes together write a key's row at most
+    once a minute; the per-process clock spares even the conditional UPDATE.
+    """
+    clock = time.monotonic()
+    last = _touched.get(api_key_id)
+    if last is not None and clock - last < _TOUCH_INTERVAL.total_seconds():
+        return
+    if len(_touched) >= _MAX_TOUCHED:
+        _touched.clear()
+    _touched[api_key_id] = clock
+    now = timezone.now()
+    await (
+        ApiKey.objects.filter(pk=api_key_id)
+        .filter(
+            Q(last_used_at__isnull=True) | Q(last_used_at__lte=now - _TOUCH_INTERVAL)
+        )
+        .aupdate(last_used_at=now)
+    )
+
+
+def _unauthorized() -> JsonResponse:
+    # The key itself is never repeated: error bodies end up in client logs.
+    response = error_response(
+        401,
+        "Missing or invalid API key. Send it as 'Authorization: Bearer <key>'.",
+        code="invalid_api_key",
+    )
+    response["WWW-Authenticate"] = 'Bearer realm="llmsite"'
+    return response
+
+
+# --- Parsing ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A validated /v1/chat/completions body."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool
+    include_usage: bool
+    # Everything else, passed upstream as it is (temperature, tools, ...).
+    params: dict[str, Any]
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Validate a chat completion body; raises BadRequest naming the field."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("The body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The body must be a JSON object.")
+    model = data.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("'model' must be a non-empty string.", "model")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list.", "messages")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"'{where}' must be an object.", where)
+        role = message.get("role")
+        if role not in _ROLES:
+            raise BadRequest(
+                f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}.",
+                f"{where}.role",
+            )
+        content = message.get("content")
+        # None is legal for an assistant turn that only called tools.
+        if not (
+            isinstance(content, str | list) or (content is None and role == "assistant")
+        ):
+            raise BadRequest(
+                f"'{where}.content' must be a string or a list of parts.",
+                f"{where}.content",
+            )
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false.", "stream")
+    options = data.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object.", "stream_options")
+    n = data.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise BadRequest("Only n=1 is supported.", "n")
+    for name in _TOKEN_PARAMS:
+        value = data.get(name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise BadRequest(f"'{name}' must be a positive integer.", name)
+    params = {
+        key: value
+        for key, value in data.items()
+        if key not in {"model", "messages", "stream", "stream_options", "n"}
+        and value is not None
+    }
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        stream=stream,
+        include_usage=bool(options and options.get("include_usage")),
+        params=params,
+    )
+
+
+# --- Formatting -------------------------------------------------------------------
+
+
+def _completion_id(request_id: uuid.UUID) -> str:
+    return f"chatcmpl-{request_id.hex}"
+
+
+def _usage(done: Done) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.total_tokens,
+    }
+
+
+def completion_body(done: Done, model: str, created: int) -> dict[str, Any]:
+    """A chat.completion object for a plain answer."""
+    message: dict[str, Any] = {"role": "assistant", "content": done.text}
+    upstream = _first_choice(done.raw)
+    upstream_message = upstream.get("message") if upstream else None
+    if isinstance(upstream_message, Mapping):
+        # Keep what upstream said beyond text (tool calls, refusal).
+        message = {**upstream_message, "role": "assistant", "content": done.text}
+    return {
+        "id": _completion_id(done.request_id),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": done.finish_reason or "stop",
+            }
+        ],
+        "usage": _usage(done),
+    }
+
+
+def _first_choice(body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    choices = body.get("choices") if body else None
+    if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
+        return choices[0]
+    return None
+
+
+def _routing_headers(
+    response: HttpResponse, endpoint: str | None, fallbacks: int, cached: bool
+) -> None:
+    """Which endpoint answered and whether a fallback happened: never hidden."""
+    response["X-LLMSite-Endpoint"] = endpoint or ""
+    response["X-LLMSite-Fallbacks"] = str(fallbacks)
+    response["X-LLMSite-Cached"] = "true" if cached else "false"
+
+
+class _ChunkWriter:
+    """Formats chat.completion.chunk events with our id and public model name."""
+
+    def __init__(self, request_id: uuid.UUID, model: str, created: int) -> None:
+        self.id = _completion_id(request_id)
+        self.model = model
+        self.created = created
+
+    def chunk(
+        self,
+        delta: Mapping[str, Any] | None,
+        finish_reason: str | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> bytes:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": []
+            if delta is None
+            else [
+                {
+                    "index": 0,
+                    "delta": dict(delta),
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            ],
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return _sse(body)
+
+    def delta(self, event: Delta) -> bytes:
+        upstream = _first_choice(event.chunk)
+        delta = upstream.get("delta") if upstream else None
+        if isinstance(delta, Mapping):
+            # Our first chunk carried the role; a failover's new stream repeats it.
+            content = {k: v for k, v in delta.items() if k != "role"}
+        else:
+            content = {}
+        content["content"] = event.text
+        return self.chunk(content)
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+class _EventStreamResponse(StreamingHttpResponse):
+    """A streamed answer whose service generator is closed when the response is.
+
+    Django cancels the streaming task when the client disconnects; if that
+    lands while a chunk is being sent rather than inside our iterator, nothing
+    would close the iterator until the garbage collector did. Closing it from
+    `close()` (which the handler always calls) ends the upstream request now.
+    """
+
+    def __init__(self, events: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(events, **kwargs)
+        self._events = events
+        self._loop = asyncio.get_running_loop()
+
+    def close(self) -> None:
+        super().close()
+        # RuntimeError: the loop is gone, and so is everything it ran.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(_aclose_later, self._events)
+
+
+# Closing tasks in flight; the loop keeps only weak references to tasks.
+_closing: set[asyncio.Task[Any]] = set()
+
+
+def _aclose_later(events: Any) -> None:
+    task = asyncio.ensure_future(events.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _event_stream(
+    events: AsyncGenerator[service.Event, None],
+    first: list[service.Event],
+    writer: _ChunkWriter,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """The SSE body: the events read before the response, then the rest."""
+    async with aclosing(events):
+        yield writer.chunk({"role": "assistant", "content": ""})
+        done: Done | None = None
+        try:
+            for event in first:
+                if isinstance(event, Delta):
+                    yield writer.delta(event)
+                elif isinstance(event, Done):
+                    done = event
+            if done is None:
+                async for event in events:
+                    if isinstance(event, Delta):
+                        yield writer.delta(event)
+                    elif isinstance(event, Fallback):
+                        # After the headers, a failover can only be told in-band;
+                        # SSE comments are ignored by clients that do not look.
+                        hop = event.hop
+                        yield (
+                            b": fallback "
+                            + json.dumps(
+                                {"from": hop.endpoint, "reason": hop.reason}
+                            ).encode()
+                            + b"\n\n"
+                        )
+                    elif isinstance(event, Done):
+                        done = event
+        except Rejected as rejected:
+            yield _sse(_rejected_body(rejected))
+            yield _DONE
+            return
+        except Exception:
+            logger.exception("A /v1 stream failed after it started")
+            yield _sse(
+                error_body(
+                    "The answer was interrupted.",
+                    error_type="server_error",
+                    code=str(RejectCode.UPSTREAM_ERROR),
+                )
+            )
+            yield _DONE
+            return
+        if done is None or done.error is not None:
+            error = done.error if done is not None else None
+            yield _sse(
+                error_body(
+                    error.message if error else "The answer was interrupted.",
+                    error_type="server_error",
+                    code=error.code if error else str(RejectCode.UPSTREAM_ERROR),
+                )
+            )
+            yield _DONE
+            return
+        yield writer.chunk({}, done.finish_reason or "stop")
+        if include_usage:
+            yield writer.chunk(None, usage=_usage(done))
+        yield _DONE
+
+
+# --- Views ------------------------------------------------------------------------
+
+
+@require_GET
+async def list_models(request: HttpRequest) -> HttpResponse:
+    """The public model names a key may ask for."""
+    if await authenticate(request) is None:
+        return _unauthorized()
+    names = (
+        ModelRoute.objects.filter(enabled=True, endpoint__enabled=True)
+        .order_by("model_name")
+        .values_list("model_name", flat=True)
+        .distinct()
+    )
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "llmsite"}
+        async for name in names
+    ]
+    return JsonResponse({"object": "list", "data": data})
+
+
+@csrf_exempt
+@require_POST
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    """OpenAI's chat completions, plain or streamed, through the pipeline."""
+    owner = await authenticate(request)
+    if owner is None:
+        return _unauthorized()
+    try:
+        chat = parse_chat_request(request.body)
+    except RequestDataTooBig:
+        return error_response(413, "The request body is too large.")
+    except BadRequest as exc:
+        return error_response(400, exc.message, param=exc.param)
+    caller = Caller(
+        user_id=owner.user_id,
+        api_key_id=owner.api_key_id,
+        source=UsageSource.API,
+        request_id=uuid.uuid4(),
+    )
+    created = int(time.time())
+    if not chat.stream:
+        try:
+            done = await service.complete_chat(
+                caller, chat.model, chat.messages, chat.params
+            )
+        except Rejected as rejected:
+            return _rejected_response(rejected)
+        response = JsonResponse(completion_body(done, chat.model, created))
+        _routing_headers(response, done.endpoint, len(done.hops), done.cached)
+        return response
+    return await _stream(caller, chat, created)
+
+
+async def _stream(caller: Caller, chat: ChatRequest, created: int) -> HttpResponse:
+    # An async generator, whatever the service's annotation says: it has aclose().
+    events = cast(
+        "AsyncGenerator[service.Event, None]",
+        service.stream_chat(caller, chat.model, chat.messages, chat.params),
+    )
+    # Read up to the first text: a refusal can only come before it, and the
+    # endpoint that answers is known by then (the router buffers up to it).
+    first: list[service.Event] = []
+    fallbacks = 0
+    endpoint: str | None = None
+    cached = False
+    try:
+        async for event in events:
+            first.append(event)
+            if isinstance(event, Fallback):
+                fallbacks += 1
+            elif isinstance(event, service.Started):
+                endpoint, cached = event.endpoint, event.cached
+            elif isinstance(event, Delta | Done):
+                break
+    except Rejected as rejected:
+        await events.aclose()
+        return _rejected_response(rejected)
+    except BaseException:
+        # Client gone (the handler cancels the view) or a bug: close upstream.
+        await events.aclose()
+        raise
+    assert caller.request_id is not None
+    response = _EventStreamResponse(
+        _event_stream(
+            events,
+            first,
+            _ChunkWriter(caller.request_id, chat.model, created),
+            chat.include_usage,
+        ),
+        content_type="text/event-stream",
+    )
+    response["Cache-Control"] = "no-cache"
+    # Proxies such as nginx would otherwise hold tokens back in their buffer.
+    response["X-Accel-Buffering"] = "no"
+    _routing_headers(response, endpoint, fallbacks, cached)
+    return response
