@@ -314,9 +314,15 @@ class Generation:
             with contextlib.suppress(Exception):
                 await self._pump
         saved = None
+        # The done frame's budget_remaining, when no Done carries it.
+        record_budget: dict[str, Any] = {}
         try:
             answer, error = self._answer(done, error)
             answer.usage_id = await self._usage_id(done)
+            if done is None and self._rejected is None and answer.usage_id:
+                # Stopped (or failed inside the service): no Done carries the
+                # usage, but the cancelled record does.
+                record_budget = await self._from_record(answer)
             saved = await database_sync_to_async(actions.save_answer)(
                 self.conversation_id, self.user_message["id"], answer
             )
@@ -332,7 +338,9 @@ class Generation:
         finally:
             await self.registry.forget(self)
         conversation_id = self._cid
-        budget = {"budget_remaining": done.budget_remaining} if done else {}
+        budget: dict[str, Any] = record_budget
+        if done is not None:
+            budget = {"budget_remaining": done.budget_remaining}
         if error is not None:
             frame = error.frame(conversation_id=conversation_id, answer=saved, **budget)
         else:
@@ -366,6 +374,43 @@ class Generation:
             # The answer is worth keeping without its link to the record.
             logger.exception("no usage record for the answer in %s", self._cid)
             return None
+
+    async def _from_record(self, answer: actions.Answer) -> dict[str, Any]:
+        """Fill a Done-less answer from its usage record; the budget left.
+
+        Returns ``{"budget_remaining": ...}`` (None: no limit), or nothing when
+        the record cannot be read.
+        """
+        try:
+            record = await database_sync_to_async(
+                UsageRecord.objects.filter(pk=answer.usage_id).first
+            )()
+            if record is None:
+                return {}
+            answer.endpoint_id = record.endpoint_id
+            answer.endpoint_name = record.endpoint_name
+            answer.completion_tokens = record.completion_tokens
+            meta = answer.meta
+            meta["endpoint"] = record.endpoint_name or meta.get("endpoint")
+            meta["usage"] = {
+                "prompt_tokens": record.prompt_tokens,
+                "completion_tokens": record.completion_tokens,
+                "estimated": record.tokens_estimated,
+            }
+            if record.upstream_model:
+                meta["upstream_model"] = record.upstream_model
+            if record.latency_ms is not None:
+                meta["latency_ms"] = round(record.latency_ms, 1)
+            if record.ttft_ms is not None:
+                meta["ttft_ms"] = round(record.ttft_ms, 1)
+            if record.attempts:
+                meta["attempts"] = record.attempts
+            states = await accounting.abudget_status(self.user_id)
+            left = [s.remaining for s in states if s.remaining is not None]
+            return {"budget_remaining": min(left) if left else None}
+        except Exception:
+            logger.exception("reading the usage record of %s failed", self._cid)
+            return {}
 
     def _record_id(self) -> int | None:
         return (

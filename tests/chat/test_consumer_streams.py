@@ -216,6 +216,19 @@ async def test_stop_closes_the_upstream_request_and_keeps_the_partial_answer(
     assert answer.usage_id == record.id
     assert 0 < len(answer.content) < len("".join(generated_tokens(400)))
     assert answer.content == text_of(frames)
+    # No Done from the service: the usage comes from the cancelled record.
+    assert record.completion_tokens > 0
+    assert done["usage"] == {
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "estimated": record.tokens_estimated,
+    }
+    assert done["endpoint"] == record.endpoint_name == "primary"
+    assert "budget_remaining" in done
+    assert answer.token_count == record.completion_tokens
+    assert answer.endpoint_name == "primary"
+    assert answer.endpoint_id == record.endpoint_id
+    assert answer.meta["usage"] == done["usage"]
     await tab.disconnect()
 
 

@@ -121,12 +121,18 @@ def test_stop_keeps_the_partial_answer_and_closes_the_upstream_request(
     wait_for_answer(page)
     simulator.wait_for_disconnects_sync(disconnects + 1)
 
-    assert "stopped" in page.locator(FOOTER).inner_text()
+    footer = page.locator(FOOTER).inner_text()
+    assert "stopped" in footer
     assert page.locator("#send").is_visible()
     answer = Message.objects.get(role=MessageRole.ASSISTANT)
     assert answer.status == MessageStatus.PARTIAL
     assert 40 < len(answer.content) < len(full)
     assert answer.usage.status == UsageStatus.CANCELLED
+    # The usage of a stopped answer comes from its cancelled record.
+    assert answer.token_count == answer.usage.completion_tokens > 0
+    assert answer.endpoint_name == "primary"
+    assert "via primary" in footer
+    assert f"{answer.usage.completion_tokens} out" in footer
     screenshot(page, "04-stopped")
 
 
@@ -400,3 +406,55 @@ def test_the_page_is_usable_by_keyboard(page, login, owner, sim_model, simulator
 
     assert answer_text(page) == "Keyboard answer."
     assert page.evaluate("document.activeElement !== document.body")
+
+
+def test_a_blank_message_cannot_be_sent(page, login, owner, sim_model):
+    login(page, owner)
+    page.wait_for_function("window.llmsiteChat.socket.connected")
+
+    assert page.locator("#send").is_disabled()
+    page.fill("#input", "   \n  ")
+    assert page.locator("#send").is_disabled()
+    page.press("#input", "Enter")
+    page.wait_for_timeout(300)
+    assert page.locator(ANSWER).count() == 0
+    assert not Message.objects.exists()
+    page.fill("#input", "Now with words.")
+    assert page.locator("#send").is_enabled()
+
+
+def test_sidebar_titles_use_the_width_and_show_a_running_answer(
+    page, login, owner, sim_model, simulator
+):
+    slow_answers(simulator, tokens=200)
+    login(page, owner)
+    title = "A conversation title that is long enough to need the whole sidebar"
+    ask(page, title)
+    page.wait_for_selector(LIVE)
+    row = page.locator(".conversation").first
+    page.mouse.move(900, 500)  # Not hovering the row.
+
+    page.wait_for_selector(".conversation.running")
+    dot = page.evaluate(
+        """() => {
+        const row = document.querySelector('.conversation.running');
+        const style = getComputedStyle(row, '::after');
+        const link = row.querySelector('.conversation-link');
+        const rowBox = row.getBoundingClientRect();
+        return {content: style.content, width: parseFloat(style.width) || 0,
+                linkRight: link.getBoundingClientRect().right, rowRight: rowBox.right,
+                linkWidth: link.getBoundingClientRect().width, rowWidth: rowBox.width};
+    }"""
+    )
+    assert "●" in dot["content"]
+    # The dot is outside the truncated title, and the hidden buttons take no room.
+    assert dot["rowRight"] - dot["linkRight"] > 5
+    assert dot["linkWidth"] > dot["rowWidth"] * 0.8
+    for button in row.locator(".icon-btn").all():
+        assert button.bounding_box()["width"] == 0
+
+    # Keyboard users reach the buttons: focus shows them.
+    row.locator(".icon-btn").first.focus()
+    assert row.locator(".icon-btn").first.bounding_box()["width"] > 10
+    page.click("#stop")
+    wait_for_answer(page)

@@ -104,7 +104,11 @@ function updateControls() {
   const streaming = isStreamingHere();
   ui.stop.hidden = !streaming;
   ui.send.hidden = streaming;
-  ui.send.disabled = !socket.connected || !ui.model.value || state.pendingSend !== null;
+  // A blank message is never sent: Send stays disabled until there is text.
+  const blank = !ui.input.value.trim();
+  ui.send.disabled =
+    !socket.connected || !ui.model.value || state.pendingSend !== null || blank;
+  ui.send.title = blank ? "Type a message to send" : "";
   const length = ui.input.value.length;
   const max = config.max_message_chars;
   ui.charCount.textContent =
@@ -395,6 +399,7 @@ const handlers = {
       state.pendingSend = null;
       ui.input.value = "";
       autoGrow();
+      updateControls();
     }
     if (id !== state.conversationId) return;
     state.conversation = frame.conversation;
