@@ -349,19 +349,17 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
+    # Fits 1280 px: tokens in one column, times rounded to whole milliseconds.
     list_display = [
         "created_at",
         "source",
         "user",
         "model_name",
-        "endpoint_name",
+        "endpoint_column",
         "status",
-        "prompt_tokens",
-        "completion_tokens",
-        "tokens_estimated",
-        "latency_ms",
-        "ttft_ms",
-        "attempts",
+        "tokens",
+        "latency",
+        "ttft",
         "cost",
     ]
     # created_at as a plain filter: the date hierarchy runs DISTINCT over dates,
@@ -379,6 +377,30 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+    @admin.display(description="endpoint", ordering="endpoint_name")
+    def endpoint_column(self, obj: UsageRecord) -> str:
+        if obj.attempts > 1:
+            return f"{obj.endpoint_name or '—'} ({obj.attempts} tries)"
+        return obj.endpoint_name or "—"
+
+    @admin.display(description="tokens in → out", ordering="completion_tokens")
+    def tokens(self, obj: UsageRecord) -> str:
+        approx = "≈" if obj.tokens_estimated else ""
+        return f"{approx}{obj.prompt_tokens:,} → {approx}{obj.completion_tokens:,}"
+
+    @admin.display(description="latency", ordering="latency_ms")
+    def latency(self, obj: UsageRecord) -> str:
+        return self.milliseconds(obj.latency_ms)
+
+    @admin.display(description="ttft", ordering="ttft_ms")
+    def ttft(self, obj: UsageRecord) -> str:
+        return self.milliseconds(obj.ttft_ms)
+
+    @staticmethod
+    def milliseconds(value: float | None) -> str:
+        """A duration for a list column: "2,527 ms", or a dash when unknown."""
+        return "—" if value is None else f"{round(value):,} ms"
 
 
 @admin.register(UserLimits)

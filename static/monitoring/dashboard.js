@@ -55,22 +55,42 @@
         },
         options: {
           ...base(),
-          scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true, title: { display: true, text: "probes" } } },
+          scales: {
+            x: { stacked: true },
+            // Probes are counted: whole numbers only on the axis.
+            y: { stacked: true, beginAtZero: true, ticks: { precision: 0 }, title: { display: true, text: "probes" } },
+          },
         },
       };
     },
     requests(data) {
       const usage = data.requests;
+      // Over ~48 buckets (the default 7 days is 168 hours) bars shrink to
+      // 1-px slivers: draw lines instead, with the area under them filled.
+      const line = usage.labels.length > 48;
+      const series = (label, values, colourHex) => ({
+        label,
+        data: values,
+        backgroundColor: line ? `${colourHex}33` : colourHex,
+        borderColor: colourHex,
+        ...(line ? { fill: "origin", pointRadius: 0, borderWidth: 1.5, tension: 0.2 } : {}),
+      });
       return {
-        type: "bar",
+        type: line ? "line" : "bar",
         data: {
           labels: usage.labels,
           datasets: [
-            { label: "requests", data: usage.requests, backgroundColor: "#0969da" },
-            { label: "errors", data: usage.errors, backgroundColor: "#cf222e" },
+            series("requests", usage.requests, "#0969da"),
+            series("errors", usage.errors, "#cf222e"),
           ],
         },
-        options: { ...base(), scales: { y: { beginAtZero: true } } },
+        options: {
+          ...base(),
+          scales: {
+            x: { ticks: { autoSkip: true, maxRotation: 0, maxTicksLimit: 8 } },
+            y: { beginAtZero: true, ticks: { precision: 0 } },
+          },
+        },
       };
     },
     tokens(data, canvas) {

@@ -121,3 +121,41 @@ def test_the_admin_dashboards_draw_their_charts(
     )
     assert "86.0 % (warning)" in page.inner_text("#budget-use")
     screenshot(page, "admin-usage-charts")
+
+
+def test_the_dashboards_fit_a_phone_and_their_charts_stay_readable(
+    browser, live_server_url, login, staff, dashboard_data
+):
+    context = browser.new_context(
+        base_url=live_server_url, viewport={"width": 390, "height": 844}
+    )
+    page = context.new_page()
+    try:
+        login(page, staff, next_path="/admin/monitoring/endpointhealth/")
+        page.wait_for_selector("#endpoint-status")
+        assert_drawn(page, ["chart-outcomes"])
+        # The wide table scrolls inside its box; the page does not scroll sideways.
+        widths = page.evaluate(
+            """() => ({page: document.documentElement.scrollWidth,
+                       viewport: document.documentElement.clientWidth,
+                       table: document.getElementById("endpoint-status")
+                         .scrollWidth})"""
+        )
+        assert widths["page"] <= widths["viewport"] == 390
+        assert widths["table"] > widths["viewport"]
+        ticks = page.evaluate(
+            """() => Chart.getChart(document.getElementById('chart-outcomes'))
+                .scales.y.ticks.map((t) => t.value)"""
+        )
+        assert ticks and all(float(t).is_integer() for t in ticks)
+
+        page.goto("/admin/monitoring/endpointhealth/usage/?range=7d")
+        assert_drawn(page, ["chart-requests"])
+        kind = page.evaluate(
+            "() => Chart.getChart(document.getElementById('chart-requests'))"
+            ".config.type"
+        )
+        assert kind == "line"
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    finally:
+        context.close()

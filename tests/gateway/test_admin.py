@@ -132,3 +132,48 @@ def test_every_gateway_list_renders(admin_client, name):
     response = admin_client.get(reverse(f"admin:gateway_{name}_changelist"))
 
     assert response.status_code == 200
+
+
+def test_usage_list_shows_rounded_times_and_tokens_in_one_column(
+    admin_client, owner, endpoint
+):
+    UsageRecord.objects.create(
+        user=owner,
+        model_name="m",
+        endpoint=endpoint,
+        endpoint_name="primary",
+        status="ok",
+        prompt_tokens=17,
+        completion_tokens=23,
+        tokens_estimated=True,
+        latency_ms=2526.793891000125,
+        ttft_ms=6.2,
+    )
+
+    page = admin_client.get(reverse("admin:gateway_usagerecord_changelist")).content
+    text = page.decode()
+
+    assert "2,527 ms" in text and "6 ms" in text
+    assert "2526.79" not in text
+    assert "≈17 → ≈23" in text
+    for column in ("latency", "ttft", "tokens"):
+        sorted_page = admin_client.get(
+            reverse("admin:gateway_usagerecord_changelist"),
+            {
+                "o": str(
+                    [
+                        "created_at",
+                        "source",
+                        "user",
+                        "model_name",
+                        "endpoint_column",
+                        "status",
+                        "tokens",
+                        "latency",
+                        "ttft",
+                    ].index(column)
+                    + 1
+                )
+            },
+        )
+        assert sorted_page.status_code == 200
