@@ -218,7 +218,27 @@ class ApiKeyQuerySet(models.QuerySet):
         return self.filter(revoked_at__isnull=True)
 
 
-class ApiKey(models.Model):
+class RateLimitOverrides(models.Model):
+    """Per-user or per-key rate limits that replace the global defaults."""
+
+    rpm_limit = models.PositiveIntegerField(
+        "requests per minute",
+        null=True,
+        blank=True,
+        help_text="Empty: the default (RATE_LIMIT_RPM). 0: no limit.",
+    )
+    tpm_limit = models.PositiveIntegerField(
+        "tokens per minute",
+        null=True,
+        blank=True,
+        help_text="Empty: the default (RATE_LIMIT_TPM). 0: no limit.",
+    )
+
+    class Meta:
+        abstract = True
+
+
+class ApiKey(RateLimitOverrides):
     """A personal key for programs calling the /v1 API; only its hash is stored."""
 
     PREFIX = "llms-"
@@ -233,18 +253,6 @@ class ApiKey(models.Model):
         help_text="The first characters, to recognise it.",
     )
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
-    rpm_limit = models.PositiveIntegerField(
-        "requests per minute",
-        null=True,
-        blank=True,
-        help_text="Empty: the default (RATE_LIMIT_RPM). 0: no limit.",
-    )
-    tpm_limit = models.PositiveIntegerField(
-        "tokens per minute",
-        null=True,
-        blank=True,
-        help_text="Empty: the default (RATE_LIMIT_TPM). 0: no limit.",
-    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(null=True, blank=True)
@@ -489,23 +497,11 @@ class UsageRecord(models.Model):
         return len(self.fallback_hops)
 
 
-class UserLimits(models.Model):
+class UserLimits(RateLimitOverrides):
     """Rate limits for one user, instead of RATE_LIMIT_RPM and RATE_LIMIT_TPM."""
 
     user = models.OneToOneField(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="rate_limits"
-    )
-    rpm_limit = models.PositiveIntegerField(
-        "requests per minute",
-        null=True,
-        blank=True,
-        help_text="Empty: the default (RATE_LIMIT_RPM). 0: no limit.",
-    )
-    tpm_limit = models.PositiveIntegerField(
-        "tokens per minute",
-        null=True,
-        blank=True,
-        help_text="Empty: the default (RATE_LIMIT_TPM). 0: no limit.",
     )
 
     class Meta:
