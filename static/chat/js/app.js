@@ -43,6 +43,8 @@ const state = {
   // {conversationId, userMessageId, seq, text, meta, element}.
   live: null,
   pendingSend: null,
+  // A send pressed while the socket was not open yet: sent once it opens.
+  queuedFrame: null,
   renderQueued: false,
   retryTimer: null,
   budget: config.budget,
@@ -106,8 +108,7 @@ function updateControls() {
   ui.send.hidden = streaming;
   // A blank message is never sent: Send stays disabled until there is text.
   const blank = !ui.input.value.trim();
-  ui.send.disabled =
-    !socket.connected || !ui.model.value || state.pendingSend !== null || blank;
+  ui.send.disabled = !ui.model.value || state.pendingSend !== null || blank;
   ui.send.title = blank ? "Type a message to send" : "";
   const length = ui.input.value.length;
   const max = config.max_message_chars;
@@ -314,13 +315,21 @@ function submit() {
     );
     return;
   }
-  const sent = sendFrame({
+  const frame = {
     type: "send",
     conversation_id: state.conversationId,
     content,
     model: ui.model.value,
-  });
-  if (sent) {
+  };
+  if (!socket.connected) {
+    // Right after the page loads, or while reconnecting: send it on open.
+    state.queuedFrame = frame;
+    state.pendingSend = content;
+    showBanner("Connecting… your message will be sent as soon as the connection is up.");
+    updateControls();
+    return;
+  }
+  if (sendFrame(frame)) {
     state.pendingSend = content;
     updateControls();
   }
@@ -512,12 +521,18 @@ socket.addEventListener("open", () => {
   if (state.conversationId) {
     socket.send({ type: "open", conversation_id: state.conversationId });
   }
+  if (state.queuedFrame !== null) {
+    socket.send(state.queuedFrame);
+    state.queuedFrame = null;
+  }
   updateControls();
 });
 
 socket.addEventListener("close", async (event) => {
   const { wasOpen, retryIn } = event.detail;
-  state.pendingSend = null;
+  // A queued message waits for the next connection; a sent one is answered
+  // (or resumed) through "open" after reconnecting.
+  if (state.queuedFrame === null) state.pendingSend = null;
   updateControls();
   if (wasOpen) {
     showBanner("Connection lost; reconnecting…", { sticky: true });
