@@ -730,6 +730,48 @@ def _parse_json(config: EndpointConfig, body: bytes, what: str) -> Any:
         ) from None
 
 
+def _max_response_bytes() -> int:
+    return getattr(settings, "GATEWAY_MAX_RESPONSE_BYTES", 10 * 1024 * 1024)
+
+
+async def _fetch(
+    config: EndpointConfig,
+    method: str,
+    url: str,
+    content: bytes | None = None,
+    *,
+    client_pools: ClientPools | None = None,
+) -> bytes:
+    """Send one plain request and return its body, size-limited; errors mapped."""
+    pool = (client_pools or pools).pool(config)
+    client = pool.checkout()
+    try:
+        request = client.build_request(method, url, content=content)
+        response = await client.send(request, stream=True)
+        try:
+            if not response.is_success:
+                raise await _error_for(config, response)
+            return await _read_body(config, response, _max_response_bytes())
+        finally:
+            await response.aclose()
+    except httpx.HTTPError as exc:
+        raise transport_error(config, exc) from exc
+    finally:
+        pool.checkin()
+
+
+def _completion_object(config: EndpointConfig, raw: bytes) -> dict[str, Any]:
+    """A plain completion body as a dict; an OpenAI error object raises."""
+    data = _parse_json(config, raw, "the response")
+    if not isinstance(data, dict):
+        raise APIResponseError(
+            "the response is not a JSON object", endpoint=config.name
+        )
+    if data.get("error") and not data.get("choices"):
+        raise _chunk_error(config, data["error"])
+    return data
+
+
 async def create_completion(
     config: EndpointConfig,
     payload: Mapping[str, Any],
@@ -740,32 +782,10 @@ async def create_completion(
     body = dict(payload)
     body["stream"] = False
     body.pop("stream_options", None)
-    pool = (client_pools or pools).pool(config)
-    client = pool.checkout()
-    try:
-        request = client.build_request("POST", config.chat_url, content=_encode(body))
-        response = await client.send(request, stream=True)
-        try:
-            if not response.is_success:
-                raise await _error_for(config, response)
-            raw = await _read_body(
-                config,
-                response,
-                getattr(settings, "GATEWAY_MAX_RESPONSE_BYTES", 10 * 1024 * 1024),
-            )
-        finally:
-            await response.aclose()
-    except httpx.HTTPError as exc:
-        raise transport_error(config, exc) from exc
-    finally:
-        pool.checkin()
-    data = _parse_json(config, raw, "the response")
-    if not isinstance(data, dict):
-        raise APIResponseError(
-            "the response is not a JSON object", endpoint=config.name
-        )
-    if data.get("error") and not data.get("choices"):
-        raise _chunk_error(config, data["error"])
+    raw = await _fetch(
+        config, "POST", config.chat_url, _encode(body), client_pools=client_pools
+    )
+    data = _completion_object(config, raw)
     if not isinstance(data.get("choices"), list):
         raise APIResponseError("the response has no choices", endpoint=config.name)
     return data
@@ -914,47 +934,17 @@ async def _plain_as_stream(
     config: EndpointConfig, response: httpx.Response
 ) -> list[dict[str, Any]]:
     try:
-        raw = await _read_body(
-            config,
-            response,
-            getattr(settings, "GATEWAY_MAX_RESPONSE_BYTES", 10 * 1024 * 1024),
-        )
+        raw = await _read_body(config, response, _max_response_bytes())
     except httpx.HTTPError as exc:
         raise transport_error(config, exc) from exc
-    data = _parse_json(config, raw, "the response")
-    if not isinstance(data, dict):
-        raise APIResponseError(
-            "the response is not a JSON object", endpoint=config.name
-        )
-    if data.get("error") and not data.get("choices"):
-        raise _chunk_error(config, data["error"])
-    return _as_chunks(data)
+    return _as_chunks(_completion_object(config, raw))
 
 
 async def list_models(
     config: EndpointConfig, *, client_pools: ClientPools | None = None
 ) -> list[dict[str, Any]]:
     """GET /models: the models the endpoint offers, as OpenAI model objects."""
-    pool = (client_pools or pools).pool(config)
-    client = pool.checkout()
-    try:
-        response = await client.send(
-            client.build_request("GET", config.models_url), stream=True
-        )
-        try:
-            if not response.is_success:
-                raise await _error_for(config, response)
-            raw = await _read_body(
-                config,
-                response,
-                getattr(settings, "GATEWAY_MAX_RESPONSE_BYTES", 10 * 1024 * 1024),
-            )
-        finally:
-            await response.aclose()
-    except httpx.HTTPError as exc:
-        raise transport_error(config, exc) from exc
-    finally:
-        pool.checkin()
+    raw = await _fetch(config, "GET", config.models_url, client_pools=client_pools)
     data = _parse_json(config, raw, "the model list")
     items = data.get("data") if isinstance(data, dict) else data
     if not isinstance(items, list):
