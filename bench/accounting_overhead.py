@@ -49,41 +49,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SERVER = """
-import asyncio, sys
-from gateway.simulator import Behaviour, SimulatedUpstream
+from common import MESSAGES, cpu_model, percentile  # noqa: E402
+from common import UPSTREAM_SERVER as SERVER  # noqa: E402
 
-async def main():
-    upstream = SimulatedUpstream(
-        behaviour=Behaviour(completion_tokens=int(sys.argv[2])), models=[sys.argv[1]]
-    )
-    async with upstream:
-        print(upstream.port, flush=True)
-        await asyncio.Event().wait()
-
-asyncio.run(main())
-"""
 MODEL = "bench-model"
-MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "Explain what a gateway adds to an LLM call."},
-]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def create_postgres_database(url: str) -> None:

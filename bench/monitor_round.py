@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = """
 import asyncio, sys
@@ -49,11 +51,6 @@ def rss_mib(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -147,7 +144,7 @@ def main() -> None:
         )
     print(
         f"per round: median {statistics.median(totals):.2f} s, "
-        f"p99 {percentile(totals, 0.99):.2f} s, "
+        f"p99 {percentile(totals, 99):.2f} s, "
         f"{args.endpoints / statistics.median(totals):.0f} probes/s"
     )
     print(

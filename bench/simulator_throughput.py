@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from common import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = """
@@ -32,12 +32,6 @@ async def main():
 asyncio.run(main())
 """
 CHAT = b'{"model":"sim-small","messages":[{"role":"user","content":"Hello there"}]}'
-
-
-def cpu_seconds(pid: int) -> float:
-    """Return user + system CPU seconds used so far by a process (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def raw_worker(port: int, request: bytes, deadline: float) -> int:

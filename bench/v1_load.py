@@ -52,16 +52,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
+from common import MESSAGES, cpu_model, cpu_seconds, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 UPSTREAM_MODEL = "sim-small"
 MODEL = "bench-model"
-MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "Explain what a gateway adds to an LLM call."},
-]
 SETUP = f"""
 from django.contrib.auth import get_user_model
 from gateway.models import ApiKey, Endpoint, ModelRoute
@@ -77,27 +74,6 @@ print(raw)
 
 TIMEOUT = 10.0  # seconds; a request without an answer by then is a failure
 Sample = tuple[float, float]  # (total or first chunk, total), seconds
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:

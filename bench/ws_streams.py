@@ -56,11 +56,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import cpu_seconds, percentile  # noqa: E402
+
 from gateway.simulator import generated_tokens  # noqa: E402
 
 MODEL = "bench-chat"
 PYTHON = sys.executable
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 SETUP = """
 import json
@@ -110,18 +111,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def machine() -> str:
