@@ -14,21 +14,22 @@ django_http = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from gateway import tokens  # noqa: E402
+from llmsite.origins import SameOriginValidator  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_http) if settings.SERVE_STATIC else django_http
 
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        # Browsers always send Origin on websockets; other origins are refused
-        # so another site cannot open a socket with a user's session cookie.
-        "websocket": AllowedHostsOriginValidator(
+        # Browsers always send Origin on websockets; other origins (another
+        # scheme, host or port) are refused so another site cannot open a
+        # socket with a user's session cookie.
+        "websocket": SameOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),
     }
