@@ -13,7 +13,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from chat import actions, protocol
+from chat import actions, protocol, sessions
 from chat.errors import ChatError
 from chat.generation import check_model, group_name, prepare_for, registry
 
@@ -42,11 +42,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # Frames that arrive while an ``opened`` frame is being prepared wait
         # here so the browser sees the conversation before its running answer.
         self.held: list[str] | None = None
+        # Logout, deactivation and a new password close this socket through
+        # the user's group (chat.sessions), from whichever process saw them.
+        self.session_tag = sessions.session_tag(
+            getattr(self.scope.get("session"), "session_key", None)
+        )
+        if self.channel_layer is not None:
+            await self.channel_layer.group_add(
+                sessions.user_group(user.pk), self.channel_name
+            )
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
         if not hasattr(self, "user"):
             return
+        if self.channel_layer is not None:
+            await self.channel_layer.group_discard(
+                sessions.user_group(self.user.pk), self.channel_name
+            )
         for conversation_id, owner in self.joined.items():
             await self.registry.detach(conversation_id, self, owner)
         self.joined.clear()
@@ -162,6 +175,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         owner = await self.registry.attach(conversation_id, self)
         if owner is not None:
             self.joined[conversation_id] = owner
+
+    async def chat_session_ended(self, event: dict[str, Any]) -> None:
+        """The user logged out, was deactivated or changed password: close."""
+        if event.get("session") and event["session"] != self.session_tag:
+            return  # another session of this user logged out
+        if event.get("stop_answers"):
+            for generation in self.registry.running():
+                if generation.user_id == self.user.pk:
+                    generation.stop("stop")
+        await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def chat_ended(self, event: dict[str, Any]) -> None:
         """An answer this tab tried to join had just ended: reload it."""
