@@ -8,4 +8,5 @@ class LlmsiteConfig(AppConfig):
     verbose_name = "llmsite"
 
     def ready(self) -> None:
-        from llmsite import checks  # noqa: F401  (registers the system checks)
+        # Registers the system checks and the login-throttling receivers.
+        from llmsite import checks, throttle  # noqa: F401

@@ -222,6 +222,18 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": _VALIDATORS + "NumericPasswordValidator"},
 ]
 LOGIN_URL = "login"
+# Login throttling (llmsite.throttle): failures counted per username and per
+# client address; reaching a limit locks that one for LOGIN_LOCKOUT_MINUTES.
+# 0 turns a limit off.
+LOGIN_FAILURE_LIMIT = _env_int("LOGIN_FAILURE_LIMIT", 10)
+LOGIN_FAILURE_LIMIT_PER_ADDRESS = _env_int("LOGIN_FAILURE_LIMIT_PER_ADDRESS", 50)
+LOGIN_LOCKOUT_MINUTES = _positive(
+    "LOGIN_LOCKOUT_MINUTES", _env_float("LOGIN_LOCKOUT_MINUTES", 15)
+)
+if LOGIN_FAILURE_LIMIT < 0 or LOGIN_FAILURE_LIMIT_PER_ADDRESS < 0:
+    raise ImproperlyConfigured("LOGIN_FAILURE_LIMIT values must be 0 or more")
+# The cache alias holding the counts; shared by every process on Redis.
+LOGIN_THROTTLE_CACHE = env.str("LOGIN_THROTTLE_CACHE", default="default")
 LOGIN_REDIRECT_URL = "/chat/"
 LOGOUT_REDIRECT_URL = "login"
 

@@ -8,11 +8,23 @@ from django.templatetags.static import static
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from llmsite.throttle import (
+    ThrottledAdminAuthenticationForm,
+    ThrottledAuthenticationForm,
+)
+
+# Both login pages count failures and refuse locked accounts and addresses.
+admin.site.login_form = ThrottledAdminAuthenticationForm
+
 urlpatterns = [
     path("", RedirectView.as_view(url="/chat/", permanent=False)),
     # Browsers ask for it on every page that names no icon (the admin).
     path("favicon.ico", RedirectView.as_view(url=static("favicon.svg"))),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path(
+        "accounts/login/",
+        auth_views.LoginView.as_view(authentication_form=ThrottledAuthenticationForm),
+        name="login",
+    ),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("chat/", include("chat.urls")),
     # The OpenAI-compatible API for programs (personal API keys).
