@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import connections
 from django.http import HttpRequest
@@ -11,6 +12,7 @@ from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
+from gateway import crypto
 from gateway.models import (
     ApiKey,
     Budget,
@@ -21,6 +23,7 @@ from gateway.models import (
     UsageRecord,
     UsageRollup,
     UserLimits,
+    clean_extra_headers,
 )
 
 STATUS_COLOURS = {
@@ -62,8 +65,29 @@ class LargeTablePaginator(Paginator):
         return super().count
 
 
+class WriteOnlyTextarea(forms.Textarea):
+    """A textarea that never renders a value back, even after an error."""
+
+    def format_value(self, value: object) -> None:
+        return None
+
+
+def parse_header_lines(text: str) -> dict[str, str]:
+    """Headers typed as one ``Name: value`` per line."""
+    headers: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            # The line is not quoted back: it may hold a secret.
+            raise ValidationError(f"Line {number}: write it as Name: value.")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
 class EndpointForm(forms.ModelForm):
-    """The API key is write-only: never rendered, kept when left blank."""
+    """The API key and extra-header values are write-only: never rendered."""
 
     base_url = forms.URLField(
         max_length=500,
@@ -81,6 +105,54 @@ class EndpointForm(forms.ModelForm):
     clear_api_key = forms.BooleanField(
         label="Remove the stored API key", required=False
     )
+    set_extra_headers = forms.CharField(
+        label="Add or replace extra headers",
+        required=False,
+        widget=WriteOnlyTextarea(attrs={"rows": 3, "autocomplete": "off"}),
+        help_text=(
+            "One <code>Name: value</code> per line, e.g. <code>x-api-key: ...</code>. "
+            "Stored encrypted; values are never shown again. A name already set "
+            "is replaced."
+        ),
+    )
+    remove_extra_headers = forms.MultipleChoiceField(
+        label="Remove extra headers",
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        choices=[],
+    )
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        names = self.instance.extra_header_names if self.instance.pk else []
+        self.fields["remove_extra_headers"].choices = [(n, n) for n in names]
+        self._extra_headers: dict[str, str] | None = None
+
+    def clean(self) -> dict[str, object]:
+        cleaned = super().clean()
+        typed = self.cleaned_data.get("set_extra_headers") or ""
+        remove = set(self.cleaned_data.get("remove_extra_headers") or [])
+        if not typed.strip() and not remove:
+            return cleaned
+        try:
+            current = self.instance.extra_headers if self.instance.pk else {}
+        except (crypto.DecryptionError, ValueError):
+            current = {}  # unreadable with today's keys: typed values replace it
+        if not isinstance(current, dict):
+            current = {}
+        try:
+            added = parse_header_lines(typed)
+        except ValidationError as exc:
+            self.add_error("set_extra_headers", exc)
+            return cleaned
+        replaced = {name.lower() for name in added} | {n.lower() for n in remove}
+        headers = {n: v for n, v in current.items() if n.lower() not in replaced}
+        headers.update(added)
+        try:
+            self._extra_headers = clean_extra_headers(headers)
+        except ValidationError as exc:
+            self.add_error("set_extra_headers", exc)
+        return cleaned
 
     class Meta:
         model = Endpoint
@@ -100,7 +172,6 @@ class EndpointForm(forms.ModelForm):
             "probe_interval",
             "probe_mode",
             "probe_model",
-            "extra_headers",
             "supports_stream_usage",
         ]
 
@@ -110,6 +181,8 @@ class EndpointForm(forms.ModelForm):
             endpoint.api_key = ""
         elif self.cleaned_data.get("api_key"):
             endpoint.api_key = self.cleaned_data["api_key"]
+        if self._extra_headers is not None:
+            endpoint.extra_headers = self._extra_headers
         if commit:
             endpoint.save()
             self.save_m2m()
@@ -161,6 +234,7 @@ class EndpointAdmin(admin.ModelAdmin):
         "next_probe_at",
         "created_at",
         "updated_at",
+        "extra_headers_display",
     ]
     fieldsets = [
         (None, {"fields": ["name", "base_url", "api_key", "clear_api_key", "enabled"]}),
@@ -172,7 +246,9 @@ class EndpointAdmin(admin.ModelAdmin):
                     ("timeout", "connect_timeout"),
                     ("max_retries", "backoff_multiplier"),
                     ("rpm_limit", "tpm_limit"),
-                    "extra_headers",
+                    "extra_headers_display",
+                    "set_extra_headers",
+                    "remove_extra_headers",
                     "supports_stream_usage",
                 ]
             },
@@ -203,6 +279,14 @@ class EndpointAdmin(admin.ModelAdmin):
     @admin.display(description="Key", boolean=True)
     def has_api_key(self, obj: Endpoint) -> bool:
         return obj.has_api_key
+
+    @admin.display(description="Extra headers")
+    def extra_headers_display(self, obj: Endpoint) -> str:
+        # Names only: values are write-only, like the API key.
+        names = obj.extra_header_names
+        if not names:
+            return "—"
+        return ", ".join(f"{name} (set)" for name in names)
 
     @admin.action(description="Enable selected endpoints")
     def enable(self, request: HttpRequest, queryset) -> None:

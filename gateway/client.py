@@ -213,7 +213,13 @@ class EndpointConfig:
             # unreadable key must not break every model that uses it.
             logger.error("cannot decrypt the API key of endpoint %s", endpoint.name)
             api_key = ""
-        headers = endpoint.extra_headers or {}
+        try:
+            headers = endpoint.extra_headers or {}
+        except crypto.DecryptionError:
+            logger.error(
+                "cannot decrypt the extra headers of endpoint %s", endpoint.name
+            )
+            headers = {}
         return cls(
             id=endpoint.pk,
             name=endpoint.name,

@@ -26,7 +26,15 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from gateway.models import Budget, BudgetPeriod, BudgetScope, Endpoint, ModelRoute
+from gateway import crypto
+from gateway.models import (
+    Budget,
+    BudgetPeriod,
+    BudgetScope,
+    Endpoint,
+    ModelRoute,
+    clean_extra_headers,
+)
 
 # TOML key → model field, for the keys whose names differ.
 ENDPOINT_KEYS = {
@@ -45,9 +53,8 @@ ENDPOINT_KEYS = {
     "health_interval": "probe_interval",
     "probe_mode": "probe_mode",
     "probe_model": "probe_model",
-    "extra_headers": "extra_headers",
 }
-ENDPOINT_SECRET_KEYS = {"api_key", "api_key_env"}
+ENDPOINT_SECRET_KEYS = {"api_key", "api_key_env", "extra_headers", "extra_headers_env"}
 ROUTE_KEYS = {
     "model": "model_name",
     "endpoint": "endpoint",
@@ -254,6 +261,10 @@ def _import_endpoints(
         if key is not None and (created or key != endpoint.api_key):
             endpoint.api_key = key
             changed = True
+        headers = _extra_headers(table, problems, i)
+        if headers is not None and (created or headers != _stored_headers(endpoint)):
+            endpoint.extra_headers = headers
+            changed = True
         try:
             endpoint.full_clean(validate_unique=False)
         except ValidationError as exc:
@@ -285,6 +296,50 @@ def _api_key(table: dict[str, Any], problems: _Problems, i: int) -> str | None:
             return None
         return table["api_key"]
     return None
+
+
+def _extra_headers(
+    table: dict[str, Any], problems: _Problems, i: int
+) -> dict[str, str] | None:
+    if "extra_headers" not in table and "extra_headers_env" not in table:
+        return None
+    headers: dict[str, Any] = {}
+    plain = table.get("extra_headers", {})
+    if not isinstance(plain, dict):
+        problems.add("endpoints", i, "extra_headers", "must be a table of strings")
+        return None
+    headers.update(plain)
+    from_env = table.get("extra_headers_env", {})
+    if not isinstance(from_env, dict):
+        problems.add(
+            "endpoints", i, "extra_headers_env", "must be a table of variable names"
+        )
+        return None
+    for name, variable in from_env.items():
+        if not isinstance(variable, str) or variable not in os.environ:
+            problems.add(
+                "endpoints",
+                i,
+                "extra_headers_env",
+                f"environment variable {str(variable)[:100]!r} for {name[:100]!r} "
+                "is not set",
+            )
+            return None
+        headers[name] = os.environ[variable]
+    try:
+        return clean_extra_headers(headers)
+    except ValidationError as exc:
+        key = "extra_headers_env" if from_env else "extra_headers"
+        for message in exc.messages:
+            problems.add("endpoints", i, key, message.rstrip("."))
+        return None
+
+
+def _stored_headers(endpoint: Endpoint) -> Any:
+    try:
+        return endpoint.extra_headers
+    except (crypto.DecryptionError, ValueError):
+        return None  # unreadable with today's keys: the file's replace them
 
 
 def _endpoint_ref(
@@ -409,12 +464,23 @@ def _drop_none(table: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in table.items() if v not in (None, "", {})}
 
 
+def _comment_safe(text: str) -> str:
+    # Names end up in a TOML comment: one line, printable, bounded.
+    return "".join(c if c.isprintable() else "?" for c in text)[:100]
+
+
 def export_text() -> str:
-    """Everything importable, as TOML. API keys are never written."""
+    """Everything importable, as TOML. API keys and header values are never written."""
     endpoints = []
+    with_headers = []
     for endpoint in Endpoint.objects.order_by("priority", "name"):
         table = {key: getattr(endpoint, f) for key, f in ENDPOINT_KEYS.items()}
         endpoints.append(_drop_none(table))
+        if endpoint.extra_header_names:
+            with_headers.append(
+                f"#   {_comment_safe(endpoint.name)}: "
+                + ", ".join(_comment_safe(n) for n in endpoint.extra_header_names)
+            )
     routes = []
     for route in ModelRoute.objects.select_related("endpoint").order_by(
         "model_name", "priority", "id"
@@ -455,6 +521,13 @@ def export_text() -> str:
         "(manage.py export_endpoints).\n# API keys are not exported: importing "
         "keeps the stored ones; add api_key_env to set new ones.\n"
     )
+    if with_headers:
+        header += (
+            "# Extra headers are not exported either (importing keeps them); set\n"
+            "# new values with extra_headers_env. Endpoints with extra headers:\n"
+            + "\n".join(with_headers)
+            + "\n"
+        )
     sections = {"endpoints": endpoints, "routes": routes, "budgets": budgets}
     return header + "".join(
         "\n" + tomli_w.dumps({name: tables})

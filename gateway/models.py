@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import secrets
 import uuid
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
@@ -26,6 +30,50 @@ class EndpointStatus(models.TextChoices):
 class ProbeMode(models.TextChoices):
     MODELS = "models", "List models (free)"
     COMPLETION = "completion", "One-token completion (costs a request)"
+
+
+MAX_EXTRA_HEADERS = 20
+MAX_HEADER_NAME = 100
+MAX_HEADER_VALUE = 4096
+# RFC 9110 token characters.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers httpx or the protocol own; an endpoint must not override them.
+RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te"}
+)
+
+
+def clean_extra_headers(value: Any) -> dict[str, str]:
+    """Validate extra headers: a small {name: value} map of plain strings."""
+    if value in (None, ""):
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError("Extra headers must be a map of header name to value.")
+    if len(value) > MAX_EXTRA_HEADERS:
+        raise ValidationError(f"At most {MAX_EXTRA_HEADERS} extra headers.")
+    cleaned: dict[str, str] = {}
+    for name, header in value.items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise ValidationError(
+                f"{str(name)[:MAX_HEADER_NAME]!r} is not a valid header name."
+            )
+        if len(name) > MAX_HEADER_NAME:
+            raise ValidationError(f"Header names are at most {MAX_HEADER_NAME} long.")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValidationError(f"The {name} header cannot be set here.")
+        if name.lower() in {n.lower() for n in cleaned}:
+            raise ValidationError(f"The {name} header is given twice.")
+        # The value is never quoted back: it may be a secret.
+        if not isinstance(header, str) or not header.strip():
+            raise ValidationError(f"The value of {name} must be a non-empty string.")
+        if len(header) > MAX_HEADER_VALUE or any(
+            (ord(c) < 32 and c != "\t") or ord(c) == 127 for c in header
+        ):
+            raise ValidationError(
+                f"The value of {name} is too long or holds control characters."
+            )
+        cleaned[name] = header.strip()
+    return cleaned
 
 
 class Endpoint(models.Model):
@@ -85,7 +133,9 @@ class Endpoint(models.Model):
     probe_model = models.CharField(
         max_length=200, blank=True, help_text="Model for completion probes."
     )
-    extra_headers = models.JSONField(default=dict, blank=True)
+    # Never read this column directly: use the extra_headers property. Header
+    # values often carry secrets (x-api-key), so they are stored like the key.
+    extra_headers_encrypted = models.TextField(blank=True, default="", editable=False)
     supports_stream_usage = models.BooleanField(
         default=True,
         help_text="Cleared automatically when the endpoint rejects stream_options.",
@@ -145,6 +195,28 @@ class Endpoint(models.Model):
     @property
     def has_api_key(self) -> bool:
         return bool(self.api_key_encrypted)
+
+    @property
+    def extra_headers(self) -> Any:
+        """Headers sent with every request, decrypted: {name: value}."""
+        if not self.extra_headers_encrypted:
+            return {}
+        return json.loads(crypto.decrypt(self.extra_headers_encrypted))
+
+    @extra_headers.setter
+    def extra_headers(self, value: Any) -> None:
+        self.extra_headers_encrypted = (
+            crypto.encrypt(json.dumps(value, sort_keys=True)) if value else ""
+        )
+
+    @property
+    def extra_header_names(self) -> list[str]:
+        """The names of the extra headers, for pages that must not show values."""
+        try:
+            headers = self.extra_headers
+        except (crypto.DecryptionError, ValueError):
+            return []
+        return sorted(headers) if isinstance(headers, dict) else []
 
 
 class ModelRoute(models.Model):

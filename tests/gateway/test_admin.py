@@ -53,7 +53,6 @@ def _endpoint_form(endpoint, **changes):
         "cooldown_seconds": 60,
         "probe_interval": 300,
         "probe_mode": "models",
-        "extra_headers": "{}",
         "supports_stream_usage": "on",
         "routes-TOTAL_FORMS": 0,
         "routes-INITIAL_FORMS": 0,

@@ -10,6 +10,7 @@ import time_machine
 from asgiref.sync import async_to_sync
 from django.utils import timezone
 
+from gateway import crypto
 from gateway.models import Endpoint, EndpointStatus, ModelRoute, ProbeMode
 from gateway.signals import endpoint_status_changed
 from gateway.simulator import Behaviour
@@ -313,7 +314,9 @@ def test_a_probe_sends_the_key_but_never_records_it(
 def test_an_endpoint_with_unusable_settings_fails_alone(make_endpoint, fast_monitor):
     broken = make_endpoint()
     # Written past the admin's validation, say by a hand-edited import.
-    Endpoint.objects.filter(pk=broken.pk).update(extra_headers=["not", "a", "map"])
+    Endpoint.objects.filter(pk=broken.pk).update(
+        extra_headers_encrypted=crypto.encrypt('["not", "a", "map"]')
+    )
     healthy = make_endpoint()
 
     report = run_round()
