@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from django import forms
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import connections
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
@@ -417,11 +420,39 @@ class ApiKeyAdmin(admin.ModelAdmin):
             created.created_at,
         )
         obj._state.adding = False
-        self.message_user(
+        # Kept on this request's object only, for response_add: never in a
+        # message, the session or a URL, which would put it in a cookie.
+        obj._raw_key = raw
+
+    def response_add(
+        self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None
+    ) -> HttpResponse:
+        raw = obj.__dict__.pop("_raw_key", None)
+        if raw is None:
+            return super().response_add(request, obj, post_url_continue)
+        opts = self.opts
+        response = TemplateResponse(
             request,
-            f"API key created. Copy it now, it will not be shown again: {raw}",
-            level=messages.WARNING,
+            "admin/gateway/apikey/created.html",
+            {
+                **self.admin_site.each_context(request),
+                "opts": opts,
+                "title": "API key created",
+                "key": obj,
+                "raw_key": raw,
+                "change_url": reverse(
+                    f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk]
+                ),
+                "changelist_url": reverse(
+                    f"admin:{opts.app_label}_{opts.model_name}_changelist"
+                ),
+            },
         )
+        # The page holds the only copy of the key: no cache may keep it.
+        add_never_cache_headers(response)
+        response["Cache-Control"] = "no-store, no-cache, must-revalidate, private"
+        response["Referrer-Policy"] = "no-referrer"
+        return response
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request: HttpRequest, queryset) -> None:

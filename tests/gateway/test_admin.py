@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from django.contrib.messages import get_messages
 from django.urls import reverse
 
 from gateway.models import ApiKey, Endpoint, UsageRecord
@@ -82,24 +85,47 @@ def test_a_new_key_replaces_the_old_and_clear_removes_it(admin_client, endpoint)
     assert endpoint.api_key == ""
 
 
+def create_key(admin_client, owner, name: str = "ci"):
+    response = admin_client.post(
+        reverse("admin:gateway_apikey_add"), {"user": owner.pk, "name": name}
+    )
+    raw = re.search(r'id="new-api-key"[^>]*value="([^"]+)"', response.content.decode())
+    return response, raw.group(1) if raw else None
+
+
 def test_creating_an_api_key_shows_it_once_and_stores_only_its_hash(
     admin_client, owner
 ):
-    response = admin_client.post(
-        reverse("admin:gateway_apikey_add"),
-        {"user": owner.pk, "name": "ci"},
-        follow=True,
-    )
+    response, raw = create_key(admin_client, owner)
 
     key = ApiKey.objects.get(name="ci")
-    text = response.content.decode()
-    raw = text.split("it will not be shown again: ")[1].split("<")[0].strip()
+    assert response.status_code == 200
+    assert raw is not None and raw.startswith(ApiKey.PREFIX)
     assert ApiKey.hash(raw) == key.key_hash
+    assert "shown once" in response.content.decode()
     listing = admin_client.get(reverse("admin:gateway_apikey_changelist")).content
     change = admin_client.get(reverse("admin:gateway_apikey_change", args=[key.pk]))
     for page in (listing.decode(), change.content.decode()):
         assert raw not in page
         assert key.key_hash not in page
+
+
+def test_a_new_api_key_never_travels_in_a_cookie_the_session_or_a_redirect(
+    admin_client, owner
+):
+    response, raw = create_key(admin_client, owner)
+
+    assert raw
+    assert "Location" not in response
+    assert "no-store" in response["Cache-Control"]
+    for morsel in response.cookies.values():
+        assert raw not in morsel.value
+        assert raw[len(ApiKey.PREFIX) :][:16] not in morsel.value
+    session = admin_client.session
+    assert all(raw not in str(value) for value in session.values())
+    later = admin_client.get(reverse("admin:gateway_apikey_changelist"))
+    assert raw not in later.content.decode()
+    assert all(raw not in str(m) for m in get_messages(later.wsgi_request))
 
 
 def test_usage_list_costs_a_fixed_number_of_queries(
