@@ -21,6 +21,7 @@ seen; the admin and ``set_password()`` + ``save()`` are.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from functools import partial
@@ -67,10 +68,32 @@ def end_sockets(user_id: int, reason: str, session_key: str | None = None) -> No
         "stop_answers": reason in STOP_ANSWERS,
     }
     try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        # Called on an event loop's own thread (async code saving without
+        # sync_to_async): send from a task, since async_to_sync cannot run here.
+        task = asyncio.ensure_future(_send(layer, user_id, message))
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+        return
+    try:
         async_to_sync(layer.group_send)(user_group(user_id), message)
     except Exception:
         # The change itself is committed; a channel-layer outage must not turn
         # a logout or a deactivation into an error page.
+        logger.exception("closing the chat sockets of user %s failed", user_id)
+
+
+# Tasks started by end_sockets() on an event loop, kept until they finish.
+_pending: set[asyncio.Future[None]] = set()
+
+
+async def _send(layer: Any, user_id: int, message: dict[str, Any]) -> None:
+    try:
+        await layer.group_send(user_group(user_id), message)
+    except Exception:
         logger.exception("closing the chat sockets of user %s failed", user_id)
 
 
