@@ -421,11 +421,14 @@ class RecordReport:
 def record(
     outcomes: list[Outcome], *, thresholds: Thresholds | None = None
 ) -> RecordReport:
-    """Write probe results and endpoint health; never raises for one bad row.
+    """Write probe results and endpoint health; one bad row never blocks the rest.
 
-    The round is written in one transaction, the cheap way. If the database
-    refuses any of it, every endpoint is written again in a transaction of
-    its own, so one row that cannot be stored costs only its own endpoint.
+    The round is written in one transaction with one bulk insert, the cheap
+    way. If the database refuses any of it, the round is written again with
+    each result inserted in a savepoint of its own: a result that cannot be
+    stored becomes a failed probe of its endpoint, and the others go in as
+    usual. If even that fails (a constraint checked at commit, a broken
+    health row), each endpoint gets a transaction of its own.
     """
     thresholds = thresholds or Thresholds.from_settings()
     try:
@@ -434,46 +437,34 @@ def record(
         # Only the class: a database error may quote the row's values.
         logger.warning(
             "Recording %d probe result(s) at once failed (%s); "
-            "recording each endpoint on its own",
+            "inserting each on its own",
             len(outcomes),
+            type(exc).__name__,
+        )
+    try:
+        return _record(outcomes, thresholds, one_by_one=True)
+    except Exception as exc:
+        logger.warning(
+            "Recording probe results one by one failed (%s); "
+            "one transaction per endpoint",
             type(exc).__name__,
         )
     report = RecordReport()
     for outcome in outcomes:
-        report.merge(_record_alone(outcome, thresholds))
+        try:
+            report.merge(_record([outcome], thresholds, one_by_one=True))
+        except Exception as exc:
+            logger.error(
+                "Could not record the probe of endpoint %s (%s); skipped this round",
+                outcome.target.id,
+                type(exc).__name__,
+            )
     return report
 
 
-def _record_alone(outcome: Outcome, thresholds: Thresholds) -> RecordReport:
-    """One endpoint's probe in its own transaction; a failure is recorded as such."""
-    try:
-        return _record([outcome], thresholds)
-    except Exception as exc:
-        problem = type(exc).__name__
-        logger.warning(
-            "Could not record the probe of endpoint %s (%s); recording a failed probe",
-            outcome.target.id,
-            problem,
-        )
-    failed = replace(
-        outcome,
-        ok=False,
-        http_status=None,
-        status=EndpointStatus.DISCONNECTED,
-        error=f"its result could not be stored ({problem}; see the monitor's log)",
-    )
-    try:
-        return _record([failed], thresholds)
-    except Exception as exc:
-        logger.error(
-            "Could not record any probe of endpoint %s (%s); skipped this round",
-            outcome.target.id,
-            type(exc).__name__,
-        )
-        return RecordReport()
-
-
-def _record(outcomes: list[Outcome], thresholds: Thresholds) -> RecordReport:
+def _record(
+    outcomes: list[Outcome], thresholds: Thresholds, *, one_by_one: bool = False
+) -> RecordReport:
     """Write these outcomes in one transaction; the report only if it committed."""
     report = RecordReport()
     recheck = timedelta(seconds=float(conf.get("MONITOR_RECHECK_SECONDS")))
@@ -484,20 +475,13 @@ def _record(outcomes: list[Outcome], thresholds: Thresholds) -> RecordReport:
             )
         )
         outcomes = [o for o in outcomes if o.target.id in existing]
-        ProbeResult.objects.bulk_create(
-            [
-                ProbeResult(
-                    endpoint_id=o.target.id,
-                    checked_at=o.checked_at,
-                    status=o.status,
-                    latency_ms=o.latency_ms,
-                    http_status=o.http_status,
-                    error=o.error,
-                )
-                for o in outcomes
-            ],
-            batch_size=500,
-        )
+        if one_by_one:
+            stored = (_insert_alone(o) for o in outcomes)
+            outcomes = [o for o in stored if o is not None]
+        else:
+            ProbeResult.objects.bulk_create(
+                [_result_row(o) for o in outcomes], batch_size=500
+            )
         report.results = len(outcomes)
         if outcomes:
             refresh_rollups(
@@ -511,6 +495,55 @@ def _record(outcomes: list[Outcome], thresholds: Thresholds) -> RecordReport:
             ):
                 report.to_reenable.append((endpoint.pk, outcome.status))
     return report
+
+
+def _result_row(outcome: Outcome) -> ProbeResult:
+    return ProbeResult(
+        endpoint_id=outcome.target.id,
+        checked_at=outcome.checked_at,
+        status=outcome.status,
+        latency_ms=outcome.latency_ms,
+        http_status=outcome.http_status,
+        error=outcome.error,
+    )
+
+
+def _insert_alone(outcome: Outcome) -> Outcome | None:
+    """Insert one result in a savepoint; the outcome as stored, None if not at all.
+
+    A result the database refuses is stored as a failed probe of its
+    endpoint instead, so the failure shows where the endpoint's results do.
+    """
+    try:
+        with transaction.atomic():
+            _result_row(outcome).save(force_insert=True)
+        return outcome
+    except Exception as exc:
+        problem = type(exc).__name__
+        logger.warning(
+            "Could not store the probe result of endpoint %s (%s); "
+            "storing a failed probe",
+            outcome.target.id,
+            problem,
+        )
+    failed = replace(
+        outcome,
+        ok=False,
+        http_status=None,
+        status=EndpointStatus.DISCONNECTED,
+        error=f"its result could not be stored ({problem}; see the monitor's log)",
+    )
+    try:
+        with transaction.atomic():
+            _result_row(failed).save(force_insert=True)
+        return failed
+    except Exception as exc:
+        logger.error(
+            "Could not store any probe result of endpoint %s (%s)",
+            outcome.target.id,
+            type(exc).__name__,
+        )
+        return None
 
 
 def _health_fields(

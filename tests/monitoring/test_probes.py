@@ -537,28 +537,33 @@ def test_a_nul_in_an_error_body_fails_only_its_own_endpoint(
     assert down.payload["endpoint"]["error"] == failed.error
 
 
-def _refuse_connected_results_of(endpoint: Endpoint) -> None:
-    """Make the database itself refuse this endpoint's healthy probe results."""
-    table = ProbeResult._meta.db_table
+def _refuse_writes(table: str, when: str) -> None:
+    """Make the database itself refuse some inserts and updates of a table."""
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute(
-                "CREATE FUNCTION refuse_probe() RETURNS trigger AS $$ BEGIN "
+                "CREATE FUNCTION refuse_write() RETURNS trigger AS $$ BEGIN "
                 "RAISE EXCEPTION 'refused by a test trigger'; END $$ "
                 "LANGUAGE plpgsql"
             )
             cursor.execute(
-                f"CREATE TRIGGER refuse_probe BEFORE INSERT ON {table} FOR EACH ROW "
-                f"WHEN (NEW.endpoint_id = {endpoint.pk} AND NEW.status = 'connected') "
-                "EXECUTE FUNCTION refuse_probe()"
+                f"CREATE TRIGGER refuse_write BEFORE INSERT OR UPDATE ON {table} "
+                f"FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION refuse_write()"
             )
         else:
-            cursor.execute(
-                f"CREATE TRIGGER refuse_probe BEFORE INSERT ON {table} "
-                f"WHEN NEW.endpoint_id = {endpoint.pk} "
-                "AND NEW.status = 'connected' "
-                "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
-            )
+            for event in ("INSERT", "UPDATE"):
+                cursor.execute(
+                    f"CREATE TRIGGER refuse_{event.lower()} BEFORE {event} ON {table} "
+                    f"WHEN {when} "
+                    "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+                )
+
+
+def _refuse_connected_results_of(endpoint: Endpoint) -> None:
+    _refuse_writes(
+        ProbeResult._meta.db_table,
+        f"NEW.endpoint_id = {endpoint.pk} AND NEW.status = 'connected'",
+    )
 
 
 def test_a_result_the_database_refuses_is_recorded_as_a_failed_probe_alone(
@@ -591,8 +596,36 @@ def test_a_result_the_database_refuses_is_recorded_as_a_failed_probe_alone(
         e.pk for e in others
     }
     assert report.transitions and len(report.transitions) == 3
-    assert f"Could not record the probe of endpoint {refused.pk}" in caplog.text
+    assert f"Could not store the probe result of endpoint {refused.pk}" in caplog.text
     assert "refused by a test trigger" not in caplog.text
+
+
+def test_an_endpoint_whose_health_cannot_be_written_is_skipped_alone(
+    make_endpoint, fast_monitor, django_capture_on_commit_callbacks, caplog
+):
+    endpoints = [make_endpoint() for _ in range(3)]
+    broken = endpoints[0]
+    _refuse_writes(
+        Endpoint._meta.db_table,
+        f"NEW.id = {broken.pk} AND NEW.last_checked_at IS NOT NULL",
+    )
+
+    with (
+        caplog.at_level(logging.WARNING, logger="monitoring.probes"),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        report = run_round()
+
+    assert report.probed == 3
+    assert set(ProbeResult.objects.values_list("endpoint_id", flat=True)) == {
+        e.pk for e in endpoints[1:]
+    }
+    for endpoint in endpoints[1:]:
+        endpoint.refresh_from_db()
+        assert endpoint.status == EndpointStatus.CONNECTED
+    broken.refresh_from_db()
+    assert broken.last_checked_at is None
+    assert f"Could not record the probe of endpoint {broken.pk}" in caplog.text
 
 
 def test_a_probe_that_raises_unexpectedly_fails_alone_and_is_logged_redacted(
