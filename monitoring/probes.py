@@ -9,8 +9,9 @@ A round is three steps, each usable on its own in tests:
 3. `record` (sync): ProbeResult rows in bulk, the health fields of every
    endpoint, and a compare-and-set on `status` for each transition, announced
    once with `endpoint_status_changed` after commit. One transaction for the
-   round while that works; if it fails, each endpoint in its own, so one row
-   the database refuses never costs the others their results and alerts.
+   round while that works; if it fails, each result is inserted in a
+   savepoint of its own, so one row the database refuses never costs the
+   other endpoints their results, status changes and alerts.
 
 Endpoints the circuit breaker disabled are re-enabled when they probe healthy.
 Every text a probe stores comes from an upstream that may be hostile: it is
@@ -33,7 +34,7 @@ from typing import Any
 
 import httpx
 from asgiref.sync import sync_to_async
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
@@ -453,6 +454,10 @@ def record(
     for outcome in outcomes:
         try:
             report.merge(_record([outcome], thresholds, one_by_one=True))
+        except (InterfaceError, OperationalError):
+            # The connection or the server is failing, not this endpoint's
+            # rows: the monitor's loop logs it and tries a later round.
+            raise
         except Exception as exc:
             logger.error(
                 "Could not record the probe of endpoint %s (%s); skipped this round",

@@ -25,6 +25,7 @@ from gateway.client import APIConnectionError, APIEndpointError, EndpointConfig
 from gateway.models import Endpoint, ModelRoute
 from gateway.router import RetryPolicy
 from monitoring import probes
+from tests.gateway.usage_support import close_thread_connections
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "sk-never-in-clear-0123456789"
@@ -172,7 +173,14 @@ class Upstream:
         )
 
 
+@pytest.fixture
+def _thread_connections_closed() -> Iterator[None]:
+    yield
+    close_thread_connections()
+
+
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("_thread_connections_closed")
 async def test_a_row_written_past_validation_is_not_sent_to_and_fails_over():
     upstream = Upstream()
     client.pools.transport = httpx.MockTransport(upstream)
