@@ -49,6 +49,29 @@ def status_badge(status: str, label: str) -> str:
     )
 
 
+def transport_badge(endpoint: Endpoint | None) -> str:
+    """How requests to an endpoint travel: a warning when in clear over a network."""
+    if endpoint is None or not endpoint.base_url:
+        return "—"
+    if endpoint.sends_in_clear:
+        if endpoint.allow_plain_http:
+            text = "⚠ Plain HTTP: the API key travels in clear"
+            hint = "Allowed for this endpoint: move it to https:// if you can."
+        else:
+            # Only a row written past validation gets here; the client refuses it.
+            text = "⚠ Plain HTTP refused: no request is sent"
+            hint = "Use https://, or allow plain HTTP for this endpoint."
+        return format_html(
+            '<span class="llm-plain-http" style="color:#cf222e;font-weight:600" '
+            'title="{}">{}</span>',
+            hint,
+            text,
+        )
+    if endpoint.base_url.lower().startswith("https:"):
+        return "HTTPS"
+    return "HTTP to this machine"
+
+
 class LargeTablePaginator(Paginator):
     """Counts an unfiltered big table from PostgreSQL's statistics, not COUNT(*)."""
 
@@ -162,6 +185,7 @@ class EndpointForm(forms.ModelForm):
         fields = [
             "name",
             "base_url",
+            "allow_plain_http",
             "enabled",
             "priority",
             "timeout",
@@ -213,6 +237,7 @@ class EndpointAdmin(admin.ModelAdmin):
     list_display = [
         "name",
         "base_url",
+        "transport",
         "enabled",
         "priority",
         "status_display",
@@ -222,11 +247,12 @@ class EndpointAdmin(admin.ModelAdmin):
         "disabled_until",
         "has_api_key",
     ]
-    list_filter = ["enabled", "status"]
+    list_filter = ["enabled", "status", "allow_plain_http"]
     search_fields = ["name", "base_url"]
     inlines = [ModelRouteInline]
     actions = ["enable", "disable", "reset_breaker"]
     readonly_fields = [
+        "transport",
         "status",
         "status_changed_at",
         "consecutive_failures",
@@ -240,7 +266,20 @@ class EndpointAdmin(admin.ModelAdmin):
         "extra_headers_display",
     ]
     fieldsets = [
-        (None, {"fields": ["name", "base_url", "api_key", "clear_api_key", "enabled"]}),
+        (
+            None,
+            {
+                "fields": [
+                    "name",
+                    "base_url",
+                    "allow_plain_http",
+                    "transport",
+                    "api_key",
+                    "clear_api_key",
+                    "enabled",
+                ]
+            },
+        ),
         (
             "Requests",
             {
@@ -274,6 +313,10 @@ class EndpointAdmin(admin.ModelAdmin):
     @admin.display(description="Status", ordering="status")
     def status_display(self, obj: Endpoint) -> str:
         return status_badge(obj.status, obj.get_status_display())
+
+    @admin.display(description="Transport")
+    def transport(self, obj: Endpoint) -> str:
+        return transport_badge(obj)
 
     @admin.display(description="Latency", ordering="last_latency_ms")
     def last_latency_display(self, obj: Endpoint) -> str:

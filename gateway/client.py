@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import httpx
 from django.conf import settings
 
-from gateway import crypto
+from gateway import crypto, transport_policy
 
 BODY_EXCERPT_CHARS = 500
 # Error bodies are only read this far: enough for any JSON error message.
@@ -174,6 +174,7 @@ class EndpointConfig:
     failure_threshold: int = 3
     cooldown_seconds: float = 60.0
     supports_stream_usage: bool = True
+    allow_plain_http: bool = False
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     enabled: bool = True
@@ -233,6 +234,7 @@ class EndpointConfig:
             failure_threshold=max(1, int(endpoint.failure_threshold)),
             cooldown_seconds=float(endpoint.cooldown_seconds),
             supports_stream_usage=bool(endpoint.supports_stream_usage),
+            allow_plain_http=bool(getattr(endpoint, "allow_plain_http", False)),
             rpm_limit=endpoint.rpm_limit,
             tpm_limit=endpoint.tpm_limit,
             enabled=bool(endpoint.enabled),
@@ -420,6 +422,13 @@ class ClientPools:
 
     def pool(self, config: EndpointConfig) -> EndpointPool:
         """The pool of an endpoint on the running loop, built on first use."""
+        # Every request takes a pool first: the last guard of the HTTPS-only
+        # rule against a row that skipped validation. No key is sent in clear.
+        refused = transport_policy.plain_http_problem(
+            config.base_url, allow_plain_http=config.allow_plain_http
+        )
+        if refused:
+            raise APIEndpointError(f"refused: {refused}", endpoint=config.name)
         loop = asyncio.get_running_loop()
         pools = self._by_loop.get(loop)
         if pools is None:

@@ -6,6 +6,9 @@ The format (see config/llm_api.example.toml):
     [[routes]]              model name → endpoint (by name) → upstream model
     [[budgets]]             token budgets by scope (global, endpoint, user)
 
+An endpoint off this machine must use https:// unless its table says
+`allow_plain_http = true` (the key would travel in clear otherwise).
+
 Importing is all or nothing and idempotent: endpoints are matched by name,
 routes by (model, endpoint), budgets by (scope, target, period); a second
 import of the same file changes nothing. Secrets do not belong in the file:
@@ -40,6 +43,7 @@ from gateway.models import (
 ENDPOINT_KEYS = {
     "name": "name",
     "base_url": "base_url",
+    "allow_plain_http": "allow_plain_http",
     "enabled": "enabled",
     "priority": "priority",
     "timeout": "timeout",
@@ -268,7 +272,9 @@ def _import_endpoints(
         try:
             endpoint.full_clean(validate_unique=False)
         except ValidationError as exc:
-            _field_errors(exc, ENDPOINT_KEYS, problems, "endpoints", i)
+            _field_errors(
+                _https_only_in_toml(exc), ENDPOINT_KEYS, problems, "endpoints", i
+            )
             continue
         except (TypeError, ValueError) as exc:
             problems.add("endpoints", i, None, str(exc))
@@ -276,6 +282,14 @@ def _import_endpoints(
         _save(endpoint, changed, created, "endpoints", summary)
         by_name[name] = endpoint
     return by_name
+
+
+def _https_only_in_toml(exc: ValidationError) -> ValidationError:
+    """The HTTPS-only error worded for the file: which key allows plain HTTP."""
+    for error in getattr(exc, "error_dict", {}).get("base_url", []):
+        if error.code == "https_only" and error.params and "allow" in error.params:
+            error.params = {**error.params, "allow": "set allow_plain_http = true"}
+    return exc
 
 
 def _api_key(table: dict[str, Any], problems: _Problems, i: int) -> str | None:

@@ -17,7 +17,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from gateway import crypto
+from gateway import crypto, transport_policy
 
 
 class EndpointStatus(models.TextChoices):
@@ -83,6 +83,9 @@ class Endpoint(models.Model):
     base_url = models.URLField(
         max_length=500,
         help_text="Up to and including the API version, e.g. https://api.openai.com/v1",
+    )
+    allow_plain_http = models.BooleanField(
+        "allow plain HTTP", default=False, help_text=transport_policy.PLAIN_HTTP_HELP
     )
     # Never read this column directly: use the api_key property.
     api_key_encrypted = models.TextField(blank=True, default="", editable=False)
@@ -183,6 +186,44 @@ class Endpoint(models.Model):
     def __repr__(self) -> str:
         # Spelled out so that no representation can ever carry the key.
         return f"<Endpoint {self.pk}: {self.name} {self.base_url}>"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # Also here, not only in clean(): code that saves without validating
+        # (imports, commands, the shell) must not store a URL the client
+        # would send the key to in clear.
+        update_fields = kwargs.get("update_fields")
+        if update_fields is None or {"base_url", "allow_plain_http"} & set(
+            update_fields
+        ):
+            self.check_https_only()
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        super().clean()
+        self.check_https_only()
+
+    def check_https_only(self) -> None:
+        """Raise ValidationError on base_url if it breaks the HTTPS-only rule."""
+        url = self.base_url if isinstance(self.base_url, str) else ""
+        if not url.strip():
+            return  # A missing or mistyped URL is the field's own error.
+        refused = transport_policy.refusal(
+            url, allow_plain_http=bool(self.allow_plain_http)
+        )
+        if refused:
+            raise ValidationError(
+                {
+                    "base_url": ValidationError(
+                        refused.message, code="https_only", params=refused.params
+                    )
+                }
+            )
+
+    @property
+    def sends_in_clear(self) -> bool:
+        """Whether requests (and the key) go over a network unencrypted."""
+        url = self.base_url if isinstance(self.base_url, str) else ""
+        return transport_policy.sends_in_clear(url)
 
     @property
     def api_key(self) -> str:

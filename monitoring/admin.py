@@ -260,6 +260,9 @@ STATUS_FIELDS = (
     "next_probe_at",
     "probe_interval",
     "probe_mode",
+    # For the plain-HTTP warning.
+    "base_url",
+    "allow_plain_http",
 )
 
 
@@ -371,7 +374,7 @@ class EndpointHealthAdmin(admin.ModelAdmin):
         self._check(request)
         now = timezone.now()
         endpoint = get_object_or_404(
-            Endpoint.objects.only(*STATUS_FIELDS, "base_url", "timeout"),
+            Endpoint.objects.only(*STATUS_FIELDS, "timeout"),
             pk=object_id if str(object_id).isdigit() else None,
         )
         probes = ProbeResult.objects.filter(endpoint=endpoint).only(

@@ -6,11 +6,16 @@ A round is three steps, each usable on its own in tests:
    compare-and-set on `next_probe_at`, so two monitors never probe one twice;
 2. `probe_all` (async): every claimed endpoint through `gateway.client`, at
    most MONITOR_CONCURRENCY at once, each under its own timeout;
-3. `record` (sync, one transaction): ProbeResult rows in bulk, the health
-   fields of every endpoint, and a compare-and-set on `status` for each
-   transition, announced once with `endpoint_status_changed` after commit.
+3. `record` (sync): ProbeResult rows in bulk, the health fields of every
+   endpoint, and a compare-and-set on `status` for each transition, announced
+   once with `endpoint_status_changed` after commit. One transaction for the
+   round while that works; if it fails, each result is inserted in a
+   savepoint of its own, so one row the database refuses never costs the
+   other endpoints their results, status changes and alerts.
 
 Endpoints the circuit breaker disabled are re-enabled when they probe healthy.
+Every text a probe stores comes from an upstream that may be hostile: it is
+stripped of control characters, redacted and cut (`storable_text`) first.
 """
 
 from __future__ import annotations
@@ -18,15 +23,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
+import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 from asgiref.sync import sync_to_async
-from django.db import IntegrityError, transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
@@ -48,11 +56,46 @@ from monitoring.models import UP_STATUSES, ProbeResult, ProbeRollup
 
 logger = logging.getLogger(__name__)
 
-ERROR_CHARS = 500
+ERROR_CHARS = 500  # ProbeResult.error's max_length
 # Claimed per round; a bigger backlog is worked through in the rounds after.
 CLAIM_LIMIT = 5000
 CLAIM_CHUNK = 500
 PROBE_PROMPT = [{"role": "user", "content": "ping"}]
+
+
+# --- Text from upstreams ------------------------------------------------------------
+
+# Deleted, not replaced, so a key split by them is whole again for redaction:
+# C0 and C1 controls (NUL among them, which PostgreSQL refuses in text), and
+# zero-width and bidirectional formatting that could disguise text in a page.
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]"
+)
+
+
+def storable_text(
+    text: object, limit: int, *, redact: Callable[[str], str] | None = None
+) -> str:
+    """Text from an upstream made safe to store, log and show, at most `limit` long.
+
+    Lone surrogates become "?", control and invisible formatting characters
+    are dropped, whitespace runs become one space, secrets are redacted
+    before the cut (so no prefix of one survives it), then it is cut.
+    """
+    text = str(text).encode("utf-8", "replace").decode("utf-8")
+    text = " ".join(_INVISIBLE.sub("", text).split())
+    if redact is not None:
+        text = redact(text)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
+
+def storable_status(value: object) -> int | None:
+    """An HTTP status code to store, or None when it is not a plausible one."""
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+        return value
+    return None
 
 
 # --- Classification -------------------------------------------------------------
@@ -200,6 +243,11 @@ class Outcome:
     error: str = ""
     status: str = EndpointStatus.DISCONNECTED
 
+    def __post_init__(self) -> None:
+        # Whatever built it, an outcome only carries what may be stored.
+        object.__setattr__(self, "error", storable_text(self.error, ERROR_CHARS))
+        object.__setattr__(self, "http_status", storable_status(self.http_status))
+
 
 class _SharedTransport(httpx.AsyncBaseTransport):
     """Connection pools and one TLS context shared by every endpoint of a round.
@@ -242,11 +290,10 @@ class _SharedTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
-def _error_text(target: Target, exc: APIClientError) -> str:
-    text = exc.message
-    if target.config is not None:
-        text = target.config.redact(text)
-    return text[:ERROR_CHARS]
+def _error_text(target: Target, exc: BaseException) -> str:
+    text = exc.message if isinstance(exc, APIClientError) else str(exc)
+    redact = target.config.redact if target.config is not None else None
+    return storable_text(text, ERROR_CHARS, redact=redact)
 
 
 async def probe(
@@ -289,10 +336,20 @@ async def probe(
         error = f"no answer within {seconds:g} s"
     except APIClientError as exc:
         status_code, error = exc.status_code, _error_text(target, exc)
-    except Exception:
-        # A bug must cost one probe, not the round.
-        logger.exception("Probe of endpoint %s failed unexpectedly", target.id)
-        error = "the probe failed unexpectedly (see the monitor's log)"
+    except Exception as exc:
+        # A bug must cost one probe, not the round. Logged with its traceback
+        # but only a redacted message: the exception may quote the upstream.
+        logger.error(
+            "Probe of endpoint %s failed unexpectedly: %s: %s\n%s",
+            target.id,
+            type(exc).__name__,
+            _error_text(target, exc),
+            "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+        )
+        error = (
+            f"the probe failed unexpectedly ({type(exc).__name__}; "
+            "see the monitor's log)"
+        )
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
     if ok and latency_ms > thresholds.down_ms:
         error = f"answered in {latency_ms:.0f} ms, over {thresholds.down_ms:g} ms"
@@ -355,21 +412,65 @@ class RecordReport:
     # Healthy endpoints that the breaker had disabled or was counting against.
     to_reenable: list[tuple[int, str]] = field(default_factory=list)
 
+    def merge(self, other: RecordReport) -> None:
+        """Add what another (committed) write did."""
+        self.results += other.results
+        self.transitions += other.transitions
+        self.to_reenable += other.to_reenable
+
 
 def record(
     outcomes: list[Outcome], *, thresholds: Thresholds | None = None
 ) -> RecordReport:
-    """Write probe results and endpoint health; one transaction for the round."""
+    """Write probe results and endpoint health; one bad row never blocks the rest.
+
+    The round is written in one transaction with one bulk insert, the cheap
+    way. If the database refuses any of it, the round is written again with
+    each result inserted in a savepoint of its own: a result that cannot be
+    stored becomes a failed probe of its endpoint, and the others go in as
+    usual. If even that fails (a constraint checked at commit, a broken
+    health row), each endpoint gets a transaction of its own.
+    """
     thresholds = thresholds or Thresholds.from_settings()
     try:
         return _record(outcomes, thresholds)
-    except IntegrityError:
-        # An endpoint deleted between the existence check and the commit.
-        logger.warning("An endpoint vanished while recording probes; retrying once")
-        return _record(outcomes, thresholds)
+    except Exception as exc:
+        # Only the class: a database error may quote the row's values.
+        logger.warning(
+            "Recording %d probe result(s) at once failed (%s); "
+            "inserting each on its own",
+            len(outcomes),
+            type(exc).__name__,
+        )
+    try:
+        return _record(outcomes, thresholds, one_by_one=True)
+    except Exception as exc:
+        logger.warning(
+            "Recording probe results one by one failed (%s); "
+            "one transaction per endpoint",
+            type(exc).__name__,
+        )
+    report = RecordReport()
+    for outcome in outcomes:
+        try:
+            report.merge(_record([outcome], thresholds, one_by_one=True))
+        except (InterfaceError, OperationalError):
+            # The connection or the server is failing, not this endpoint's
+            # rows: the monitor's loop logs it and tries a later round.
+            raise
+        except Exception as exc:
+            logger.error(
+                "Could not record the probe of endpoint %s (%s); skipped this round",
+                outcome.target.id,
+                type(exc).__name__,
+            )
+    return report
 
 
-def _record(outcomes: list[Outcome], thresholds: Thresholds) -> RecordReport:
+def _record(
+    outcomes: list[Outcome], thresholds: Thresholds, *, one_by_one: bool = False
+) -> RecordReport:
+    """Write these outcomes in one transaction; the report only if it committed."""
     report = RecordReport()
     recheck = timedelta(seconds=float(conf.get("MONITOR_RECHECK_SECONDS")))
     with transaction.atomic():
@@ -379,20 +480,13 @@ def _record(outcomes: list[Outcome], thresholds: Thresholds) -> RecordReport:
             )
         )
         outcomes = [o for o in outcomes if o.target.id in existing]
-        ProbeResult.objects.bulk_create(
-            [
-                ProbeResult(
-                    endpoint_id=o.target.id,
-                    checked_at=o.checked_at,
-                    status=o.status,
-                    latency_ms=o.latency_ms,
-                    http_status=o.http_status,
-                    error=o.error[:ERROR_CHARS],
-                )
-                for o in outcomes
-            ],
-            batch_size=500,
-        )
+        if one_by_one:
+            stored = (_insert_alone(o) for o in outcomes)
+            outcomes = [o for o in stored if o is not None]
+        else:
+            ProbeResult.objects.bulk_create(
+                [_result_row(o) for o in outcomes], batch_size=500
+            )
         report.results = len(outcomes)
         if outcomes:
             refresh_rollups(
@@ -406,6 +500,55 @@ def _record(outcomes: list[Outcome], thresholds: Thresholds) -> RecordReport:
             ):
                 report.to_reenable.append((endpoint.pk, outcome.status))
     return report
+
+
+def _result_row(outcome: Outcome) -> ProbeResult:
+    return ProbeResult(
+        endpoint_id=outcome.target.id,
+        checked_at=outcome.checked_at,
+        status=outcome.status,
+        latency_ms=outcome.latency_ms,
+        http_status=outcome.http_status,
+        error=outcome.error,
+    )
+
+
+def _insert_alone(outcome: Outcome) -> Outcome | None:
+    """Insert one result in a savepoint; the outcome as stored, None if not at all.
+
+    A result the database refuses is stored as a failed probe of its
+    endpoint instead, so the failure shows where the endpoint's results do.
+    """
+    try:
+        with transaction.atomic():
+            _result_row(outcome).save(force_insert=True)
+        return outcome
+    except Exception as exc:
+        problem = type(exc).__name__
+        logger.warning(
+            "Could not store the probe result of endpoint %s (%s); "
+            "storing a failed probe",
+            outcome.target.id,
+            problem,
+        )
+    failed = replace(
+        outcome,
+        ok=False,
+        http_status=None,
+        status=EndpointStatus.DISCONNECTED,
+        error=f"its result could not be stored ({problem}; see the monitor's log)",
+    )
+    try:
+        with transaction.atomic():
+            _result_row(failed).save(force_insert=True)
+        return failed
+    except Exception as exc:
+        logger.error(
+            "Could not store any probe result of endpoint %s (%s)",
+            outcome.target.id,
+            type(exc).__name__,
+        )
+        return None
 
 
 def _health_fields(
@@ -466,6 +609,8 @@ def _apply(
         setattr(announced, name, value)
     report.transitions.append((endpoint.pk, old, new))
     logger.info("Endpoint %s: %s → %s", endpoint.pk, old, new)
+    # Robust: a receiver that raises after the commit must not look like a
+    # failed write, which would record the round a second time.
     transaction.on_commit(
         lambda: endpoint_status_changed.send(
             sender=Endpoint,
@@ -474,7 +619,8 @@ def _apply(
             new_status=new,
             reason="probe",
             error=outcome.error,
-        )
+        ),
+        robust=True,
     )
 
 

@@ -334,7 +334,7 @@ def test_writing_the_same_request_twice_leaves_one_record_and_one_settlement(own
 
 @pytest.mark.django_db(transaction=True)
 def test_a_record_survives_its_user_being_deleted_mid_request(owner):
-    endpoint = Endpoint.objects.create(name="gone", base_url="http://gone.test/v1")
+    endpoint = Endpoint.objects.create(name="gone", base_url="https://gone.test/v1")
     entry = UsageEntry(
         model_name="sim-small",
         status="ok",

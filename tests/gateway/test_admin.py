@@ -202,3 +202,78 @@ def test_usage_list_shows_rounded_times_and_tokens_in_one_column(
             },
         )
         assert sorted_page.status_code == 200
+
+
+# --- HTTPS only --------------------------------------------------------------------
+
+
+def test_the_form_refuses_plain_http_off_this_machine_on_the_url_field(
+    admin_client, endpoint
+):
+    url = reverse("admin:gateway_endpoint_change", args=[endpoint.pk])
+
+    response = admin_client.post(
+        url, _endpoint_form(endpoint, base_url="http://10.0.0.5:8000/v1")
+    )
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert list(errors) == ["base_url"]
+    assert errors["base_url"][0].startswith(
+        "Plain http:// to 10.0.0.5 would send the API key in clear."
+    )
+    assert "Plain http:// to 10.0.0.5" in response.content.decode()
+    endpoint.refresh_from_db()
+    assert endpoint.base_url == "https://api.example.com/v1"
+
+
+def test_the_add_form_refuses_it_too_and_accepts_loopback(admin_client):
+    blank = Endpoint(name="new", base_url="")
+    add = reverse("admin:gateway_endpoint_add")
+
+    refused = admin_client.post(
+        add, _endpoint_form(blank, base_url="http://llm.example.com/v1")
+    )
+    local = admin_client.post(
+        add, _endpoint_form(blank, base_url="http://localhost:11434/v1")
+    )
+
+    assert "base_url" in refused.context["adminform"].form.errors
+    assert local.status_code == 302
+    assert list(Endpoint.objects.values_list("base_url", flat=True)) == [
+        "http://localhost:11434/v1"
+    ]
+
+
+def test_opting_in_saves_plain_http_and_shows_a_warning_in_list_and_form(
+    admin_client, endpoint
+):
+    url = reverse("admin:gateway_endpoint_change", args=[endpoint.pk])
+    saved = admin_client.post(
+        url,
+        _endpoint_form(
+            endpoint, base_url="http://10.0.0.5:8000/v1", allow_plain_http="on"
+        ),
+    )
+    Endpoint.objects.create(name="secure", base_url="https://b.example.com/v1")
+
+    listing = admin_client.get(reverse("admin:gateway_endpoint_changelist"))
+    form = admin_client.get(url)
+
+    assert saved.status_code == 302
+    endpoint.refresh_from_db()
+    assert endpoint.allow_plain_http is True
+    warning = "⚠ Plain HTTP: the API key travels in clear"
+    assert warning in form.content.decode()
+    rows = listing.content.decode().split('id="result_list"')[1].split("<tr")
+    assert warning in next(r for r in rows if ">primary<" in r)
+    assert warning not in next(r for r in rows if ">secure<" in r)
+    assert "HTTPS" in next(r for r in rows if ">secure<" in r)
+
+
+def test_a_row_written_past_validation_is_shown_as_refused(admin_client, endpoint):
+    Endpoint.objects.filter(pk=endpoint.pk).update(base_url="http://10.0.0.5/v1")
+
+    listing = admin_client.get(reverse("admin:gateway_endpoint_changelist"))
+
+    assert "⚠ Plain HTTP refused: no request is sent" in listing.content.decode()

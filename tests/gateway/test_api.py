@@ -200,7 +200,7 @@ async def test_last_used_at_is_written_once_a_minute_not_per_request(
 
 async def test_models_lists_each_enabled_public_name_once(two_routes, alice):
     endpoint = await Endpoint.objects.acreate(
-        name="off", base_url="http://off.test/v1", enabled=False
+        name="off", base_url="https://off.test/v1", enabled=False
     )
     await ModelRoute.objects.acreate(
         model_name="hidden-model", endpoint=endpoint, upstream_model="x"

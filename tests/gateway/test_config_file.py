@@ -97,7 +97,7 @@ def test_a_syntax_error_reports_its_line():
 def test_unknown_keys_are_refused_not_ignored():
     with pytest.raises(ConfigFileError, match=r"endpoints\[1\]\.tiemout: unknown key"):
         import_text(
-            '[[endpoints]]\nname = "a"\nbase_url = "http://x/v1"\ntiemout = 3\n'
+            '[[endpoints]]\nname = "a"\nbase_url = "https://x/v1"\ntiemout = 3\n'
         )
 
 
@@ -152,3 +152,52 @@ def test_the_command_reports_problems_as_a_command_error(tmp_path):
 
     with pytest.raises(CommandError, match="nothing changed"):
         call_command("import_endpoints", str(path))
+
+
+# --- HTTPS only --------------------------------------------------------------------
+
+PLAIN_HTTP = """
+[[endpoints]]
+name = "secure"
+base_url = "https://api.example.com/v1"
+
+[[endpoints]]
+name = "lan"
+priority = 2
+base_url = "http://10.0.0.5:8000/v1"
+"""
+
+
+def test_plain_http_off_this_machine_is_an_error_naming_line_and_field():
+    with pytest.raises(ConfigFileError) as caught:
+        import_text(PLAIN_HTTP)
+
+    assert caught.value.problems == [
+        "line 9: endpoints[2].base_url: Plain http:// to 10.0.0.5 would send the "
+        "API key in clear. Use https://, or set allow_plain_http = true if its "
+        "network is trusted"
+    ]
+    assert Endpoint.objects.count() == 0
+
+
+def test_allow_plain_http_in_the_file_opts_in_and_export_writes_it_back():
+    import_text(PLAIN_HTTP.replace("priority = 2\n", "allow_plain_http = true\n"))
+
+    lan = Endpoint.objects.get(name="lan")
+    assert (lan.base_url, lan.allow_plain_http) == ("http://10.0.0.5:8000/v1", True)
+    assert Endpoint.objects.get(name="secure").allow_plain_http is False
+    exported = export_text()
+    assert "allow_plain_http = true" in exported
+    Endpoint.objects.all().delete()
+    summary = import_text(exported)
+    assert summary.created["endpoints"] == 2
+    assert Endpoint.objects.get(name="lan").allow_plain_http is True
+
+
+def test_withdrawing_the_opt_in_in_the_file_is_refused_while_the_url_is_http():
+    import_text(PLAIN_HTTP.replace("priority = 2\n", "allow_plain_http = true\n"))
+
+    with pytest.raises(ConfigFileError, match=r"line 9: endpoints\[2\]\.base_url"):
+        import_text(PLAIN_HTTP.replace("priority = 2\n", "allow_plain_http = false\n"))
+
+    assert Endpoint.objects.get(name="lan").allow_plain_http is True

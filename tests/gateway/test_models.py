@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from decimal import Decimal
 
 import pytest
+from django.apps import apps as django_apps
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 
 from gateway import crypto
@@ -133,3 +136,137 @@ def test_api_key_is_stored_hashed_and_shown_once(owner):
     assert raw not in {stored.key_hash, stored.prefix, str(stored), repr(stored)}
     assert stored.prefix == raw[:12]
     assert stored.is_active
+
+
+# --- HTTPS only --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.example.com/v1",
+        "HTTPS://API.EXAMPLE.COM/v1",
+        "https://10.0.0.5:8000/v1",
+        "http://localhost:11434/v1",
+        "http://LOCALHOST/v1",
+        "http://ollama.localhost:11434/v1",
+        "http://127.0.0.1:9101/v1",
+        "http://127.9.8.7/v1",
+        "http://[::1]:8000/v1",
+        "http://[::ffff:127.0.0.1]:8000/v1",
+    ],
+)
+def test_https_and_loopback_urls_are_accepted_without_opting_in(url):
+    endpoint = Endpoint(name="e", base_url=url)
+
+    endpoint.full_clean()
+    endpoint.save()
+
+    assert Endpoint.objects.get(name="e").allow_plain_http is False
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://api.example.com/v1", "api.example.com"),
+        ("http://10.0.0.5:8000/v1", "10.0.0.5"),
+        ("http://192.168.1.20/v1", "192.168.1.20"),
+        # Look like this machine, but are not: a name anyone can register,
+        # and numeric forms the rule does not try to interpret.
+        ("http://localhost.example.com/v1", "localhost.example.com"),
+        ("http://127.0.0.1.nip.io/v1", "127.0.0.1.nip.io"),
+        ("http://2130706433/v1", "2130706433"),
+        ("http://[::2]/v1", "::2"),
+    ],
+)
+def test_plain_http_off_this_machine_is_refused_by_validation_and_save(url, host):
+    endpoint = Endpoint(name="e", base_url=url)
+
+    with pytest.raises(ValidationError) as cleaned:
+        endpoint.full_clean()
+    with pytest.raises(ValidationError) as saved:
+        endpoint.save()
+
+    for caught in (cleaned, saved):
+        # The last: a number as a host is also not a valid URL for the field.
+        message = caught.value.message_dict["base_url"][-1]
+        assert message.startswith(f"Plain http:// to {host} would send the API key")
+        assert "allow plain HTTP for this endpoint" in message
+    assert not Endpoint.objects.exists()
+
+
+def test_every_orm_path_that_saves_a_url_checks_it(endpoint):
+    with pytest.raises(ValidationError):
+        Endpoint.objects.create(name="other", base_url="http://10.0.0.5/v1")
+    with pytest.raises(ValidationError):
+        Endpoint.objects.update_or_create(
+            name=endpoint.name, defaults={"base_url": "http://10.0.0.5/v1"}
+        )
+    endpoint.base_url = "http://10.0.0.5/v1"
+    with pytest.raises(ValidationError):
+        endpoint.save(update_fields=["base_url"])
+    endpoint.refresh_from_db()
+    endpoint.allow_plain_http = True
+    endpoint.base_url = "http://10.0.0.5/v1"
+    endpoint.save()
+    # Withdrawing the opt-in is a change to the URL's rule as well.
+    endpoint.allow_plain_http = False
+    with pytest.raises(ValidationError):
+        endpoint.save(update_fields=["allow_plain_http"])
+
+    assert Endpoint.objects.get(pk=endpoint.pk).base_url == "http://10.0.0.5/v1"
+    assert Endpoint.objects.get(pk=endpoint.pk).allow_plain_http is True
+    assert Endpoint.objects.count() == 1
+
+
+def test_a_save_of_other_fields_does_not_trip_over_an_old_url(endpoint):
+    # Rows written before the rule (or by a bulk update) stay editable elsewhere;
+    # the client refuses to send to them until they are fixed.
+    Endpoint.objects.filter(pk=endpoint.pk).update(base_url="http://10.0.0.5/v1")
+    endpoint.refresh_from_db()
+    endpoint.api_key = "sk-rotated"
+
+    endpoint.save(update_fields=["api_key_encrypted"])
+
+    assert Endpoint.objects.get(pk=endpoint.pk).api_key == "sk-rotated"
+    assert endpoint.sends_in_clear
+
+
+@pytest.mark.parametrize("url", ["ftp://files.example.com/v1", "api.example.com/v1"])
+def test_schemes_other_than_https_are_refused(url):
+    with pytest.raises(ValidationError) as caught:
+        Endpoint(name="e", base_url=url, allow_plain_http=True).save()
+
+    assert caught.value.message_dict["base_url"] == ["Use an https:// URL."]
+
+
+def test_opting_in_allows_plain_http_and_is_reported_as_sending_in_clear():
+    endpoint = Endpoint(
+        name="lan", base_url="http://10.0.0.5:8000/v1", allow_plain_http=True
+    )
+    endpoint.full_clean()
+    endpoint.save()
+
+    assert endpoint.sends_in_clear
+    assert not Endpoint(name="a", base_url="https://x.test/v1").sends_in_clear
+    assert not Endpoint(name="b", base_url="http://127.0.0.1/v1").sends_in_clear
+
+
+def test_the_upgrade_keeps_existing_plain_http_endpoints_working_but_flagged():
+    migration = importlib.import_module(
+        "gateway.migrations.0003_endpoint_allow_plain_http"
+    )
+    # As the rows stood before the flag existed: written without the rule.
+    Endpoint.objects.bulk_create(
+        Endpoint(name=name, base_url=url)
+        for name, url in [
+            ("lan", "http://10.0.0.5:8000/v1"),
+            ("local", "http://127.0.0.1:11434/v1"),
+            ("cloud", "https://api.example.com/v1"),
+        ]
+    )
+
+    migration.keep_plain_http_working(django_apps, None)
+
+    flags = dict(Endpoint.objects.values_list("name", "allow_plain_http"))
+    assert flags == {"lan": True, "local": False, "cloud": False}

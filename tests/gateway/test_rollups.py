@@ -46,7 +46,7 @@ def mixed_workload(owner, other_user, n=400, seed=7):
     rng = random.Random(seed)
     key, _ = ApiKey.generate(owner, "script")
     endpoints = [
-        Endpoint.objects.create(name=name, base_url=f"http://{name}.test/v1")
+        Endpoint.objects.create(name=name, base_url=f"https://{name}.test/v1")
         for name in ("primary", "backup")
     ]
     entries = []

@@ -175,10 +175,10 @@ def make_route(
     prices: tuple[str, str] | None = ("0.15", "0.60"),
     **endpoint_fields: Any,
 ) -> ModelRoute:
-    """An endpoint at http://<name>.test/v1 and its route for `model_name`."""
+    """An endpoint at https://<name>.test/v1 and its route for `model_name`."""
     endpoint = Endpoint.objects.create(
         name=name,
-        base_url=f"http://{name}.test/v1",
+        base_url=f"https://{name}.test/v1",
         max_retries=1,
         **endpoint_fields,
     )

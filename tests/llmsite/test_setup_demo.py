@@ -6,7 +6,7 @@ import io
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 from gateway.models import Endpoint, ModelRoute
 
@@ -54,3 +54,50 @@ def test_a_configured_real_endpoint_goes_first_with_its_key(monkeypatch):
     assert configured.api_key == "sk-real"
     chain = ModelRoute.objects.filter(model_name="big-model").order_by("priority")
     assert [r.endpoint.name for r in chain] == ["configured", "demo-primary"]
+
+
+def test_a_plain_http_llm_base_url_off_this_machine_is_refused_before_any_write(
+    monkeypatch,
+):
+    monkeypatch.setenv("LLM_BASE_URL", "http://10.0.0.5:8000/v1")
+    monkeypatch.setenv("LLM_API_KEY", "sk-real")
+
+    with pytest.raises(CommandError) as caught:
+        _setup()
+
+    assert str(caught.value) == (
+        "LLM_BASE_URL: Plain http:// to 10.0.0.5 would send the API key in clear. "
+        "Use https://, or set LLM_ALLOW_PLAIN_HTTP=true if its network is trusted."
+    )
+    assert not Endpoint.objects.exists()
+    assert not get_user_model().objects.exists()
+
+
+def test_llm_allow_plain_http_opts_in_with_a_warning(monkeypatch):
+    monkeypatch.setenv("LLM_BASE_URL", "http://10.0.0.5:8000/v1")
+    monkeypatch.setenv("LLM_ALLOW_PLAIN_HTTP", "true")
+
+    out = _setup()
+
+    configured = Endpoint.objects.get(name="configured")
+    assert configured.base_url == "http://10.0.0.5:8000/v1"
+    assert configured.allow_plain_http is True
+    assert "plain HTTP: its API key travels in clear" in out
+
+
+def test_a_local_llm_base_url_needs_no_opt_in(monkeypatch):
+    monkeypatch.setenv("LLM_BASE_URL", "http://localhost:11434/v1")
+
+    _setup()
+
+    configured = Endpoint.objects.get(name="configured")
+    assert configured.allow_plain_http is False
+    assert not configured.sends_in_clear
+
+
+def test_a_mistyped_opt_in_is_a_loud_error(monkeypatch):
+    monkeypatch.setenv("LLM_BASE_URL", "https://llm.example.com/v1")
+    monkeypatch.setenv("LLM_ALLOW_PLAIN_HTTP", "sure")
+
+    with pytest.raises(CommandError, match="LLM_ALLOW_PLAIN_HTTP must be true or"):
+        _setup()

@@ -367,3 +367,32 @@ def test_a_test_alert_can_be_sent_from_the_admin(admin_client, webhook):
 
     assert [str(m) for m in response.context["messages"]] == ["hook: test alert sent."]
     assert webhook.received[0]["event"] == "test"
+
+
+def test_the_status_pages_warn_about_endpoints_that_send_keys_in_clear(
+    admin_client, django_assert_max_num_queries
+):
+    _local, lan, cloud = make_endpoints(3)
+    Endpoint.objects.filter(pk=lan.pk).update(
+        base_url="http://10.0.0.5:8000/v1", allow_plain_http=True
+    )
+    Endpoint.objects.filter(pk=cloud.pk).update(base_url="https://api.example.com/v1")
+
+    with django_assert_max_num_queries(10):
+        status = admin_client.get(STATUS_URL).content.decode()
+    detail = admin_client.get(
+        reverse("admin:monitoring_endpointhealth_change", args=[lan.pk])
+    ).content.decode()
+
+    table = status[status.index('id="endpoint-status"') :].split("</table>")[0]
+    rows = {
+        name: row
+        for row in table.split("<tr>")[2:]
+        for name in re.findall(r">(ep-\d+)</a>", row)
+    }
+    warning = "plain HTTP: key sent in clear"
+    assert warning in rows["ep-001"]
+    assert warning not in rows["ep-000"] and warning not in rows["ep-002"]
+    assert warning in detail
+    facts = detail[detail.index('class="mon-facts"') :].split("</dl>")[0]
+    assert "<dt>Transport</dt>" in facts

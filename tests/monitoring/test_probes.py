@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import time_machine
 from asgiref.sync import async_to_sync
+from django.db import connection
 from django.utils import timezone
 
 from gateway import crypto
@@ -16,7 +22,8 @@ from gateway.signals import endpoint_status_changed
 from gateway.simulator import Behaviour
 from monitoring import probes
 from monitoring.conf import Thresholds
-from monitoring.models import ProbeResult, ProbeRollup
+from monitoring.models import AlertEvent, AlertKind, ProbeResult, ProbeRollup
+from tests.monitoring.conftest import ENDPOINT_KEY
 
 pytestmark = pytest.mark.django_db
 
@@ -421,3 +428,231 @@ def test_prune_drops_rollups_of_hours_past_the_retention(make_endpoint, settings
         for h in ProbeRollup.objects.values_list("hour", flat=True)
     )
     assert left == [2, 24 * 30 - 1]
+
+
+# --- One endpoint never blinds the monitor --------------------------------------------
+
+# What a hostile /models answers: NUL and other control bytes (PostgreSQL
+# refuses NUL in text and in JSON), bidirectional overrides, the endpoint's
+# key split by a NUL, and far more than a result may hold.
+HOSTILE_BODY = (
+    b"boom\x00\x01\x1b[31m \xe2\x80\xae reversed "
+    + b"sk-monitor-\x00test-secret-0123456789 "
+    + b"x" * 5000
+)
+
+
+@pytest.fixture
+def hostile_upstream() -> Iterator[str]:
+    """A server whose /models answers 500 with HOSTILE_BODY; yields its base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(500)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(HOSTILE_BODY)))
+            self.end_headers()
+            self.wfile.write(HOSTILE_BODY)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("plain words", "plain words"),
+        ("nul\x00 and\x07 bell", "nul and bell"),
+        ("line\r\nbreaks\tand  tabs", "line breaks and tabs"),
+        ("lone \ud800 surrogate", "lone ? surrogate"),
+        ("\u202egnp.exe", "gnp.exe"),
+        ("zero\u200bwidth", "zerowidth"),
+        ("é ü 漢字", "é ü 漢字"),
+    ],
+)
+def test_text_from_an_upstream_is_stripped_before_it_is_stored(text, expected):
+    assert probes.storable_text(text, 100) == expected
+
+
+def test_text_is_redacted_before_it_is_cut():
+    secret = "sk-" + "s" * 40
+    text = "e" * 90 + secret
+
+    stored = probes.storable_text(
+        text, 100, redact=lambda t: t.replace(secret, "[redacted]")
+    )
+
+    assert stored == "e" * 90 + "[redacted]"
+    assert "sk-" not in stored
+    assert len(probes.storable_text("x" * 1000, 500)) == 500
+
+
+def test_a_nul_in_an_error_body_fails_only_its_own_endpoint(
+    make_endpoint,
+    hostile_upstream,
+    fast_monitor,
+    django_capture_on_commit_callbacks,
+    transitions,
+):
+    # Healthy endpoints that were down, so their recovery is news.
+    healthy = [make_endpoint(status=EndpointStatus.DISCONNECTED) for _ in range(3)]
+    hostile = make_endpoint(base_url=hostile_upstream)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        report = run_round()
+
+    assert report.probed == 4
+    assert report.by_status == {"connected": 3, "disconnected": 1}
+    for endpoint in healthy:
+        endpoint.refresh_from_db()
+        assert endpoint.status == EndpointStatus.CONNECTED
+        assert ProbeResult.objects.get(endpoint=endpoint).status == "connected"
+    failed = ProbeResult.objects.get(endpoint=hostile)
+    assert failed.status == "disconnected"
+    assert failed.http_status == 500
+    # The escape byte is gone, so "[31m" is harmless text.
+    assert failed.error.startswith("server error: boom[31m reversed [redacted] xxx")
+    assert len(failed.error) <= probes.ERROR_CHARS
+    assert not any(c in failed.error for c in "\x00\x01\x1b\u202e")
+    assert ENDPOINT_KEY not in failed.error
+    hostile.refresh_from_db()
+    assert hostile.status == EndpointStatus.DISCONNECTED
+    assert sorted(transitions) == sorted(
+        [(e.name, "disconnected", "connected", "probe") for e in healthy]
+        + [(hostile.name, "unknown", "disconnected", "probe")]
+    )
+    alerts = dict(AlertEvent.objects.values_list("endpoint_id", "kind"))
+    assert alerts == {
+        **{e.pk: AlertKind.ENDPOINT_RECOVERED for e in healthy},
+        hostile.pk: AlertKind.ENDPOINT_DOWN,
+    }
+    down = AlertEvent.objects.get(endpoint=hostile)
+    assert down.payload["endpoint"]["error"] == failed.error
+
+
+def _refuse_writes(table: str, when: str) -> None:
+    """Make the database itself refuse some inserts and updates of a table."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "CREATE FUNCTION refuse_write() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'refused by a test trigger'; END $$ "
+                "LANGUAGE plpgsql"
+            )
+            cursor.execute(
+                f"CREATE TRIGGER refuse_write BEFORE INSERT OR UPDATE ON {table} "
+                f"FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION refuse_write()"
+            )
+        else:
+            for event in ("INSERT", "UPDATE"):
+                cursor.execute(
+                    f"CREATE TRIGGER refuse_{event.lower()} BEFORE {event} ON {table} "
+                    f"WHEN {when} "
+                    "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+                )
+
+
+def _refuse_connected_results_of(endpoint: Endpoint) -> None:
+    _refuse_writes(
+        ProbeResult._meta.db_table,
+        f"NEW.endpoint_id = {endpoint.pk} AND NEW.status = 'connected'",
+    )
+
+
+def test_a_result_the_database_refuses_is_recorded_as_a_failed_probe_alone(
+    make_endpoint,
+    fast_monitor,
+    django_capture_on_commit_callbacks,
+    transitions,
+    caplog,
+):
+    endpoints = [make_endpoint(status=EndpointStatus.DISCONNECTED) for _ in range(4)]
+    refused = endpoints[1]
+    _refuse_connected_results_of(refused)
+
+    with (
+        caplog.at_level(logging.WARNING, logger="monitoring.probes"),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        report = run_round()
+
+    others = [e for e in endpoints if e != refused]
+    results = {r.endpoint_id: r for r in ProbeResult.objects.all()}
+    assert {results[e.pk].status for e in others} == {"connected"}
+    assert results[refused.pk].status == "disconnected"
+    assert results[refused.pk].error.startswith("its result could not be stored (")
+    # Each endpoint's transition announced once, the refused one's not at all.
+    assert sorted(transitions) == sorted(
+        (e.name, "disconnected", "connected", "probe") for e in others
+    )
+    assert set(AlertEvent.objects.values_list("endpoint_id", flat=True)) == {
+        e.pk for e in others
+    }
+    assert report.transitions and len(report.transitions) == 3
+    assert f"Could not store the probe result of endpoint {refused.pk}" in caplog.text
+    assert "refused by a test trigger" not in caplog.text
+
+
+def test_an_endpoint_whose_health_cannot_be_written_is_skipped_alone(
+    make_endpoint, fast_monitor, django_capture_on_commit_callbacks, caplog
+):
+    endpoints = [make_endpoint() for _ in range(3)]
+    broken = endpoints[0]
+    _refuse_writes(
+        Endpoint._meta.db_table,
+        f"NEW.id = {broken.pk} AND NEW.last_checked_at IS NOT NULL",
+    )
+
+    with (
+        caplog.at_level(logging.WARNING, logger="monitoring.probes"),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        report = run_round()
+
+    assert report.probed == 3
+    assert set(ProbeResult.objects.values_list("endpoint_id", flat=True)) == {
+        e.pk for e in endpoints[1:]
+    }
+    for endpoint in endpoints[1:]:
+        endpoint.refresh_from_db()
+        assert endpoint.status == EndpointStatus.CONNECTED
+    broken.refresh_from_db()
+    assert broken.last_checked_at is None
+    assert f"Could not record the probe of endpoint {broken.pk}" in caplog.text
+
+
+def test_a_probe_that_raises_unexpectedly_fails_alone_and_is_logged_redacted(
+    make_endpoint, fast_monitor, monkeypatch, caplog
+):
+    healthy = make_endpoint()
+    broken = make_endpoint()
+    real_health_check = probes.health_check
+
+    async def health_check(config, **kwargs):
+        if config.id == broken.pk:
+            raise RuntimeError(f"bug while holding {config.api_key}")
+        return await real_health_check(config, **kwargs)
+
+    monkeypatch.setattr(probes, "health_check", health_check)
+
+    with caplog.at_level(logging.ERROR, logger="monitoring.probes"):
+        report = run_round()
+
+    assert report.by_status == {"connected": 1, "disconnected": 1}
+    assert ProbeResult.objects.get(endpoint=healthy).status == "connected"
+    failed = ProbeResult.objects.get(endpoint=broken)
+    assert failed.status == "disconnected"
+    assert failed.error.startswith("the probe failed unexpectedly (RuntimeError")
+    assert f"Probe of endpoint {broken.pk} failed unexpectedly" in caplog.text
+    assert "bug while holding [redacted]" in caplog.text
+    assert ENDPOINT_KEY not in caplog.text

@@ -6,20 +6,25 @@ import os
 import secrets
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
+from gateway import transport_policy
 from gateway.models import Endpoint, ModelRoute
 
 DEMO_MODEL = "demo-chat"
 DEMO_UPSTREAM_MODEL = "sim-small"
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"", "0", "false", "no", "off"}
 
 
 class Command(BaseCommand):
     help = (
         "Create an admin user if there is none (printing its password once) and "
         "register the demo endpoints: two local simulated upstreams, and the real "
-        "endpoint named by LLM_BASE_URL / LLM_API_KEY / LLM_MODEL when set."
+        "endpoint named by LLM_BASE_URL / LLM_API_KEY / LLM_MODEL when set. "
+        "LLM_BASE_URL must be https:// unless it is on this machine or "
+        "LLM_ALLOW_PLAIN_HTTP=true."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -29,10 +34,30 @@ class Command(BaseCommand):
     def handle(
         self, *args: object, primary_port: int, fallback_port: int, **opts
     ) -> None:
+        configured = self._configured_url()
         self._admin()
         with transaction.atomic():
             self._demo_endpoints(primary_port, fallback_port)
-            self._configured_endpoint()
+            if configured is not None:
+                self._configured_endpoint(*configured)
+
+    def _configured_url(self) -> tuple[str, bool] | None:
+        """LLM_BASE_URL and whether it may be plain HTTP; refused before any write."""
+        base_url = os.environ.get("LLM_BASE_URL", "").strip().rstrip("/")
+        if not base_url:
+            return None
+        raw = os.environ.get("LLM_ALLOW_PLAIN_HTTP", "").strip().lower()
+        if raw not in TRUE | FALSE:
+            raise CommandError(
+                f"LLM_ALLOW_PLAIN_HTTP must be true or false, not {raw!r}."
+            )
+        allow_plain_http = raw in TRUE
+        refused = transport_policy.refusal(base_url, allow_plain_http=allow_plain_http)
+        if refused:
+            params = {**refused.params, "allow": "set LLM_ALLOW_PLAIN_HTTP=true"}
+            message = refused.message % params if refused.params else refused.message
+            raise CommandError(f"LLM_BASE_URL: {message}")
+        return base_url, allow_plain_http
 
     def _admin(self) -> None:
         users = get_user_model()
@@ -75,13 +100,15 @@ class Command(BaseCommand):
             "'/sim prefix=/primary fault=status status=503'."
         )
 
-    def _configured_endpoint(self) -> None:
-        base_url = os.environ.get("LLM_BASE_URL", "").rstrip("/")
-        if not base_url:
-            return
+    def _configured_endpoint(self, base_url: str, allow_plain_http: bool) -> None:
         model = os.environ.get("LLM_MODEL", "gpt-4o-mini")
         endpoint, _ = Endpoint.objects.update_or_create(
-            name="configured", defaults={"base_url": base_url, "priority": 1}
+            name="configured",
+            defaults={
+                "base_url": base_url,
+                "allow_plain_http": allow_plain_http,
+                "priority": 1,
+            },
         )
         key = os.environ.get("LLM_API_KEY", "")
         if key and key != endpoint.api_key:
@@ -100,3 +127,10 @@ class Command(BaseCommand):
             defaults={"upstream_model": DEMO_UPSTREAM_MODEL, "priority": 50},
         )
         self.stdout.write(f"Registered {base_url} as model {model!r} (first in line).")
+        if endpoint.sends_in_clear:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"{base_url} is plain HTTP: its API key travels in clear "
+                    "(LLM_ALLOW_PLAIN_HTTP=true)."
+                )
+            )
