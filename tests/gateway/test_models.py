@@ -254,7 +254,7 @@ def test_opting_in_allows_plain_http_and_is_reported_as_sending_in_clear():
 
 def test_the_upgrade_keeps_existing_plain_http_endpoints_working_but_flagged():
     migration = importlib.import_module(
-        "gateway.migrations.0003_endpoint_allow_plain_http"
+        "gateway.migrations.0004_endpoint_allow_plain_http"
     )
     # As the rows stood before the flag existed: written without the rule.
     Endpoint.objects.bulk_create(

@@ -24,7 +24,7 @@ def keep_plain_http_working(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('gateway', '0002_accounting'),
+        ('gateway', '0003_encrypt_extra_headers'),
     ]
 
     operations = [
