@@ -8,5 +8,6 @@ class ChatConfig(AppConfig):
     name = "chat"
 
     def ready(self) -> None:
-        # Connects the settings-reset receiver and registers the system checks.
-        from chat import checks, conf  # noqa: F401
+        # Connects the settings-reset receiver, the receiver of abandoned
+        # requests (the monitor's sweeper sends it) and the system checks.
+        from chat import actions, checks, conf  # noqa: F401

@@ -9,8 +9,10 @@ the local-memory and the Redis cache):
 - ``chat:slot:<user>:<n>``: one of the user's CHAT_MAX_CONCURRENT_GENERATIONS
   slots, so the limit holds across every web process.
 
-Claims expire after LEASE_SECONDS unless the running process renews them, so
-a process that dies does not block its users for longer than that.
+Claims expire after LEASE_SECONDS unless the running process renews them
+(every RENEW_SECONDS), so a process that dies (``kill -9``, a lost machine)
+blocks its users' conversations for at most that long; an answer it left
+unfinished then shows as interrupted, with Retry (chat.actions.open_conversation).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from django.core.cache import cache
 
 from chat.errors import ChatError
 
-LEASE_SECONDS = 60
+# Short, and renewed three times per period: one missed renewal (a busy loop,
+# a slow cache) does not lose a claim, a dead process frees it soon.
+LEASE_SECONDS = 15
 RENEW_SECONDS = LEASE_SECONDS / 3
 
 

@@ -317,6 +317,12 @@ GATEWAY_POLICY_CACHE_SECONDS = _env_float("GATEWAY_POLICY_CACHE_SECONDS", 5.0)
 # Usage records are gathered for this long and written in one transaction.
 USAGE_WRITE_DELAY_MS = _env_int("USAGE_WRITE_DELAY_MS", 50)
 
+# How long a web process lets requests and answers in flight finish after
+# SIGTERM before it cuts them (partial answer and usage record kept).
+SHUTDOWN_GRACE_SECONDS = _env_float("SHUTDOWN_GRACE_SECONDS", 20.0)
+if SHUTDOWN_GRACE_SECONDS < 0:
+    raise ImproperlyConfigured("SHUTDOWN_GRACE_SECONDS must be 0 or more")
+
 # --- Chat ------------------------------------------------------------------
 
 CHAT_MAX_MESSAGE_CHARS = _env_int("CHAT_MAX_MESSAGE_CHARS", 32_000)
