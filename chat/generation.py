@@ -721,7 +721,7 @@ class GenerationRegistry:
         try:
             await sync_to_async(leases.release)(generation.lease)
         except Exception:
-            # The claims expire on their own after LEASE_SECONDS.
+            # The claims expire on their own after CHAT_LEASE_SECONDS.
             logger.exception(
                 "releasing the claims of %s failed", generation.conversation_id
             )
@@ -732,7 +732,7 @@ class GenerationRegistry:
 
     async def _renew(self) -> None:
         while self._running:
-            await asyncio.sleep(leases.RENEW_SECONDS)
+            await asyncio.sleep(leases.renew_seconds())
             current = [g.lease for g in self._running.values()]
             try:
                 await sync_to_async(leases.renew)(current)

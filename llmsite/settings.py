@@ -334,6 +334,11 @@ CHAT_FRAME_INTERVAL_MS = _env_int("CHAT_FRAME_INTERVAL_MS", 40)
 CHAT_RESUME_GRACE_SECONDS = _env_float("CHAT_RESUME_GRACE_SECONDS", 10.0)
 if CHAT_RESUME_GRACE_SECONDS < 0:
     raise ImproperlyConfigured("CHAT_RESUME_GRACE_SECONDS must be 0 or more")
+# How long a dead web process keeps its conversations "busy" (its claims are
+# renewed every third of this while it lives).
+CHAT_LEASE_SECONDS = _env_float("CHAT_LEASE_SECONDS", 15.0)
+if CHAT_LEASE_SECONDS < 3:
+    raise ImproperlyConfigured("CHAT_LEASE_SECONDS must be at least 3")
 
 # --- Monitoring ------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import asyncio
 import uuid
 
 import pytest
+import time_machine
 from asgiref.sync import sync_to_async
 from django.core.cache import cache
 
@@ -317,9 +318,22 @@ async def test_retry_of_an_interrupted_answer_answers_the_question_again(
     await tab.disconnect()
 
 
-async def test_a_crashed_processs_claim_expires_soon():
-    assert leases.LEASE_SECONDS <= 15
-    assert leases.RENEW_SECONDS * 3 <= leases.LEASE_SECONDS
+def test_a_dead_processs_claim_frees_the_conversation_soon(owner, settings):
+    settings.CHAT_LEASE_SECONDS = 6
+    # Frozen time moves local-memory expiry; Redis keeps its own clock.
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "chat-recovery",
+        }
+    }
+    conversation_id = uuid.uuid4()
+    with time_machine.travel("2026-01-01 12:00", tick=False) as traveller:
+        leases.claim(owner.pk, conversation_id, 2, "specific.dead")
+        traveller.shift(5)
+        assert leases.owner_of(conversation_id) == "specific.dead"
+        traveller.shift(2)
+        assert leases.owner_of(conversation_id) is None
 
 
 # --- Stop across processes ------------------------------------------------------
