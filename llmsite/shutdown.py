@@ -279,6 +279,13 @@ class GracefulApp:
                 response["complete"] = True
             await send(message)
 
+        async def end_if_cut() -> None:
+            if cut.is_set() and response["started"] and not response["complete"]:
+                # Cut mid-stream: end the body properly so the client sees why.
+                with contextlib.suppress(Exception):
+                    body = _CUT_EVENT if response["sse"] else b""
+                    await send({"type": "http.response.body", "body": body})
+
         inner = asyncio.ensure_future(self.app(scope, guarded_receive, tracking_send))
         controller.track(inner, cut.set)
         try:
@@ -289,12 +296,9 @@ class GracefulApp:
             if not controller.draining:
                 cut.set()
             await asyncio.wait({inner})
+            await end_if_cut()
             raise
-        if cut.is_set() and response["started"] and not response["complete"]:
-            # Cut mid-stream: end the body properly so the client sees why.
-            with contextlib.suppress(Exception):
-                body = _CUT_EVENT if response["sse"] else b""
-                await send({"type": "http.response.body", "body": body})
+        await end_if_cut()
 
 
 def chain_signal_handlers(controller: Shutdown) -> None:
