@@ -485,6 +485,7 @@ class Generation:
             await self._broadcast(text)
             self.local.clear()
             self.remote.clear()
+        self._keep()
 
     def _record_id(self) -> int | None:
         return (
