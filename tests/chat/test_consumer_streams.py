@@ -22,8 +22,8 @@ from django.urls import path
 from chat.consumers import ChatConsumer
 from chat.generation import GenerationRegistry, registry
 from chat.models import Conversation, Message, MessageRole, MessageStatus
+from gateway import accounting, router
 from gateway import client as upstream_client
-from gateway import router
 from gateway.models import Endpoint, ModelRoute, UsageRecord, UsageStatus
 from gateway.simulator import Behaviour, SimulatedUpstream, generated_tokens
 from llmsite.asgi import application
@@ -402,6 +402,7 @@ async def test_a_refused_send_stores_nothing_but_its_usage_record(
     assert "answer" not in error
     assert not await Message.objects.filter(content="Once more").aexists()
     assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2
+    await accounting.flush()
     statuses = [r.status for r in await records()]
     assert statuses == [UsageStatus.OK, UsageStatus.REJECTED]
     await tab.disconnect()
