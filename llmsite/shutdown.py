@@ -202,6 +202,21 @@ _CUT_EVENT = (
 )
 
 
+async def _send_503(send: Send) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": _refusal_body()})
+
+
 class GracefulApp:
     """ASGI wrapper: tracks HTTP requests, refuses new /v1 ones, runs lifespan."""
 
@@ -233,18 +248,7 @@ class GracefulApp:
         controller = self.controller
         path = scope.get("path", "")
         if controller.draining and path.startswith("/v1/"):
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 503,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
-                        (b"connection", b"close"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": _refusal_body()})
+            await _send_503(send)
             return
         cut = asyncio.Event()
         response: dict[str, Any] = {"started": False, "complete": False, "sse": False}
@@ -280,9 +284,14 @@ class GracefulApp:
             await send(message)
 
         async def end_if_cut() -> None:
-            if cut.is_set() and response["started"] and not response["complete"]:
-                # Cut mid-stream: end the body properly so the client sees why.
-                with contextlib.suppress(Exception):
+            if not cut.is_set() or response["complete"]:
+                return
+            with contextlib.suppress(Exception):
+                if not response["started"]:
+                    # A plain request cut before its answer: say why.
+                    await _send_503(send)
+                else:
+                    # Cut mid-stream: end the body properly, with the reason.
                     body = _CUT_EVENT if response["sse"] else b""
                     await send({"type": "http.response.body", "body": body})
 

@@ -265,6 +265,30 @@ def ask(tab: ChatTab) -> str:
     return frames[0]["conversation_id"]
 
 
+class V1Plain(threading.Thread):
+    """A plain /v1 request on a thread of its own."""
+
+    def __init__(self, port: int, key: str) -> None:
+        super().__init__(daemon=True)
+        self.port, self.key = port, key
+        self.response: httpx.Response | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.response = httpx.post(
+                f"http://127.0.0.1:{self.port}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {self.key}"},
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "Take your time."}],
+                },
+                timeout=30,
+            )
+        except BaseException as exc:
+            self.error = exc
+
+
 class V1Stream(threading.Thread):
     """A streamed /v1 request read line by line on a thread of its own."""
 
@@ -316,7 +340,17 @@ def test_sigterm_keeps_the_answers_in_flight_and_settles_their_budget(
         conversation_id = ask(tab)
         v1 = V1Stream(port, site.credentials["key"])
         v1.start()
+        plain = V1Plain(port, site.credentials["key"])
+        plain.start()
         assert v1.content.wait(15), (v1.lines, v1.error)
+        # The plain request is in flight once its reservation is taken.
+        deadline = time.monotonic() + 10
+        while budget_counter(site)[1] == 0 or len(
+            site.sql("SELECT 1 FROM gateway_usagerecord")
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
 
         began = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -336,6 +370,7 @@ def test_sigterm_keeps_the_answers_in_flight_and_settles_their_budget(
         process.wait(timeout=GRACE + 15)
         took = time.monotonic() - began
         v1.join(10)
+        plain.join(10)
     finally:
         stop(process)
     log = (tmp_path / "server.log").read_text(errors="replace")
@@ -355,13 +390,20 @@ def test_sigterm_keeps_the_answers_in_flight_and_settles_their_budget(
     )
     assert [(r[0], r[1]) for r in records] == [
         ("api", "cancelled"),
+        ("api", "cancelled"),
         ("chat", "cancelled"),
     ], log[-3000:]
-    assert all(r[2] > 0 for r in records)
+    # The streamed answers count the tokens sent until the cut (the plain
+    # request's record has no text to count).
+    assert records[2][2] > 0 and max(records[0][2], records[1][2]) > 0
     used, reserved = budget_counter(site)
     assert reserved == 0
     assert used > 0
     assert v1.error is None, v1.error
+    # The plain request cut at the deadline is told why, and when to retry.
+    assert plain.error is None, plain.error
+    assert plain.response is not None and plain.response.status_code == 503
+    assert plain.response.json()["error"]["code"] == "server_restarting"
     # The /v1 stream ends with the reason, not a dropped connection.
     assert (
         v1.lines[-2:]

@@ -173,3 +173,48 @@ async def test_work_tracked_after_the_cut_is_cut_at_once():
 
     assert cut == [True]
     work.cancel()
+
+
+def slow_plain_app(log: list[str]):
+    """A plain JSON app that answers after a long wait, unless the client leaves."""
+
+    async def app(scope, receive, send):
+        await receive()
+        answering = asyncio.ensure_future(asyncio.sleep(60))
+        leaving = asyncio.ensure_future(receive())
+        await asyncio.wait({answering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        answering.cancel()
+        log.append(leaving.result()["type"])
+
+    return app
+
+
+async def test_a_plain_request_cut_at_the_deadline_gets_503():
+    controller, log = Shutdown(), []
+    app = GracefulApp(slow_plain_app(log), controller)
+    exchange = Exchange()
+    request = exchange.run(app)
+    await asyncio.sleep(0.01)
+
+    await controller.drain(grace=0.1)
+
+    assert request.done() and log == ["http.disconnect"]
+    assert exchange.status == 503
+    assert json.loads(exchange.body)["error"]["code"] == "server_restarting"
+
+
+async def test_a_request_the_server_cancels_is_cut_at_the_deadline_with_its_reason():
+    controller, log = Shutdown(), []
+    app = GracefulApp(streaming_app(1000, 0.01, log), controller)
+    exchange = Exchange()
+    request = exchange.run(app)
+    await asyncio.sleep(0.02)
+
+    controller.begin(grace=0.1)
+    request.cancel()
+    await asyncio.wait({request})
+    await controller.drain()
+
+    assert log == ["http.disconnect"]
+    assert b'"code":"server_restarting"' in exchange.body
+    assert exchange.sent[-1].get("more_body", False) is False
