@@ -244,6 +244,9 @@ class Generation:
         except service.Rejected as exc:
             error = errors.from_service(exc.code, exc.message, exc.retry_after)
             self._rejected = exc
+        except ChatError as exc:
+            # Storing the turn on admission refused it (deleted meanwhile).
+            error = exc
         except asyncio.CancelledError:
             # Our own stop: the service has closed the upstream request and
             # written the usage record as cancelled. Go on to store the answer.

@@ -4,25 +4,38 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('chat', '0001_initial'),
-        ('gateway', '0002_accounting'),
+        ("chat", "0001_initial"),
+        ("gateway", "0002_accounting"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='message',
-            name='request_id',
+            model_name="message",
+            name="request_id",
             field=models.UUIDField(blank=True, editable=False, null=True),
         ),
         migrations.AlterField(
-            model_name='message',
-            name='status',
-            field=models.CharField(choices=[('complete', 'Complete'), ('partial', 'Partial'), ('error', 'Error'), ('streaming', 'Being written'), ('interrupted', 'Interrupted')], default='complete', max_length=16),
+            model_name="message",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("complete", "Complete"),
+                    ("partial", "Partial"),
+                    ("error", "Error"),
+                    ("streaming", "Being written"),
+                    ("interrupted", "Interrupted"),
+                ],
+                default="complete",
+                max_length=16,
+            ),
         ),
         migrations.AddIndex(
-            model_name='message',
-            index=models.Index(condition=models.Q(('request_id__isnull', False)), fields=['request_id'], name='message_request_id'),
+            model_name="message",
+            index=models.Index(
+                condition=models.Q(("request_id__isnull", False)),
+                fields=["request_id"],
+                name="message_request_id",
+            ),
         ),
     ]
