@@ -15,13 +15,16 @@ from typing import Any
 
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
+from django.dispatch import receiver
 from django.utils import timezone
 
+from chat import leases
 from chat.errors import ChatError, not_found
 from chat.models import Conversation, Message, MessageRole, MessageStatus
 from gateway import tokens
 from gateway.context import ContextMessage
 from gateway.models import ModelRoute
+from gateway.signals import requests_abandoned
 
 TITLE_CHARS = 60
 LIST_LIMIT = 50
@@ -29,12 +32,29 @@ LIST_LIMIT = 50
 
 @dataclass(slots=True)
 class Turn:
-    """A user message ready to be answered, with the conversation to send upstream."""
+    """A question to answer, planned without writing anything.
+
+    Nothing is stored until the gateway admits the request (`commit_turn`): a
+    refused send leaves no conversation, no question and no error answer, and
+    a refused regenerate or edit leaves the previous answer in place.
+    """
 
     conversation: Conversation
-    user_message: Message
+    # "send", "regenerate" or "edit".
+    kind: str
+    content: str
     model: str
     history: list[ContextMessage] = field(default_factory=list)
+    # The question: an existing message for regenerate and edit; for send it
+    # exists once the turn is committed.
+    user_message: Message | None = None
+    is_new_conversation: bool = False
+    # The placeholder answer, once committed.
+    answer_id: int | None = None
+
+    @property
+    def committed(self) -> bool:
+        return self.answer_id is not None
 
 
 def available_models() -> list[str]:
@@ -80,12 +100,31 @@ def owned_conversation(user: Any, conversation_id: uuid.UUID) -> Conversation:
         raise not_found() from None
 
 
-def open_conversation(user: Any, conversation_id: uuid.UUID) -> dict[str, Any]:
-    """The conversation and all its messages, for the ``opened`` frame."""
+def open_conversation(
+    user: Any, conversation_id: uuid.UUID, *, running: bool = False
+) -> dict[str, Any]:
+    """The conversation and all its messages, for the ``opened`` frame.
+
+    An answer being written is left out (the ``start`` frame that follows
+    brings it); one still marked so while no process runs it (its process
+    died: ``running`` is False and the conversation's claim is gone) is
+    marked and shown as interrupted, so the user can retry it.
+    """
     conversation = owned_conversation(user, conversation_id)
+    messages = list(conversation.messages.all())
+    stuck = [m.id for m in messages if m.status == MessageStatus.STREAMING]
+    if stuck:
+        if running or leases.owner_of(conversation_id) is not None:
+            # Being written: the ``start`` frame that follows shows it.
+            messages = [m for m in messages if m.id not in stuck]
+        else:
+            mark_interrupted(answer_ids=stuck)
+            for message in messages:
+                if message.id in stuck:
+                    message.status = MessageStatus.INTERRUPTED
     return {
         "conversation": conversation_dict(conversation),
-        "messages": [message_dict(m) for m in conversation.messages.all()],
+        "messages": [message_dict(m) for m in messages],
     }
 
 
@@ -109,18 +148,26 @@ def title_from(content: str) -> str:
     return words[: TITLE_CHARS - 1].rstrip() + "…"
 
 
-def _history(conversation: Conversation) -> list[ContextMessage]:
-    # Failed and empty answers are shown to the user but never sent upstream.
-    # Ids, pins and importance let context fitting choose what to leave out,
-    # and the page mark which messages were left out.
+def _history(
+    conversation: Conversation, before: Message | None = None
+) -> list[ContextMessage]:
+    # Failed, empty and unfinished answers are shown to the user but never
+    # sent upstream. Ids, pins and importance let context fitting choose what
+    # to leave out, and the page mark which messages were left out.
     history: list[ContextMessage] = []
     if conversation.system_prompt:
         history.append(
             ContextMessage("system", conversation.system_prompt, pinned=True)
         )
-    rows = conversation.messages.exclude(status=MessageStatus.ERROR).exclude(
-        role=MessageRole.ASSISTANT, content=""
-    )
+    rows = conversation.messages.exclude(
+        status__in=[
+            MessageStatus.ERROR,
+            MessageStatus.STREAMING,
+            MessageStatus.INTERRUPTED,
+        ]
+    ).exclude(role=MessageRole.ASSISTANT, content="")
+    if before is not None:
+        rows = rows.filter(_before_q(before))
     for message in rows:
         history.append(
             ContextMessage(
@@ -134,14 +181,25 @@ def _history(conversation: Conversation) -> list[ContextMessage]:
     return history
 
 
+def _before_q(message: Message) -> Q:
+    return Q(created_at__lt=message.created_at) | Q(
+        created_at=message.created_at, id__lt=message.id
+    )
+
+
+def _after_q(message: Message) -> Q:
+    return Q(created_at__gt=message.created_at) | Q(
+        created_at=message.created_at, id__gt=message.id
+    )
+
+
 def _touch(conversation: Conversation, model: str, now: datetime) -> None:
     conversation.model_name = model
     conversation.updated_at = now
     conversation.save(update_fields=["model_name", "updated_at", "title"])
 
 
-@transaction.atomic
-def start_turn(
+def plan_send(
     user: Any,
     conversation_id: uuid.UUID | None,
     content: str,
@@ -149,10 +207,11 @@ def start_turn(
     *,
     new_id: uuid.UUID | None = None,
 ) -> Turn:
-    """Store a new user message, in a new conversation when conversation_id is None."""
-    now = timezone.now()
+    """A new question, in a new conversation when conversation_id is None."""
+    question = ContextMessage(MessageRole.USER, content)
     if conversation_id is None:
-        conversation = Conversation.objects.create(
+        now = timezone.now()
+        conversation = Conversation(
             id=new_id or uuid.uuid4(),
             user=user,
             title=title_from(content),
@@ -160,32 +219,16 @@ def start_turn(
             created_at=now,
             updated_at=now,
         )
-    else:
-        conversation = owned_conversation(user, conversation_id)
-        if not conversation.title:
-            conversation.title = title_from(content)
-        _touch(conversation, model, now)
-    message = Message.objects.create(
-        conversation=conversation,
-        role=MessageRole.USER,
-        content=content,
-        token_count=tokens.count_text(content, model),
-        model_name=model,
-        created_at=now,
-    )
-    if conversation_id is None:
-        # A new conversation holds just this message: no need to read it back.
-        history = [ContextMessage(MessageRole.USER, content, id=message.id)]
-    else:
-        history = _history(conversation)
-    return Turn(conversation, message, model, history)
+        return Turn(
+            conversation, "send", content, model, [question], is_new_conversation=True
+        )
+    conversation = owned_conversation(user, conversation_id)
+    history = [*_history(conversation), question]
+    return Turn(conversation, "send", content, model, history)
 
 
-@transaction.atomic
-def prepare_regenerate(
-    user: Any, conversation_id: uuid.UUID, model: str | None
-) -> Turn:
-    """Drop the answer after the last user message so it can be asked again."""
+def plan_regenerate(user: Any, conversation_id: uuid.UUID, model: str | None) -> Turn:
+    """Answer the last question again; what came after it goes once admitted."""
     conversation = owned_conversation(user, conversation_id)
     last_user = (
         conversation.messages.filter(role=MessageRole.USER)
@@ -196,15 +239,20 @@ def prepare_regenerate(
         raise ChatError(
             "nothing_to_regenerate", "There is no question to answer again."
         )
-    _drop_after(last_user)
     model = model or conversation.model_name or last_user.model_name
-    _touch(conversation, model, timezone.now())
-    return Turn(conversation, last_user, model, _history(conversation))
+    history = [*_history(conversation, before=last_user), _context(last_user)]
+    return Turn(
+        conversation,
+        "regenerate",
+        last_user.content,
+        model,
+        history,
+        user_message=last_user,
+    )
 
 
-@transaction.atomic
-def prepare_edit(user: Any, message_id: int, content: str, model: str | None) -> Turn:
-    """Change a user message, drop everything after it, and answer it again."""
+def plan_edit(user: Any, message_id: int, content: str, model: str | None) -> Turn:
+    """Answer a rewritten question; the rewrite is stored once admitted."""
     try:
         message = Message.objects.select_related("conversation").get(
             id=message_id, conversation__user=user
@@ -215,19 +263,85 @@ def prepare_edit(user: Any, message_id: int, content: str, model: str | None) ->
         raise ChatError("invalid", "Only your own messages can be edited.")
     conversation = message.conversation
     model = model or conversation.model_name or message.model_name
-    _drop_after(message)
-    message.content = content
-    message.token_count = tokens.count_text(content, model)
-    message.model_name = model
-    message.save(update_fields=["content", "token_count", "model_name"])
-    _touch(conversation, model, timezone.now())
-    return Turn(conversation, message, model, _history(conversation))
+    rewritten = _context(message)
+    rewritten.content = content
+    history = [*_history(conversation, before=message), rewritten]
+    return Turn(conversation, "edit", content, model, history, user_message=message)
+
+
+def _context(message: Message) -> ContextMessage:
+    return ContextMessage(
+        message.role,
+        message.content,
+        id=message.id,
+        pinned=message.pinned,
+        importance=message.importance,
+    )
+
+
+@transaction.atomic
+def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
+    """Store the question and a placeholder answer: the gateway admitted it.
+
+    The placeholder (status streaming) carries the request id of the usage
+    record, so an answer whose process dies can be found and offered again.
+    """
+    now = timezone.now()
+    conversation = turn.conversation
+    if turn.is_new_conversation:
+        conversation.created_at = conversation.updated_at = now
+        conversation.save(force_insert=True)
+    else:
+        # Deleted since the turn was planned: nothing to answer into.
+        locked = (
+            Conversation.objects.select_for_update()
+            .filter(id=conversation.id, user_id=conversation.user_id)
+            .first()
+        )
+        if locked is None:
+            raise not_found()
+        conversation = turn.conversation = locked
+        if not conversation.title:
+            conversation.title = title_from(turn.content)
+        _touch(conversation, turn.model, now)
+    tokens_in = tokens.count_text(turn.content, turn.model)
+    if turn.kind == "send":
+        question = Message.objects.create(
+            conversation=conversation,
+            role=MessageRole.USER,
+            content=turn.content,
+            token_count=tokens_in,
+            model_name=turn.model,
+            created_at=now,
+        )
+        turn.history[-1].id = question.id
+    else:
+        assert turn.user_message is not None
+        question = turn.user_message
+        if not Message.objects.filter(id=question.id).exists():
+            raise not_found()
+        _drop_after(question)
+        if turn.kind == "edit":
+            question.content = turn.content
+            question.token_count = tokens_in
+            question.model_name = turn.model
+            question.save(update_fields=["content", "token_count", "model_name"])
+    turn.user_message = question
+    answer = Message.objects.create(
+        conversation=conversation,
+        role=MessageRole.ASSISTANT,
+        content="",
+        status=MessageStatus.STREAMING,
+        model_name=turn.model,
+        request_id=request_id,
+        created_at=now,
+    )
+    turn.answer_id = answer.id
 
 
 def _drop_after(message: Message) -> None:
     Message.objects.filter(conversation_id=message.conversation_id).filter(
-        Q(created_at__gt=message.created_at)
-        | Q(created_at=message.created_at, id__gt=message.id)
+        _after_q(message)
     ).delete()
 
 
@@ -247,33 +361,49 @@ class Answer:
 
 @transaction.atomic
 def save_answer(
-    conversation_id: uuid.UUID, user_message_id: int, answer: Answer
+    conversation_id: uuid.UUID, answer_id: int, answer: Answer
 ) -> dict[str, Any] | None:
-    """Store the assistant message; None when its question was deleted meanwhile."""
-    conversation = (
-        Conversation.objects.select_for_update().filter(id=conversation_id).first()
-    )
-    if (
-        conversation is None
-        or not conversation.messages.filter(id=user_message_id).exists()
-    ):
-        return None
+    """Store how the answer ended in its placeholder; None if it was deleted."""
     now = timezone.now()
-    message = Message.objects.create(
-        conversation=conversation,
-        role=MessageRole.ASSISTANT,
-        content=answer.content,
-        status=answer.status,
-        model_name=answer.model,
-        endpoint_id=answer.endpoint_id,
-        endpoint_name=answer.endpoint_name[:100],
-        usage_id=answer.usage_id,
-        token_count=answer.completion_tokens,
-        meta=answer.meta,
-        created_at=now,
-    )
+    fields = {
+        "content": answer.content,
+        "status": answer.status,
+        "model_name": answer.model,
+        "endpoint_id": answer.endpoint_id,
+        "endpoint_name": answer.endpoint_name[:100],
+        "usage_id": answer.usage_id,
+        "token_count": answer.completion_tokens,
+        "meta": answer.meta,
+    }
+    if not Message.objects.filter(id=answer_id).update(**fields):
+        return None
     Conversation.objects.filter(id=conversation_id).update(updated_at=now)
-    return message_dict(message)
+    return message_dict(Message.objects.get(id=answer_id))
+
+
+def mark_interrupted(
+    *, request_ids: list[uuid.UUID] | None = None, answer_ids: list[int] | None = None
+) -> int:
+    """Mark answers still "being written" as interrupted; how many changed.
+
+    A compare-and-set on the status: an answer that ended meanwhile keeps
+    what its process stored.
+    """
+    rows = Message.objects.filter(status=MessageStatus.STREAMING)
+    if request_ids is not None:
+        rows = rows.filter(request_id__in=request_ids)
+    if answer_ids is not None:
+        rows = rows.filter(id__in=answer_ids)
+    return rows.update(status=MessageStatus.INTERRUPTED)
+
+
+@receiver(requests_abandoned)
+def _interrupt_abandoned(
+    sender: Any, *, request_ids: list[uuid.UUID], **kwargs: Any
+) -> None:
+    # The sweeper found these requests' process dead and released their
+    # reservations: their answers will never be finished.
+    mark_interrupted(request_ids=list(request_ids))
 
 
 def list_conversations(

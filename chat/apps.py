@@ -8,6 +8,7 @@ class ChatConfig(AppConfig):
     name = "chat"
 
     def ready(self) -> None:
-        # Connects the settings-reset and session receivers and registers the
-        # system checks.
-        from chat import checks, conf, sessions  # noqa: F401
+        # Connects the settings-reset and session receivers, the receiver of
+        # abandoned requests (the monitor's sweeper sends it) and the system
+        # checks.
+        from chat import actions, checks, conf, sessions  # noqa: F401

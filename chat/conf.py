@@ -19,6 +19,9 @@ DEFAULTS: dict[str, float] = {
     # How long an answer keeps streaming after its last socket went away, so a
     # reload or a dropped connection can resume it; 0 cancels at once.
     "CHAT_RESUME_GRACE_SECONDS": 10,
+    # How long a conversation stays claimed by a web process that stopped
+    # renewing the claim (it died); renewed every third of it.
+    "CHAT_LEASE_SECONDS": 15,
 }
 
 
@@ -30,6 +33,7 @@ class ChatSettings:
     max_concurrent_generations: int
     frame_interval: float
     resume_grace: float
+    lease_seconds: float
 
     @property
     def max_frame_chars(self) -> int:
@@ -50,6 +54,7 @@ def chat_settings() -> ChatSettings:
         max_concurrent_generations=int(read("CHAT_MAX_CONCURRENT_GENERATIONS")),
         frame_interval=read("CHAT_FRAME_INTERVAL_MS") / 1000,
         resume_grace=float(read("CHAT_RESUME_GRACE_SECONDS")),
+        lease_seconds=float(read("CHAT_LEASE_SECONDS")),
     )
 
 

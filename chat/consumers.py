@@ -136,7 +136,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.held = []
         try:
             opened = await database_sync_to_async(actions.open_conversation)(
-                self.user, conversation_id
+                self.user,
+                conversation_id,
+                running=self.registry.get(conversation_id) is not None,
             )
             await self._show(conversation_id)
             # Joining again is harmless: it resends the answer so far, which

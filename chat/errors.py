@@ -40,9 +40,23 @@ def _seconds(retry_after: float | None) -> str:
 
 
 def from_service(
-    code: str, message: str, retry_after: float | None, *, partial: bool = False
+    code: str,
+    message: str,
+    retry_after: float | None,
+    *,
+    partial: bool = False,
+    refused: bool = False,
 ) -> ChatError:
-    """An error of the gateway, worded for the person who asked."""
+    """An error of the gateway, worded for the person who asked.
+
+    ``refused``: nothing was stored, the text stays in the browser's input.
+    """
+    if refused:
+        when = "" if code == "rate_limited" else f" Try again {_seconds(retry_after)}."
+        if code in ("budget_exhausted", "context_too_large", "model_not_found"):
+            when = ""
+        text = f"{message}{when} Nothing was sent; your text is still here."
+        return ChatError(str(code), text, retry_after=retry_after)
     if code == "all_endpoints_unavailable":
         text = (
             "No endpoint can answer right now: every one is down or failing. "

@@ -10,15 +10,23 @@ frame and only for such extra listeners.
 Life of an answer:
 
 - ``start()`` checks ownership, claims the conversation and a per-user slot
-  (chat.leases), stores the user message and starts the task.
+  (chat.leases), plans the turn without storing anything and starts the task.
+- Once the gateway admits the request (its rate limits and budget said yes),
+  the question and a placeholder answer (status streaming, with the usage
+  record's request id) are stored, and only then does the ``start`` frame go
+  out. A request refused before that (rate limit, budget, context too large,
+  no endpoint) leaves the conversation as it was: the asker gets an ``error``
+  frame with ``refused: true`` and keeps the text.
 - Deltas are coalesced: at most one ``delta`` frame per CHAT_FRAME_INTERVAL_MS.
 - ``stop`` cancels the task at once: the upstream request is closed, the
   partial answer is stored as partial with its (cancelled) usage record.
 - When the last listener leaves, the answer keeps streaming for
   CHAT_RESUME_GRACE_SECONDS so a reload or a dropped connection can resume it,
   then it is cancelled as if stopped. With a grace of 0 it is cancelled at once.
-- At the end the assistant message is stored, the claims are released and the
-  last frame (``done`` or ``error``) goes to every listener.
+- At the end the placeholder answer is updated, the claims are released and
+  the last frame (``done`` or ``error``) goes to every listener.
+- On SIGTERM (llmsite.shutdown) answers run on for the grace period, then
+  are stopped with the reason ``shutdown``; new ones are refused.
 """
 
 from __future__ import annotations
@@ -43,10 +51,13 @@ from chat.models import MessageStatus
 from chat.protocol import Edit, Regenerate, Send
 from gateway import accounting, router, service
 from gateway.models import UsageRecord
+from llmsite.shutdown import RETRY_AFTER_SECONDS, shutdown
 
 logger = logging.getLogger(__name__)
 
 GROUP_PREFIX = "chat.conv."
+# How long a stop sent to another process waits for that process to confirm.
+STOP_ACK_SECONDS = 2.0
 
 
 def group_name(conversation_id: uuid.UUID) -> str:
@@ -83,8 +94,11 @@ class Generation:
         self.conversation_id: uuid.UUID = turn.conversation.id
         # Every frame names its conversation; converted once.
         self._cid = str(self.conversation_id)
-        self.conversation = actions.conversation_dict(turn.conversation)
-        self.user_message = actions.message_dict(turn.user_message)
+        self.turn = turn
+        # Known once the turn is stored (the gateway admitted the request).
+        self.conversation: dict[str, Any] | None = None
+        self.user_message: dict[str, Any] | None = None
+        self.origin: Listener | None = None
         self.model = turn.model
         self.history = turn.history
         self.lease = lease
@@ -131,14 +145,17 @@ class Generation:
     async def attach(self, listener: Listener) -> None:
         """Add a socket in this process; it first gets the answer so far."""
         async with self._lock:
-            await listener.deliver(encode(self.start_frame()))
+            if self.turn.committed:
+                await listener.deliver(encode(self.start_frame()))
             self.local.add(listener)
             self._keep()
 
     async def attach_remote(self, channel: str) -> None:
         """Add a socket served by another process, through the channel layer."""
         async with self._lock:
-            if await self.registry.send_remote(channel, encode(self.start_frame())):
+            if not self.turn.committed or await self.registry.send_remote(
+                channel, encode(self.start_frame())
+            ):
                 self.remote.add(channel)
                 self._keep()
 
@@ -159,6 +176,10 @@ class Generation:
 
     def _maybe_abandoned(self) -> None:
         if self.local or self.remote or self._grace is not None:
+            return
+        if shutdown.draining:
+            # The server closes every socket as it shuts down; the answer is
+            # still stored, within the shutdown's grace period.
             return
         grace = chat_settings().resume_grace
         if grace <= 0:
@@ -183,6 +204,7 @@ class Generation:
             self._run(), name=f"chat-answer-{self.conversation_id}"
         )
         self._pump = asyncio.create_task(self._pump_frames())
+        shutdown.track(self.task, lambda: self.stop("shutdown"))
         return self.task
 
     async def wait(self) -> None:
@@ -202,10 +224,15 @@ class Generation:
                     user_id=self.user_id,
                     conversation_id=self.conversation_id,
                     request_id=self.request_id,
+                    on_admitted=self._commit,
                 )
                 events = service.stream_chat(caller, self.model, self.history)
                 async with contextlib.aclosing(events):
                     async for event in events:
+                        if not isinstance(event, service.Fallback):
+                            # Admission may not have been asked (a cached
+                            # answer in degraded mode): an answer is coming.
+                            await self._commit()
                         if isinstance(event, service.Delta):
                             self._push_text(event.text)
                         elif isinstance(event, service.Started):
@@ -217,6 +244,9 @@ class Generation:
         except service.Rejected as exc:
             error = errors.from_service(exc.code, exc.message, exc.retry_after)
             self._rejected = exc
+        except ChatError as exc:
+            # Storing the turn on admission refused it (deleted meanwhile).
+            error = exc
         except asyncio.CancelledError:
             # Our own stop: the service has closed the upstream request and
             # written the usage record as cancelled. Go on to store the answer.
@@ -234,6 +264,20 @@ class Generation:
         finally:
             self._streaming = False
         await self._finish(done, error)
+
+    async def _commit(self) -> None:
+        """The gateway admitted the request: store the turn, tell the sockets."""
+        if self.turn.committed:
+            return
+        await database_sync_to_async(actions.commit_turn)(self.turn, self.request_id)
+        assert self.turn.user_message is not None
+        self.conversation = actions.conversation_dict(self.turn.conversation)
+        self.user_message = actions.message_dict(self.turn.user_message)
+        async with self._lock:
+            await self._broadcast(encode(self.start_frame()))
+        # Frames held back until now (fallbacks before the first answer).
+        self._dirty.set()
+        await self.registry.announce(self)
 
     def _push_text(self, text: str) -> None:
         if not text:
@@ -279,6 +323,8 @@ class Generation:
             await asyncio.sleep(interval)
 
     async def _flush(self) -> None:
+        if not self.turn.committed:
+            return
         async with self._lock:
             items, self._outbox = self._outbox, []
             for item in items:
@@ -313,6 +359,10 @@ class Generation:
         if self._pump is not None:
             with contextlib.suppress(Exception):
                 await self._pump
+        if not self.turn.committed:
+            await self._refused(error)
+            return
+        assert self.turn.answer_id is not None
         saved = None
         # The done frame's budget_remaining, when no Done carries it.
         record_budget: dict[str, Any] = {}
@@ -324,7 +374,7 @@ class Generation:
                 # usage, but the cancelled record does.
                 record_budget = await self._from_record(answer)
             saved = await database_sync_to_async(actions.save_answer)(
-                self.conversation_id, self.user_message["id"], answer
+                self.conversation_id, self.turn.answer_id, answer
             )
         except Exception:
             logger.exception("storing the answer of %s failed", self.conversation_id)
@@ -412,6 +462,34 @@ class Generation:
             logger.exception("reading the usage record of %s failed", self._cid)
             return {}
 
+    async def _refused(self, error: ChatError | None) -> None:
+        # Nothing was stored: the asker keeps the text, the conversation (if
+        # any) is as it was, and the claims are given back.
+        await self.registry.forget(self)
+        if self._rejected is not None:
+            rejected = self._rejected
+            error = errors.from_service(
+                rejected.code, rejected.message, rejected.retry_after, refused=True
+            )
+        elif error is None:
+            if self.stop_reason is not None:
+                error = ChatError(
+                    "stopped", "Stopped before the answer began; nothing was sent."
+                )
+            else:
+                error = ChatError(
+                    "internal_error", "Something went wrong on our side; try again."
+                )
+        extra: dict[str, Any] = {"request": self.turn.kind, "refused": True}
+        if not self.turn.is_new_conversation:
+            extra["conversation_id"] = self._cid
+        text = encode(error.frame(**extra))
+        async with self._lock:
+            await self._broadcast(text)
+            self.local.clear()
+            self.remote.clear()
+        self._keep()
+
     def _record_id(self) -> int | None:
         return (
             UsageRecord.objects.filter(request_id=self.request_id)
@@ -492,7 +570,9 @@ def hop_dict(hop: router.Hop) -> dict[str, Any]:
 def prepare_for(
     user: Any, request: Send | Regenerate | Edit
 ) -> Callable[[str], tuple[actions.Turn, leases.Lease]]:
-    """The synchronous first step of an answer: check, claim, store the question.
+    """The synchronous first step of an answer: check, claim, plan the turn.
+
+    Nothing is stored here: the turn is stored once the gateway admits it.
 
     Ownership is checked before anything is claimed, so a busy conversation of
     another user looks exactly like a missing one.
@@ -510,7 +590,7 @@ def prepare_for(
                 ).id
 
             def build() -> actions.Turn:
-                return actions.start_turn(
+                return actions.plan_send(
                     user,
                     request.conversation_id,
                     request.content,
@@ -524,13 +604,13 @@ def prepare_for(
             ).id
 
             def build() -> actions.Turn:
-                return actions.prepare_regenerate(user, conversation_id, model)
+                return actions.plan_regenerate(user, conversation_id, model)
 
         else:
             conversation_id = actions.conversation_of_message(user, request.message_id)
 
             def build() -> actions.Turn:
-                return actions.prepare_edit(
+                return actions.plan_edit(
                     user, request.message_id, request.content, model
                 )
 
@@ -566,6 +646,7 @@ class GenerationRegistry:
         self._channel: str | None = None
         self._control: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._acks: dict[str, asyncio.Future[bool]] = {}
 
     async def _ready(self) -> None:
         # Per event loop: a test suite runs many loops in one process.
@@ -602,20 +683,29 @@ class GenerationRegistry:
         prepare: Callable[[str], tuple[actions.Turn, leases.Lease]],
         listener: Listener | None,
     ) -> Generation:
-        """Store the question (``prepare``) and start answering it."""
+        """Plan the turn (``prepare``) and start answering it."""
+        if shutdown.draining:
+            raise ChatError(
+                "server_restarting",
+                "The server is restarting. Nothing was sent; your text is still "
+                "here. Send it again in a few seconds.",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
         await self._ready()
         turn, lease = await database_sync_to_async(prepare)(self.channel)
         generation = Generation(self, user, turn, lease)
+        generation.origin = listener
         self._running[generation.conversation_id] = generation
         if listener is not None:
             await generation.attach(listener)
         generation.run()
         self._ensure_renewer()
-        await self._announce(generation, listener)
         return generation
 
-    async def _announce(self, generation: Generation, origin: Listener | None) -> None:
-        # Other tabs showing this conversation join the stream themselves.
+    async def announce(self, generation: Generation) -> None:
+        """Tell other tabs showing the conversation that an answer began."""
+        # They join the stream themselves.
+        origin = generation.origin
         if self._layer is None:
             return
         with contextlib.suppress(Exception):
@@ -635,7 +725,7 @@ class GenerationRegistry:
         try:
             await sync_to_async(leases.release)(generation.lease)
         except Exception:
-            # The claims expire on their own after LEASE_SECONDS.
+            # The claims expire on their own after CHAT_LEASE_SECONDS.
             logger.exception(
                 "releasing the claims of %s failed", generation.conversation_id
             )
@@ -646,7 +736,7 @@ class GenerationRegistry:
 
     async def _renew(self) -> None:
         while self._running:
-            await asyncio.sleep(leases.RENEW_SECONDS)
+            await asyncio.sleep(leases.renew_seconds())
             current = [g.lease for g in self._running.values()]
             try:
                 await sync_to_async(leases.renew)(current)
@@ -713,16 +803,31 @@ class GenerationRegistry:
         if self._layer is None:
             return False
         owner = await sync_to_async(leases.owner_of)(conversation_id)
-        if not owner:
+        if not owner or owner == self._channel:
             return False
-        return await self._send_control(
-            owner,
-            {
-                "type": "chat.stop",
-                "conversation_id": str(conversation_id),
-                "user_id": user_id,
-            },
-        )
+        # Stopped only if the process running it says so: its answer may have
+        # ended meanwhile, or the process died with its claim still held.
+        token = uuid.uuid4().hex
+        reply: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._acks[token] = reply
+        try:
+            sent = await self._send_control(
+                owner,
+                {
+                    "type": "chat.stop",
+                    "conversation_id": str(conversation_id),
+                    "user_id": user_id,
+                    "reply_to": self._channel,
+                    "token": token,
+                },
+            )
+            if not sent:
+                return False
+            return await asyncio.wait_for(reply, STOP_ACK_SECONDS)
+        except TimeoutError:
+            return False
+        finally:
+            self._acks.pop(token, None)
 
     # Channel layer -------------------------------------------------------------
 
@@ -756,9 +861,31 @@ class GenerationRegistry:
                 logger.exception("chat control message %r failed", message.get("type"))
 
     async def _on_control(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "chat.stop_ack":
+            reply = self._acks.get(str(message.get("token")))
+            if reply is not None and not reply.done():
+                reply.set_result(message.get("stopped") is True)
+            return
         conversation_id = uuid.UUID(message["conversation_id"])
         generation = self._running.get(conversation_id)
-        kind = message["type"]
+        if kind == "chat.stop":
+            stopped = (
+                generation is not None and message.get("user_id") == generation.user_id
+            )
+            if stopped:
+                assert generation is not None
+                generation.stop("stop")
+            if isinstance(message.get("reply_to"), str):
+                await self._send_control(
+                    message["reply_to"],
+                    {
+                        "type": "chat.stop_ack",
+                        "token": str(message.get("token")),
+                        "stopped": stopped,
+                    },
+                )
+            return
         if generation is None:
             if kind == "chat.attach":
                 # It ended meanwhile: the page reloads the stored answer.
@@ -771,8 +898,6 @@ class GenerationRegistry:
             await generation.attach_remote(message["reply_to"])
         elif kind == "chat.detach":
             generation.detach_remote(message["channel"])
-        elif kind == "chat.stop" and message.get("user_id") == generation.user_id:
-            generation.stop("stop")
 
 
 registry = GenerationRegistry()

@@ -9,8 +9,10 @@ the local-memory and the Redis cache):
 - ``chat:slot:<user>:<n>``: one of the user's CHAT_MAX_CONCURRENT_GENERATIONS
   slots, so the limit holds across every web process.
 
-Claims expire after LEASE_SECONDS unless the running process renews them, so
-a process that dies does not block its users for longer than that.
+Claims expire after CHAT_LEASE_SECONDS unless the running process renews them
+(every third of that), so a process that dies (``kill -9``, a lost machine)
+blocks its users' conversations for at most that long; an answer it left
+unfinished then shows as interrupted, with Retry (chat.actions.open_conversation).
 """
 
 from __future__ import annotations
@@ -20,10 +22,18 @@ from dataclasses import dataclass
 
 from django.core.cache import cache
 
+from chat.conf import chat_settings
 from chat.errors import ChatError
 
-LEASE_SECONDS = 60
-RENEW_SECONDS = LEASE_SECONDS / 3
+
+def lease_seconds() -> float:
+    """How long a claim lasts unless renewed."""
+    return chat_settings().lease_seconds
+
+
+def renew_seconds() -> float:
+    """How often claims are renewed: a missed renewal does not lose them."""
+    return lease_seconds() / 3
 
 
 def conversation_key(conversation_id: uuid.UUID) -> str:
@@ -46,7 +56,8 @@ class Lease:
 def claim(user_id: int, conversation_id: uuid.UUID, limit: int, owner: str) -> Lease:
     """Take the conversation and one of the user's slots, or raise ChatError."""
     key = conversation_key(conversation_id)
-    if not cache.add(key, owner, LEASE_SECONDS):
+    ttl = lease_seconds()
+    if not cache.add(key, owner, ttl):
         raise ChatError(
             "busy",
             "An answer is already being written in this conversation. "
@@ -54,7 +65,7 @@ def claim(user_id: int, conversation_id: uuid.UUID, limit: int, owner: str) -> L
         )
     for index in range(limit):
         slot = f"chat:slot:{user_id}:{index}"
-        if cache.add(slot, owner, LEASE_SECONDS):
+        if cache.add(slot, owner, ttl):
             return Lease(key, slot, owner)
     cache.delete(key)
     answers = "answer" if limit == 1 else "answers"
@@ -71,7 +82,7 @@ def renew(leases: list[Lease]) -> None:
     for lease in leases:
         items.update(lease.as_items())
     if items:
-        cache.set_many(items, LEASE_SECONDS)
+        cache.set_many(items, lease_seconds())
 
 
 def release(lease: Lease) -> None:

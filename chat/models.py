@@ -48,6 +48,11 @@ class MessageStatus(models.TextChoices):
     COMPLETE = "complete", "Complete"
     PARTIAL = "partial", "Partial"
     ERROR = "error", "Error"
+    # An answer being written: stored when the gateway admits the request,
+    # updated when it ends. One left behind by a dead process is shown (and
+    # marked) as interrupted, with Retry.
+    STREAMING = "streaming", "Being written"
+    INTERRUPTED = "interrupted", "Interrupted"
 
 
 class Message(models.Model):
@@ -76,6 +81,9 @@ class Message(models.Model):
     usage = models.OneToOneField(
         UsageRecord, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
+    # The usage record's request id of the answer being written: how a
+    # process that finds the request abandoned finds its message.
+    request_id = models.UUIDField(null=True, blank=True, editable=False)
     # What the UI shows under an answer: hops, tokens, latency, error text.
     meta = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
@@ -86,6 +94,12 @@ class Message(models.Model):
             # Loading a conversation in order.
             models.Index(
                 fields=["conversation", "created_at"], name="message_conv_time"
+            ),
+            # Marking the answers of abandoned requests interrupted.
+            models.Index(
+                fields=["request_id"],
+                name="message_request_id",
+                condition=models.Q(request_id__isnull=False),
             ),
         ]
 

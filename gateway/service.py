@@ -46,7 +46,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -102,6 +102,12 @@ class Caller:
     # The usage record's id-to-be; callers that need to find the record of a
     # stopped request choose it. A Caller then serves one request only.
     request_id: uuid.UUID | None = None
+    # Awaited once the caller's limits and budget have admitted the request,
+    # before anything goes upstream: the chat stores the question only then,
+    # so a refused request leaves nothing behind.
+    on_admitted: Callable[[], Awaitable[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 class RejectCode(StrEnum):
@@ -408,6 +414,8 @@ class _Request:
             ) from exc
         self.reserved_for_caller = tokens
         self.admitted = True
+        if caller.on_admitted is not None:
+            await caller.on_admitted()
 
     async def admit_endpoint(self, config: EndpointConfig, tokens: int) -> bool:
         """The router's hook before each route: limits, reservation, budgets.

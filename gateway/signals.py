@@ -15,3 +15,8 @@ budget_threshold_crossed = Signal()
 # sender=Endpoint; kwargs: endpoint (Endpoint), old_status (str), new_status (str),
 # reason (str): "probe", "breaker_open", "breaker_closed", "reenabled".
 endpoint_status_changed = Signal()
+
+# sender=None; kwargs: request_ids (list[uuid.UUID]): the usage request ids of
+# requests whose web process died before they ended (their reservations have
+# just been released). The chat marks their answers interrupted.
+requests_abandoned = Signal()

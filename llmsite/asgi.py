@@ -20,10 +20,11 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from gateway import tokens  # noqa: E402
 from llmsite.origins import SameOriginValidator  # noqa: E402
+from llmsite.shutdown import GracefulApp, install_daphne_hook  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_http) if settings.SERVE_STATIC else django_http
 
-application = ProtocolTypeRouter(
+router = ProtocolTypeRouter(
     {
         "http": http_app,
         # Browsers always send Origin on websockets; other origins (another
@@ -34,6 +35,11 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+# SIGTERM: finish the answers in flight (up to SHUTDOWN_GRACE_SECONDS), refuse
+# new ones, write their usage records, then exit (llmsite/shutdown.py).
+application = GracefulApp(router)
+install_daphne_hook()
 
 # Load the token encodings now rather than on the first request, then move
 # everything loaded so far (their rank tables hold hundreds of thousands of

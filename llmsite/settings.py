@@ -332,6 +332,12 @@ GATEWAY_POLICY_CACHE_SECONDS = _env_float("GATEWAY_POLICY_CACHE_SECONDS", 5.0)
 # Usage records are gathered for this long and written in one transaction.
 USAGE_WRITE_DELAY_MS = _env_int("USAGE_WRITE_DELAY_MS", 50)
 
+# How long a web process lets requests and answers in flight finish after
+# SIGTERM before it cuts them (partial answer and usage record kept).
+SHUTDOWN_GRACE_SECONDS = _env_float("SHUTDOWN_GRACE_SECONDS", 20.0)
+if SHUTDOWN_GRACE_SECONDS < 0:
+    raise ImproperlyConfigured("SHUTDOWN_GRACE_SECONDS must be 0 or more")
+
 # --- Chat ------------------------------------------------------------------
 
 CHAT_MAX_MESSAGE_CHARS = _env_int("CHAT_MAX_MESSAGE_CHARS", 32_000)
@@ -343,6 +349,11 @@ CHAT_FRAME_INTERVAL_MS = _env_int("CHAT_FRAME_INTERVAL_MS", 40)
 CHAT_RESUME_GRACE_SECONDS = _env_float("CHAT_RESUME_GRACE_SECONDS", 10.0)
 if CHAT_RESUME_GRACE_SECONDS < 0:
     raise ImproperlyConfigured("CHAT_RESUME_GRACE_SECONDS must be 0 or more")
+# How long a dead web process keeps its conversations "busy" (its claims are
+# renewed every third of this while it lives).
+CHAT_LEASE_SECONDS = _env_float("CHAT_LEASE_SECONDS", 15.0)
+if CHAT_LEASE_SECONDS < 3:
+    raise ImproperlyConfigured("CHAT_LEASE_SECONDS must be at least 3")
 
 # --- Monitoring ------------------------------------------------------------
 

@@ -17,15 +17,16 @@ pytestmark = pytest.mark.django_db
 def test_a_first_message_creates_a_conversation_titled_after_it(owner, model_route):
     new_id = uuid.uuid4()
 
-    turn = actions.start_turn(
+    turn = actions.plan_send(
         owner,
         None,
         "  How do   tides work?\nAnd why twice a day?",
         MODEL,
         new_id=new_id,
     )
+    actions.commit_turn(turn, uuid.uuid4())
 
-    assert turn.conversation.id == new_id
+    assert Conversation.objects.get().id == new_id
     assert turn.conversation.title == "How do tides work? And why twice a day?"
     assert turn.user_message.content.startswith("  How do")
     assert turn.user_message.token_count > 0
@@ -53,7 +54,7 @@ def test_history_keeps_the_system_prompt_and_skips_failed_answers(
     conversation.system_prompt = "Be brief."
     conversation.save()
 
-    turn = actions.start_turn(owner, conversation.id, "two", MODEL)
+    turn = actions.plan_send(owner, conversation.id, "two", MODEL)
 
     assert [(m.role, m.content) for m in turn.history] == [
         ("system", "Be brief."),
@@ -70,7 +71,7 @@ def test_nobody_can_write_into_another_users_conversation(
     conversation = make_conversation(owner, (USER, "mine"))
 
     with pytest.raises(ChatError) as caught:
-        actions.start_turn(other_user, conversation.id, "hello", MODEL)
+        actions.plan_send(other_user, conversation.id, "hello", MODEL)
 
     assert caught.value.code == "not_found"
     assert conversation.messages.count() == 1
@@ -83,13 +84,16 @@ def test_regenerate_drops_the_last_answer_and_keeps_the_question(
         owner, (USER, "q1"), (ASSISTANT, "a1"), (USER, "q2"), (ASSISTANT, "a2")
     )
 
-    turn = actions.prepare_regenerate(owner, conversation.id, None)
+    turn = actions.plan_regenerate(owner, conversation.id, None)
+    actions.commit_turn(turn, uuid.uuid4())
 
     assert turn.user_message.content == "q2"
-    assert list(conversation.messages.values_list("content", flat=True)) == [
-        "q1",
-        "a1",
-        "q2",
+    assert [m.content for m in turn.history] == ["q1", "a1", "q2"]
+    assert list(conversation.messages.values_list("content", "status")) == [
+        ("q1", MessageStatus.COMPLETE),
+        ("a1", MessageStatus.COMPLETE),
+        ("q2", MessageStatus.COMPLETE),
+        ("", MessageStatus.STREAMING),
     ]
 
 
@@ -101,11 +105,13 @@ def test_edit_rewrites_the_question_and_forgets_what_came_after(
     )
     first = conversation.messages.first()
 
-    turn = actions.prepare_edit(owner, first.id, "q1, better", None)
+    turn = actions.plan_edit(owner, first.id, "q1, better", None)
+    actions.commit_turn(turn, uuid.uuid4())
 
     assert turn.user_message.id == first.id
     assert list(conversation.messages.values_list("content", flat=True)) == [
-        "q1, better"
+        "q1, better",
+        "",
     ]
 
 
@@ -114,7 +120,7 @@ def test_only_user_messages_can_be_edited(owner, make_conversation):
     answer = conversation.messages.last()
 
     with pytest.raises(ChatError) as caught:
-        actions.prepare_edit(owner, answer.id, "rewritten", None)
+        actions.plan_edit(owner, answer.id, "rewritten", None)
 
     assert caught.value.code == "invalid"
 
@@ -123,7 +129,7 @@ def test_another_users_message_cannot_be_edited(owner, other_user, make_conversa
     question = make_conversation(owner, (USER, "q")).messages.get()
 
     with pytest.raises(ChatError) as caught:
-        actions.prepare_edit(other_user, question.id, "mine now", None)
+        actions.plan_edit(other_user, question.id, "mine now", None)
 
     assert caught.value.code == "not_found"
     question.refresh_from_db()
@@ -131,13 +137,13 @@ def test_another_users_message_cannot_be_edited(owner, other_user, make_conversa
 
 
 def test_an_answer_is_stored_with_its_footer(owner, make_conversation):
-    conversation = make_conversation(owner, (USER, "q"))
-    question = conversation.messages.get()
+    conversation = make_conversation(owner, (USER, "q"), (ASSISTANT, "", "streaming"))
+    placeholder = conversation.messages.last()
     meta = {"endpoint": "primary", "usage": {"prompt_tokens": 5}}
 
     saved = actions.save_answer(
         conversation.id,
-        question.id,
+        placeholder.id,
         actions.Answer(
             content="a", status=MessageStatus.COMPLETE, model=MODEL, meta=meta
         ),
@@ -148,13 +154,13 @@ def test_an_answer_is_stored_with_its_footer(owner, make_conversation):
 
 
 def test_an_answer_to_a_deleted_conversation_is_dropped(owner, make_conversation):
-    conversation = make_conversation(owner, (USER, "q"))
-    question = conversation.messages.get()
+    conversation = make_conversation(owner, (USER, "q"), (ASSISTANT, "", "streaming"))
+    placeholder = conversation.messages.last()
     conversation.delete()
 
     saved = actions.save_answer(
         conversation.id,
-        question.id,
+        placeholder.id,
         actions.Answer(content="a", status=MessageStatus.PARTIAL, model=MODEL),
     )
 

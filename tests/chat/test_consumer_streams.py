@@ -22,8 +22,8 @@ from django.urls import path
 from chat.consumers import ChatConsumer
 from chat.generation import GenerationRegistry, registry
 from chat.models import Conversation, Message, MessageRole, MessageStatus
+from gateway import accounting, router
 from gateway import client as upstream_client
-from gateway import router
 from gateway.models import Endpoint, ModelRoute, UsageRecord, UsageStatus
 from gateway.simulator import Behaviour, SimulatedUpstream, generated_tokens
 from llmsite.asgi import application
@@ -382,7 +382,7 @@ async def test_a_fallback_is_announced_and_recorded(alice, routes, upstream):
     await tab.disconnect()
 
 
-async def test_a_refusal_is_stored_as_an_error_the_user_can_retry(
+async def test_a_refused_send_stores_nothing_but_its_usage_record(
     alice, routes, settings
 ):
     settings.RATE_LIMIT_RPM = 1
@@ -394,15 +394,17 @@ async def test_a_refusal_is_stored_as_an_error_the_user_can_retry(
     frames = await frames_until(tab, "error")
 
     error = frames[-1]
+    assert [f["type"] for f in frames] == ["error"]
     assert error["code"] == "rate_limited"
     assert error["retry_after"] > 0
-    assert "Your message is saved" in error["message"]
-    assert error["answer"]["status"] == MessageStatus.ERROR
-    assert await Message.objects.filter(content="Once more").aexists()
+    assert (error["request"], error["refused"]) == ("send", True)
+    assert "your text is still here" in error["message"]
+    assert "answer" not in error
+    assert not await Message.objects.filter(content="Once more").aexists()
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2
+    await accounting.flush()
     statuses = [r.status for r in await records()]
     assert statuses == [UsageStatus.OK, UsageStatus.REJECTED]
-    stored_error = await Message.objects.aget(id=error["answer"]["id"])
-    assert stored_error.usage_id == (await records())[-1].id
     await tab.disconnect()
 
 

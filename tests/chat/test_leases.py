@@ -58,9 +58,9 @@ def test_claims_of_a_dead_process_expire_unless_renewed(settings):
         kept = leases.claim(1, uuid.uuid4(), 2, "alive")
         lost = leases.claim(1, uuid.uuid4(), 2, "dead")
 
-        traveller.shift(leases.RENEW_SECONDS)
+        traveller.shift(leases.renew_seconds())
         leases.renew([kept])
-        traveller.shift(leases.LEASE_SECONDS - leases.RENEW_SECONDS + 1)
+        traveller.shift(leases.lease_seconds() - leases.renew_seconds() + 1)
 
         assert leases.owner_of(uuid.UUID(kept.conversation_key.rsplit(":")[-1])) == (
             "alive"

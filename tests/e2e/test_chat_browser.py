@@ -458,3 +458,47 @@ def test_sidebar_titles_use_the_width_and_show_a_running_answer(
     assert row.locator(".icon-btn").first.bounding_box()["width"] > 10
     page.click("#stop")
     wait_for_answer(page)
+
+
+def test_a_refused_message_stays_in_the_input_with_the_reason(
+    page, login, owner, sim_model, screenshot
+):
+    Budget.objects.create(scope=BudgetScope.USER, user=owner, token_limit=1)
+    login(page, owner)
+
+    ask(page, "Is there budget left?")
+    page.wait_for_selector("#banner:not([hidden])")
+    screenshot(page, "16-refused-send-kept")
+
+    assert "your text is still here" in page.locator("#banner").inner_text()
+    assert page.input_value("#input") == "Is there budget left?"
+    assert page.locator(".msg-user").count() == 0
+    assert not Conversation.objects.exists()
+
+
+def test_an_interrupted_answer_offers_retry(page, login, owner, sim_model, screenshot):
+    conversation = Conversation.objects.create(
+        user=owner, title="Cut short", model_name=SIM_MODEL
+    )
+    Message.objects.create(
+        conversation=conversation, role=MessageRole.USER, content="Still there?"
+    )
+    Message.objects.create(
+        conversation=conversation,
+        role=MessageRole.ASSISTANT,
+        status=MessageStatus.STREAMING,
+        model_name=SIM_MODEL,
+    )
+    login(page, owner, f"/chat/c/{conversation.id}/")
+
+    page.wait_for_selector(".msg-assistant[data-status=interrupted]")
+    screenshot(page, "17-interrupted-answer")
+    notice = page.locator(".msg-assistant .msg-error").inner_text()
+    page.click(".msg-assistant .regenerate")
+    page.wait_for_selector(".msg-assistant[data-status=complete]", timeout=20_000)
+
+    assert notice.startswith("Interrupted.")
+    assert page.locator(".msg-assistant").count() == 1
+    assert Message.objects.get(role=MessageRole.ASSISTANT).status == (
+        MessageStatus.COMPLETE
+    )

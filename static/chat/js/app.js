@@ -43,6 +43,8 @@ const state = {
   // {conversationId, userMessageId, seq, text, meta, element}.
   live: null,
   pendingSend: null,
+  // The last edit sent: {id, content}, reopened in its editor if refused.
+  pendingEdit: null,
   // A send pressed while the socket was not open yet: sent once it opens.
   queuedFrame: null,
   renderQueued: false,
@@ -364,6 +366,7 @@ function startEdit(article) {
     event.preventDefault();
     if (!area.value.trim() || isStreamingHere()) return;
     if (sendFrame({ type: "edit", message_id: id, content: area.value, model: ui.model.value })) {
+      state.pendingEdit = { id, content: area.value };
       close();
     }
   });
@@ -396,6 +399,7 @@ const handlers = {
 
   start(frame) {
     const id = frame.conversation_id;
+    state.pendingEdit = null;
     sidebar.upsert(frame.conversation);
     sidebar.setRunning(id, true);
     const mine = state.pendingSend !== null && state.conversationId === null;
@@ -476,6 +480,7 @@ const handlers = {
       return;
     }
     if (frame.request === "send" || frame.code === "busy") state.pendingSend = null;
+    if (frame.refused) restoreRefused(frame);
     if (frame.request === "open" && frame.code === "not_found") {
       newChat({ push: true });
     }
@@ -492,6 +497,24 @@ const handlers = {
 
   pong() {},
 };
+
+// Nothing was stored for a refused send, regenerate or edit: give the text
+// back where it was typed, with the reason in the banner.
+function restoreRefused(frame) {
+  if (frame.request === "send") {
+    ui.input.focus();
+    autoGrow();
+  } else if (frame.request === "edit" && state.pendingEdit) {
+    const { id, content } = state.pendingEdit;
+    const article = ui.messages.querySelector(`article.msg-user[data-id="${id}"]`);
+    if (article) {
+      startEdit(article);
+      const area = article.querySelector(".editor textarea");
+      if (area) area.value = content;
+    }
+  }
+  state.pendingEdit = null;
+}
 
 function finishAnswer(frame) {
   const id = frame.conversation_id;

@@ -49,6 +49,11 @@ function button(label, action, extra = {}) {
   return b;
 }
 
+const STOPPED = {
+  disconnect: "stopped (connection lost)",
+  shutdown: "stopped (the server restarted)",
+};
+
 /** The footer under an answer: endpoint, tokens, latency, time to first token. */
 export function footerText(meta) {
   if (!meta) return "";
@@ -64,7 +69,7 @@ export function footerText(meta) {
   }
   if (meta.latency_ms) parts.push(formatMs(meta.latency_ms));
   if (meta.ttft_ms) parts.push(`first token ${formatMs(meta.ttft_ms)}`);
-  if (meta.stopped) parts.push(meta.stop_reason === "disconnect" ? "stopped (connection lost)" : "stopped");
+  if (meta.stopped) parts.push(STOPPED[meta.stop_reason] || "stopped");
   return parts.join(" · ");
 }
 
@@ -120,10 +125,17 @@ export function updateAnswer(article, message, { live = false, textOnly = false 
     );
   }
 
+  // Its web process stopped (a crash, a restart) before it was finished.
+  const interrupted = !live && message.status === "interrupted";
   const error = article.querySelector(".msg-error");
   error.replaceChildren();
   error.removeAttribute("role");
-  if (meta.error && !live) {
+  if (interrupted) {
+    error.append(
+      element("strong", "", "Interrupted. "),
+      element("span", "", "The server stopped before this answer was finished; retry to ask again."),
+    );
+  } else if (meta.error && !live) {
     error.setAttribute("role", "alert");
     error.append(element("span", "", meta.error.message));
   }
@@ -139,10 +151,11 @@ export function updateAnswer(article, message, { live = false, textOnly = false 
   actions.replaceChildren();
   if (!live) {
     if (message.content) actions.append(button("Copy", "copy", { ariaLabel: "Copy this answer" }));
+    const retry = Boolean(meta.error) || interrupted;
     actions.append(
-      button(meta.error ? "Retry" : "Regenerate", "regenerate", {
+      button(retry ? "Retry" : "Regenerate", "regenerate", {
         className: "regenerate",
-        ariaLabel: meta.error ? "Try this question again" : "Write this answer again",
+        ariaLabel: retry ? "Try this question again" : "Write this answer again",
       }),
     );
   }
