@@ -1,0 +1,120 @@
+"""Decoding JSON that comes from outside: programs on /v1, browsers on the socket.
+
+`loads` is `json.loads` with the limits the standard library does not have:
+
+- nesting depth is bounded *before* parsing, by a scan that does not recurse,
+  so 100,000 nested brackets are a clean refusal and never a RecursionError;
+- NUL characters and lone surrogates are refused in every string and key:
+  PostgreSQL cannot store NUL in text, and a lone surrogate cannot be encoded
+  as UTF-8 (tiktoken, the database driver and the websocket all fail on it);
+- NaN, Infinity and numbers too large for a float are refused: they are not
+  JSON, and an upstream would choke on them.
+
+Every refusal is an `InboundError` whose `path` names the value in the style
+of OpenAI's ``param`` (``messages[3].content[0].text``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+MAX_DEPTH = 64
+
+# A JSON string literal, escapes included (the "unrolled loop" form, linear).
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
+# Keys are cut in error paths: a path is repeated in the error message.
+_PATH_KEY_CHARS = 64
+
+
+class InboundError(ValueError):
+    """JSON from outside that breaks a rule; `path` names the value, if known."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+
+def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode JSON from outside, or raise InboundError saying why not."""
+    if isinstance(data, bytes | bytearray):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InboundError("The body is not valid UTF-8.") from None
+    else:
+        text = data
+    check_depth(text, max_depth)
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except InboundError:
+        raise
+    except (ValueError, RecursionError):
+        # ValueError also covers integers beyond Python's 4,300-digit limit.
+        raise InboundError("The body is not valid JSON.") from None
+    check_value(value)
+    return value
+
+
+def check_depth(text: str, max_depth: int = MAX_DEPTH) -> None:
+    """Refuse JSON text nested deeper than max_depth, without parsing it."""
+    # Cheap for almost everything: fewer openers than the limit cannot nest deeper.
+    if text.count("[") + text.count("{") <= max_depth:
+        return
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    depth = 0
+    for char in brackets:
+        if char in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise InboundError(
+                    f"The JSON is nested more than {max_depth} levels deep."
+                )
+        else:
+            depth -= 1
+
+
+def bad_text(text: str) -> str | None:
+    """Why a string from outside cannot be accepted, or None when it can."""
+    found = _BAD_CHAR.search(text)
+    if found is None:
+        return None
+    if found.group() == "\x00":
+        return "contains a NUL character"
+    return "contains a lone surrogate (not valid Unicode)"
+
+
+def check_value(value: Any, path: str = "") -> None:
+    """Refuse NUL, lone surrogates and non-finite numbers anywhere in a value."""
+    # Recursion is safe: loads() bounded the depth before parsing.
+    if isinstance(value, str):
+        reason = bad_text(value)
+        if reason is not None:
+            raise InboundError(f"'{path or 'value'}' {reason}.", path or None)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InboundError(
+                f"'{path or 'value'}' is not a finite number.", path or None
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            reason = bad_text(key)
+            if reason is not None:
+                # The key itself cannot be repeated: it is the bad text.
+                raise InboundError(
+                    f"A key in '{path or 'the body'}' {reason}.", path or None
+                )
+            name = key if len(key) <= _PATH_KEY_CHARS else key[:_PATH_KEY_CHARS] + "…"
+            check_value(item, f"{path}.{name}" if path else name)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_value(item, f"{path}[{index}]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InboundError(f"{name} is not a JSON number.")
