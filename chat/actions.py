@@ -17,6 +17,7 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
+from chat import frames
 from chat.errors import ChatError, not_found
 from chat.models import Conversation, Message, MessageRole, MessageStatus
 from gateway import tokens
@@ -25,6 +26,8 @@ from gateway.models import ModelRoute
 
 TITLE_CHARS = 60
 LIST_LIMIT = 50
+# Messages read at a time while filling a page of history.
+PAGE_BATCH = 50
 
 
 @dataclass(slots=True)
@@ -80,13 +83,86 @@ def owned_conversation(user: Any, conversation_id: uuid.UUID) -> Conversation:
         raise not_found() from None
 
 
-def open_conversation(user: Any, conversation_id: uuid.UUID) -> dict[str, Any]:
-    """The conversation and all its messages, for the ``opened`` frame."""
+def open_conversation(
+    user: Any, conversation_id: uuid.UUID, *, room: int | None = None
+) -> dict[str, Any]:
+    """The conversation and its newest messages, for the ``opened`` frame.
+
+    As many of the newest messages as fit in `room` bytes (the frame limit by
+    default); ``more`` says whether older ones are left for ``history``.
+    """
     conversation = owned_conversation(user, conversation_id)
-    return {
+    header = {
+        "type": "opened",
+        "conversation_id": str(conversation.id),
         "conversation": conversation_dict(conversation),
-        "messages": [message_dict(m) for m in conversation.messages.all()],
+        "more": False,
+        "messages": [],
     }
+    room = (frames.limit() if room is None else room) - frames.size(
+        frames.encode(header)
+    )
+    messages, more = _page(conversation, None, room)
+    return {**header, "messages": messages, "more": more}
+
+
+def message_page(
+    user: Any, conversation_id: uuid.UUID, before: int, *, room: int | None = None
+) -> dict[str, Any]:
+    """The messages before `before`, newest first up to `room` bytes, in order."""
+    conversation = owned_conversation(user, conversation_id)
+    header = {
+        "type": "history",
+        "conversation_id": str(conversation.id),
+        "more": False,
+        "messages": [],
+    }
+    room = (frames.limit() if room is None else room) - frames.size(
+        frames.encode(header)
+    )
+    messages, more = _page(conversation, before, room)
+    return {**header, "messages": messages, "more": more}
+
+
+def _page(
+    conversation: Conversation, before: int | None, room: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """Newest messages (before a message) that fit in room bytes, oldest first.
+
+    A page always holds at least one message, however long: the frame then
+    goes out in chunks (chat.frames).
+    """
+    rows = conversation.messages.order_by("-created_at", "-id")
+    if before is not None:
+        anchor = (
+            conversation.messages.filter(id=before)
+            .values_list("created_at", flat=True)
+            .first()
+        )
+        if anchor is None:
+            raise not_found()
+        rows = rows.filter(
+            Q(created_at__lt=anchor) | Q(created_at=anchor, id__lt=before)
+        )
+    page: list[dict[str, Any]] = []
+    used = 0
+    offset = 0
+    while True:
+        # Batches, so a page of a huge conversation reads only what it sends.
+        batch = list(rows[offset : offset + PAGE_BATCH])
+        for message in batch:
+            item = message_dict(message)
+            # One more byte for the comma between messages.
+            cost = frames.size(frames.encode(item)) + 1
+            if page and used + cost > room:
+                page.reverse()
+                return page, True
+            page.append(item)
+            used += cost
+        if len(batch) < PAGE_BATCH:
+            page.reverse()
+            return page, False
+        offset += PAGE_BATCH
 
 
 def conversation_of_message(user: Any, message_id: int) -> uuid.UUID:

@@ -19,6 +19,9 @@ DEFAULTS: dict[str, float] = {
     # How long an answer keeps streaming after its last socket went away, so a
     # reload or a dropped connection can resume it; 0 cancels at once.
     "CHAT_RESUME_GRACE_SECONDS": 10,
+    # Largest frame the server sends, in bytes of UTF-8: history is paged and
+    # long texts split to stay under it. Daphne refuses frames over 1 MiB.
+    "CHAT_MAX_SEND_FRAME_BYTES": 256 * 1024,
 }
 
 
@@ -30,6 +33,7 @@ class ChatSettings:
     max_concurrent_generations: int
     frame_interval: float
     resume_grace: float
+    max_send_frame_bytes: int
 
     @property
     def max_frame_chars(self) -> int:
@@ -50,6 +54,8 @@ def chat_settings() -> ChatSettings:
         max_concurrent_generations=int(read("CHAT_MAX_CONCURRENT_GENERATIONS")),
         frame_interval=read("CHAT_FRAME_INTERVAL_MS") / 1000,
         resume_grace=float(read("CHAT_RESUME_GRACE_SECONDS")),
+        # Below a few KiB a frame could not hold a message's footer.
+        max_send_frame_bytes=max(16 * 1024, int(read("CHAT_MAX_SEND_FRAME_BYTES"))),
     )
 
 

@@ -328,6 +328,13 @@ CHAT_FRAME_INTERVAL_MS = _env_int("CHAT_FRAME_INTERVAL_MS", 40)
 CHAT_RESUME_GRACE_SECONDS = _env_float("CHAT_RESUME_GRACE_SECONDS", 10.0)
 if CHAT_RESUME_GRACE_SECONDS < 0:
     raise ImproperlyConfigured("CHAT_RESUME_GRACE_SECONDS must be 0 or more")
+# Largest websocket frame the server sends (bytes): history is paged and long
+# texts are split under it. Daphne drops frames over 1 MiB; keep well below.
+CHAT_MAX_SEND_FRAME_BYTES = _env_int("CHAT_MAX_SEND_FRAME_BYTES", 256 * 1024)
+if not 16 * 1024 <= CHAT_MAX_SEND_FRAME_BYTES <= 1024 * 1024:
+    raise ImproperlyConfigured(
+        "CHAT_MAX_SEND_FRAME_BYTES must be between 16384 and 1048576"
+    )
 
 # --- Monitoring ------------------------------------------------------------
 
