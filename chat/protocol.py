@@ -98,12 +98,10 @@ def decode(text: str | None, binary: bytes | None = None) -> dict[str, Any]:
         )
     try:
         # Depth is bounded before parsing; NUL, lone surrogates and NaN refused.
-        data = inbound.loads(text)
+        data = inbound.loads(text, what="That frame")
     except inbound.InboundError as exc:
-        if exc.path is None:
-            raise ChatError(
-                "bad_json", f"That frame is not valid: {exc.message}"
-            ) from None
+        if exc.syntax:
+            raise ChatError("bad_json", exc.message) from None
         raise ChatError("invalid", exc.message) from None
     if not isinstance(data, dict):
         raise ChatError("bad_frame", "A frame must be a JSON object with a type.")

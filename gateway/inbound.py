@@ -32,36 +32,48 @@ _PATH_KEY_CHARS = 64
 
 
 class InboundError(ValueError):
-    """JSON from outside that breaks a rule; `path` names the value, if known."""
+    """JSON from outside that breaks a rule; `path` names the value, if known.
 
-    def __init__(self, message: str, path: str | None = None) -> None:
+    `syntax` is true when the text is not acceptable JSON at all (not UTF-8,
+    not JSON, too deep, NaN), false when a value in it breaks a rule.
+    """
+
+    def __init__(
+        self, message: str, path: str | None = None, *, syntax: bool = False
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.path = path
+        self.syntax = syntax
 
 
-def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
-    """Decode JSON from outside, or raise InboundError saying why not."""
+def loads(
+    data: bytes | str, *, max_depth: int = MAX_DEPTH, what: str = "The body"
+) -> Any:
+    """Decode JSON from outside, or raise InboundError saying why not.
+
+    `what` starts the sentences of syntax errors ("The body", "That frame").
+    """
     if isinstance(data, bytes | bytearray):
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise InboundError("The body is not valid UTF-8.") from None
+            raise InboundError(f"{what} is not valid UTF-8.", syntax=True) from None
     else:
         text = data
-    check_depth(text, max_depth)
+    check_depth(text, max_depth, what)
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except InboundError:
         raise
     except (ValueError, RecursionError):
         # ValueError also covers integers beyond Python's 4,300-digit limit.
-        raise InboundError("The body is not valid JSON.") from None
+        raise InboundError(f"{what} is not valid JSON.", syntax=True) from None
     check_value(value)
     return value
 
 
-def check_depth(text: str, max_depth: int = MAX_DEPTH) -> None:
+def check_depth(text: str, max_depth: int = MAX_DEPTH, what: str = "The body") -> None:
     """Refuse JSON text nested deeper than max_depth, without parsing it."""
     # Cheap for almost everything: fewer openers than the limit cannot nest deeper.
     if text.count("[") + text.count("{") <= max_depth:
@@ -73,7 +85,8 @@ def check_depth(text: str, max_depth: int = MAX_DEPTH) -> None:
             depth += 1
             if depth > max_depth:
                 raise InboundError(
-                    f"The JSON is nested more than {max_depth} levels deep."
+                    f"{what} is nested more than {max_depth} levels deep.",
+                    syntax=True,
                 )
         else:
             depth -= 1
@@ -117,4 +130,4 @@ def check_value(value: Any, path: str = "") -> None:
 
 
 def _refuse_constant(name: str) -> Any:
-    raise InboundError(f"{name} is not a JSON number.")
+    raise InboundError(f"{name} is not a JSON number.", syntax=True)
