@@ -23,9 +23,15 @@ from typing import Any
 
 MAX_DEPTH = 64
 
-# A JSON string literal, escapes included (the "unrolled loop" form, linear).
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+# A JSON string literal, escapes included, in the "unrolled loop" form. The
+# closing quote is optional: an unterminated string then runs to the end of the
+# text (which is not JSON anyway) instead of failing and being retried from
+# every later quote, which would take quadratic time.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+# Outside strings, valid JSON holds only brackets and these: deleting them
+# leaves the brackets (objects and arrays nest alike, so "{}" become "[]").
+# Anything else left over is not JSON and stops the brackets pairing up.
+_BRACKETS_ONLY = str.maketrans("{}", "[]", " \t\n\r,:0123456789+-.eEtruefalsn")
 _BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
 # Keys are cut in error paths: a path is repeated in the error message.
 _PATH_KEY_CHARS = 64
@@ -69,8 +75,17 @@ def loads(
     except (ValueError, RecursionError):
         # ValueError also covers integers beyond Python's 4,300-digit limit.
         raise InboundError(f"{what} is not valid JSON.", syntax=True) from None
-    check_value(value)
+    if _may_hold_bad_values(value):
+        check_value(value)
     return value
+
+
+def _may_hold_bad_values(value: Any) -> bool:
+    # Serialising is C code, walking is Python: the walk that names the bad
+    # value runs only when the serialised form shows a sign of one (NUL comes
+    # out escaped, lone surrogates raw, overflowed floats as "Infinity").
+    text = json.dumps(value, ensure_ascii=False)
+    return "\\u0000" in text or "Infinity" in text or _BAD_CHAR.search(text) is not None
 
 
 def check_depth(text: str, max_depth: int = MAX_DEPTH, what: str = "The body") -> None:
@@ -78,18 +93,22 @@ def check_depth(text: str, max_depth: int = MAX_DEPTH, what: str = "The body") -
     # Cheap for almost everything: fewer openers than the limit cannot nest deeper.
     if text.count("[") + text.count("{") <= max_depth:
         return
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    depth = 0
-    for char in brackets:
-        if char in "[{":
-            depth += 1
-            if depth > max_depth:
-                raise InboundError(
-                    f"{what} is nested more than {max_depth} levels deep.",
-                    syntax=True,
-                )
-        else:
-            depth -= 1
+    brackets = _STRING.sub("", text).translate(_BRACKETS_ONLY)
+    # Each pass drops the innermost level, at C speed: what is left after
+    # max_depth passes is nested deeper, or is not JSON at all.
+    for _ in range(max_depth):
+        if not brackets:
+            return
+        shorter = brackets.replace("[]", "")
+        if len(shorter) == len(brackets):
+            # Brackets outside strings that do not pair up: not JSON. Said
+            # here, since the parser would recurse into every unclosed one.
+            raise InboundError(f"{what} is not valid JSON.", syntax=True)
+        brackets = shorter
+    if brackets:
+        raise InboundError(
+            f"{what} is nested more than {max_depth} levels deep.", syntax=True
+        )
 
 
 def bad_text(text: str) -> str | None:
