@@ -335,6 +335,13 @@ if not 16 * 1024 <= CHAT_MAX_SEND_FRAME_BYTES <= 1024 * 1024:
     raise ImproperlyConfigured(
         "CHAT_MAX_SEND_FRAME_BYTES must be between 16384 and 1048576"
     )
+# A start frame holds the question whole (the answer so far can be split off
+# in chunks): at 6 bytes a character escaped, plus room for the rest.
+if CHAT_MAX_MESSAGE_CHARS * 6 + 16 * 1024 > CHAT_MAX_SEND_FRAME_BYTES:
+    raise ImproperlyConfigured(
+        "CHAT_MAX_SEND_FRAME_BYTES must be at least CHAT_MAX_MESSAGE_CHARS * 6 "
+        f"+ 16384 = {CHAT_MAX_MESSAGE_CHARS * 6 + 16 * 1024} bytes"
+    )
 
 # --- Monitoring ------------------------------------------------------------
 
