@@ -18,7 +18,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.dispatch import receiver
 from django.utils import timezone
 
-from chat import leases
+from chat import frames, leases
 from chat.errors import ChatError, not_found
 from chat.models import Conversation, Message, MessageRole, MessageStatus
 from gateway import tokens
@@ -28,6 +28,8 @@ from gateway.signals import requests_abandoned
 
 TITLE_CHARS = 60
 LIST_LIMIT = 50
+# Messages read at a time while filling a page of history.
+PAGE_BATCH = 50
 
 
 @dataclass(slots=True)
@@ -101,31 +103,112 @@ def owned_conversation(user: Any, conversation_id: uuid.UUID) -> Conversation:
 
 
 def open_conversation(
-    user: Any, conversation_id: uuid.UUID, *, running: bool = False
+    user: Any,
+    conversation_id: uuid.UUID,
+    *,
+    running: bool = False,
+    room: int | None = None,
 ) -> dict[str, Any]:
-    """The conversation and all its messages, for the ``opened`` frame.
+    """The conversation and its newest messages, for the ``opened`` frame.
 
+    As many of the newest messages as fit in `room` bytes (the frame limit by
+    default); ``more`` says whether older ones are left for ``history``.
     An answer being written is left out (the ``start`` frame that follows
     brings it); one still marked so while no process runs it (its process
     died: ``running`` is False and the conversation's claim is gone) is
     marked and shown as interrupted, so the user can retry it.
     """
     conversation = owned_conversation(user, conversation_id)
-    messages = list(conversation.messages.all())
-    stuck = [m.id for m in messages if m.status == MessageStatus.STREAMING]
+    stuck = list(
+        conversation.messages.filter(status=MessageStatus.STREAMING).values_list(
+            "id", flat=True
+        )
+    )
+    hidden: list[int] = []
     if stuck:
         if running or leases.owner_of(conversation_id) is not None:
-            # Being written: the ``start`` frame that follows shows it.
-            messages = [m for m in messages if m.id not in stuck]
+            hidden = stuck
         else:
             mark_interrupted(answer_ids=stuck)
-            for message in messages:
-                if message.id in stuck:
-                    message.status = MessageStatus.INTERRUPTED
-    return {
+    header = {
+        "type": "opened",
+        "conversation_id": str(conversation.id),
         "conversation": conversation_dict(conversation),
-        "messages": [message_dict(m) for m in messages],
+        "more": False,
+        "messages": [],
     }
+    room = (frames.limit() if room is None else room) - frames.size(
+        frames.encode(header)
+    )
+    messages, more = _page(conversation, None, room, hidden)
+    return {**header, "messages": messages, "more": more}
+
+
+def message_page(
+    user: Any, conversation_id: uuid.UUID, before: int, *, room: int | None = None
+) -> dict[str, Any]:
+    """The messages before `before`, newest first up to `room` bytes, in order."""
+    conversation = owned_conversation(user, conversation_id)
+    header = {
+        "type": "history",
+        "conversation_id": str(conversation.id),
+        "more": False,
+        "messages": [],
+    }
+    room = (frames.limit() if room is None else room) - frames.size(
+        frames.encode(header)
+    )
+    # An answer being written comes with its ``start`` frame, never here.
+    hidden = list(
+        conversation.messages.filter(status=MessageStatus.STREAMING).values_list(
+            "id", flat=True
+        )
+    )
+    messages, more = _page(conversation, before, room, hidden)
+    return {**header, "messages": messages, "more": more}
+
+
+def _page(
+    conversation: Conversation, before: int | None, room: int, hidden: list[int]
+) -> tuple[list[dict[str, Any]], bool]:
+    """Newest messages (before a message) that fit in room bytes, oldest first.
+
+    A page always holds at least one message, however long: the frame then
+    goes out in chunks (chat.frames).
+    """
+    rows = conversation.messages.order_by("-created_at", "-id")
+    if hidden:
+        rows = rows.exclude(id__in=hidden)
+    if before is not None:
+        anchor = (
+            conversation.messages.filter(id=before)
+            .values_list("created_at", flat=True)
+            .first()
+        )
+        if anchor is None:
+            raise not_found()
+        rows = rows.filter(
+            Q(created_at__lt=anchor) | Q(created_at=anchor, id__lt=before)
+        )
+    page: list[dict[str, Any]] = []
+    used = 0
+    offset = 0
+    while True:
+        # Batches, so a page of a huge conversation reads only what it sends.
+        batch = list(rows[offset : offset + PAGE_BATCH])
+        for message in batch:
+            item = message_dict(message)
+            # One more byte for the comma between messages.
+            cost = frames.size(frames.encode(item)) + 1
+            if page and used + cost > room:
+                page.reverse()
+                return page, True
+            page.append(item)
+            used += cost
+        if len(batch) < PAGE_BATCH:
+            page.reverse()
+            return page, False
+        offset += PAGE_BATCH
 
 
 def conversation_of_message(user: Any, message_id: int) -> uuid.UUID:

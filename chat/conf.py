@@ -22,6 +22,9 @@ DEFAULTS: dict[str, float] = {
     # How long a conversation stays claimed by a web process that stopped
     # renewing the claim (it died); renewed every third of it.
     "CHAT_LEASE_SECONDS": 15,
+    # Largest frame the server sends, in bytes of UTF-8: history is paged and
+    # long texts split to stay under it. Daphne refuses frames over 1 MiB.
+    "CHAT_MAX_SEND_FRAME_BYTES": 256 * 1024,
 }
 
 
@@ -34,6 +37,7 @@ class ChatSettings:
     frame_interval: float
     resume_grace: float
     lease_seconds: float
+    max_send_frame_bytes: int
 
     @property
     def max_frame_chars(self) -> int:
@@ -55,6 +59,8 @@ def chat_settings() -> ChatSettings:
         frame_interval=read("CHAT_FRAME_INTERVAL_MS") / 1000,
         resume_grace=float(read("CHAT_RESUME_GRACE_SECONDS")),
         lease_seconds=float(read("CHAT_LEASE_SECONDS")),
+        # Below a few KiB a frame could not hold a message's footer.
+        max_send_frame_bytes=max(16 * 1024, int(read("CHAT_MAX_SEND_FRAME_BYTES"))),
     )
 
 

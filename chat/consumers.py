@@ -13,7 +13,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from chat import actions, protocol, sessions
+from chat import actions, frames, protocol, sessions
 from chat.errors import ChatError
 from chat.generation import check_model, group_name, prepare_for, registry
 
@@ -129,6 +129,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 )
         elif isinstance(request, protocol.Open):
             await self._open(request.conversation_id)
+        elif isinstance(request, protocol.History):
+            page = await database_sync_to_async(actions.message_page)(
+                self.user, request.conversation_id, request.before
+            )
+            await self._send_all(frames.page_frames(page))
         else:
             await self.send_json({"type": "pong"})
 
@@ -146,12 +151,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             owner = await self.registry.attach(conversation_id, self)
             if owner is not None:
                 self.joined[conversation_id] = owner
-            await self.send_json({"type": "opened", **opened})
+            # Only the newest messages: a big conversation does not fit a frame.
+            await self._send_all(frames.page_frames(opened))
             held, self.held = self.held, None
             for text in held:
                 await self.send(text_data=text)
         finally:
             self.held = None
+
+    async def _send_all(self, texts: list[str]) -> None:
+        for text in texts:
+            await self.send(text_data=text)
 
     async def _show(self, conversation_id: uuid.UUID | None) -> None:
         # Sockets showing a conversation hear when an answer starts in it.

@@ -44,7 +44,7 @@ from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
-from chat import actions, errors, leases
+from chat import actions, errors, frames, leases
 from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.models import MessageStatus
@@ -142,22 +142,34 @@ class Generation:
             "cached": self.cached,
         }
 
+    def start_texts(self) -> list[str]:
+        """The start frame, its long answer so far split into chunks to fit."""
+        frame = self.start_frame()
+        return frames.split_frame(
+            frame,
+            holder=frame,
+            field="text",
+            chunk={"conversation_id": self._cid, "message_id": None},
+        )
+
     async def attach(self, listener: Listener) -> None:
         """Add a socket in this process; it first gets the answer so far."""
         async with self._lock:
             if self.turn.committed:
-                await listener.deliver(encode(self.start_frame()))
+                for text in self.start_texts():
+                    await listener.deliver(text)
             self.local.add(listener)
             self._keep()
 
     async def attach_remote(self, channel: str) -> None:
         """Add a socket served by another process, through the channel layer."""
         async with self._lock:
-            if not self.turn.committed or await self.registry.send_remote(
-                channel, encode(self.start_frame())
-            ):
-                self.remote.add(channel)
-                self._keep()
+            if self.turn.committed:
+                for text in self.start_texts():
+                    if not await self.registry.send_remote(channel, text):
+                        return
+            self.remote.add(channel)
+            self._keep()
 
     def detach(self, listener: Listener) -> None:
         """A socket in this process left."""
@@ -274,7 +286,8 @@ class Generation:
         self.conversation = actions.conversation_dict(self.turn.conversation)
         self.user_message = actions.message_dict(self.turn.user_message)
         async with self._lock:
-            await self._broadcast(encode(self.start_frame()))
+            for text in self.start_texts():
+                await self._broadcast(text)
         # Frames held back until now (fallbacks before the first answer).
         self._dirty.set()
         await self.registry.announce(self)
@@ -328,18 +341,20 @@ class Generation:
         async with self._lock:
             items, self._outbox = self._outbox, []
             for item in items:
-                if isinstance(item, str):
-                    self.sent.append(item)
+                if not isinstance(item, str):
+                    await self._broadcast(encode(item))
+                    continue
+                # A cached answer comes as one delta: cut it to fit frames.
+                for piece in frames.split_delta(item):
+                    self.sent.append(piece)
                     self.seq += 1
                     frame = {
                         "type": "delta",
                         "conversation_id": self._cid,
                         "seq": self.seq,
-                        "text": item,
+                        "text": piece,
                     }
-                else:
-                    frame = item
-                await self._broadcast(encode(frame))
+                    await self._broadcast(encode(frame))
 
     async def _broadcast(self, text: str) -> None:
         for listener in list(self.local):
@@ -401,8 +416,11 @@ class Generation:
                 **answer.meta,
                 **budget,
             }
+        # A long answer is split: its beginning goes in chunk frames.
+        texts = frames.message_frames(frame, saved) if saved else [encode(frame)]
         async with self._lock:
-            await self._broadcast(encode(frame))
+            for text in texts:
+                await self._broadcast(text)
             self.local.clear()
             self.remote.clear()
         if self._grace is not None:

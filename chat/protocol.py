@@ -7,15 +7,16 @@ consumer turns it into an ``error`` frame and keeps the socket open.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from chat.conf import chat_settings
 from chat.errors import ChatError
+from gateway import inbound
 
 MAX_MODEL_NAME = 200
+MAX_MESSAGE_ID = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +60,30 @@ class Open:
 
 
 @dataclass(frozen=True, slots=True)
+class History:
+    """Older messages of a conversation, before one the browser already shows."""
+
+    conversation_id: uuid.UUID
+    before: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     """Keep an idle connection alive through proxies."""
 
 
-Request = Send | Stop | Regenerate | Edit | Open | Ping
+Request = Send | Stop | Regenerate | Edit | Open | History | Ping
 
-FRAME_TYPES = ("send", "stop", "regenerate", "edit", "open", "resume", "ping")
+FRAME_TYPES = (
+    "send",
+    "stop",
+    "regenerate",
+    "edit",
+    "open",
+    "resume",
+    "history",
+    "ping",
+)
 
 
 def decode(text: str | None, binary: bytes | None = None) -> dict[str, Any]:
@@ -79,9 +97,12 @@ def decode(text: str | None, binary: bytes | None = None) -> dict[str, Any]:
             f"That frame is {len(text):,} characters; the limit is {limit:,}.",
         )
     try:
-        data = json.loads(text)
-    except ValueError:
-        raise ChatError("bad_json", "That frame is not valid JSON.") from None
+        # Depth is bounded before parsing; NUL, lone surrogates and NaN refused.
+        data = inbound.loads(text, what="That frame")
+    except inbound.InboundError as exc:
+        if exc.syntax:
+            raise ChatError("bad_json", exc.message) from None
+        raise ChatError("invalid", exc.message) from None
     if not isinstance(data, dict):
         raise ChatError("bad_frame", "A frame must be a JSON object with a type.")
     return data
@@ -112,6 +133,11 @@ def parse(data: dict[str, Any]) -> Request:
         )
     if kind in ("open", "resume"):
         return Open(conversation_id=_conversation_id(data))
+    if kind == "history":
+        return History(
+            conversation_id=_conversation_id(data),
+            before=_message_id(data, "before"),
+        )
     if kind == "ping":
         return Ping()
     raise ChatError(
@@ -162,9 +188,13 @@ def _model(data: dict[str, Any], *, required: bool) -> str | None:
     return value.strip()
 
 
-def _message_id(data: dict[str, Any]) -> int:
-    value = data.get("message_id")
-    # bool is an int in Python; true is not a message id.
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ChatError("invalid", "message_id must be a message's id.")
+def _message_id(data: dict[str, Any], field: str = "message_id") -> int:
+    value = data.get(field)
+    # bool is an int in Python; true is not a message id. Ids fit a 64-bit key.
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not 0 < value <= MAX_MESSAGE_ID
+    ):
+        raise ChatError("invalid", f"{field} must be a message's id.")
     return value

@@ -35,18 +35,13 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from gateway import service
+from gateway import inbound, service, wire
 from gateway.limits import LocalTTLCache
 from gateway.models import ApiKey, ModelRoute, UsageSource
 from gateway.service import Caller, Delta, Done, Fallback, RejectCode, Rejected
 
 logger = logging.getLogger("gateway.api")
 
-# Roles OpenAI's chat API accepts; anything else is a client bug worth a 400.
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-# Parameters that must be positive integers when given: the budget reservation
-# is sized from them, so a string or a negative number must not slip through.
-_TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
 # How often a key's last_used_at is written, at most.
 _TOUCH_INTERVAL = timedelta(minutes=1)
 
@@ -232,53 +227,22 @@ class ChatRequest:
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
-    """Validate a chat completion body; raises BadRequest naming the field."""
+    """Validate a chat completion body; raises BadRequest naming the field.
+
+    The rules are in `gateway.inbound` (JSON itself: depth, NUL, surrogates,
+    non-finite numbers) and `gateway.wire` (OpenAI's message shapes and
+    parameter types).
+    """
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("The body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise BadRequest("The body must be a JSON object.")
-    model = data.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise BadRequest("'model' must be a non-empty string.", "model")
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list.", "messages")
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise BadRequest(f"'{where}' must be an object.", where)
-        role = message.get("role")
-        if role not in _ROLES:
-            raise BadRequest(
-                f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}.",
-                f"{where}.role",
-            )
-        content = message.get("content")
-        # None is legal for an assistant turn that only called tools.
-        if not (
-            isinstance(content, str | list) or (content is None and role == "assistant")
-        ):
-            raise BadRequest(
-                f"'{where}.content' must be a string or a list of parts.",
-                f"{where}.content",
-            )
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be true or false.", "stream")
-    options = data.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise BadRequest("'stream_options' must be an object.", "stream_options")
-    n = data.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise BadRequest("Only n=1 is supported.", "n")
-    for name in _TOKEN_PARAMS:
-        value = data.get(name)
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise BadRequest(f"'{name}' must be a positive integer.", name)
+        data = inbound.loads(body)
+        if not isinstance(data, dict):
+            raise BadRequest("The body must be a JSON object.")
+        model = wire.check_model(data.get("model"))
+        messages = wire.check_messages(data.get("messages"))
+        wire.check_params(data)
+    except inbound.InboundError as exc:
+        raise BadRequest(exc.message, exc.path) from None
+    options = data.get("stream_options") or {}
     params = {
         key: value
         for key, value in data.items()
@@ -288,8 +252,8 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     return ChatRequest(
         model=model,
         messages=messages,
-        stream=stream,
-        include_usage=bool(options and options.get("include_usage")),
+        stream=bool(data.get("stream", False)),
+        include_usage=options.get("include_usage") is True,
         params=params,
     )
 

@@ -354,6 +354,20 @@ if CHAT_RESUME_GRACE_SECONDS < 0:
 CHAT_LEASE_SECONDS = _env_float("CHAT_LEASE_SECONDS", 15.0)
 if CHAT_LEASE_SECONDS < 3:
     raise ImproperlyConfigured("CHAT_LEASE_SECONDS must be at least 3")
+# Largest websocket frame the server sends (bytes): history is paged and long
+# texts are split under it. Daphne drops frames over 1 MiB; keep well below.
+CHAT_MAX_SEND_FRAME_BYTES = _env_int("CHAT_MAX_SEND_FRAME_BYTES", 256 * 1024)
+if not 16 * 1024 <= CHAT_MAX_SEND_FRAME_BYTES <= 1024 * 1024:
+    raise ImproperlyConfigured(
+        "CHAT_MAX_SEND_FRAME_BYTES must be between 16384 and 1048576"
+    )
+# A start frame holds the question whole (the answer so far can be split off
+# in chunks): at 6 bytes a character escaped, plus room for the rest.
+if CHAT_MAX_MESSAGE_CHARS * 6 + 16 * 1024 > CHAT_MAX_SEND_FRAME_BYTES:
+    raise ImproperlyConfigured(
+        "CHAT_MAX_SEND_FRAME_BYTES must be at least CHAT_MAX_MESSAGE_CHARS * 6 "
+        f"+ 16384 = {CHAT_MAX_MESSAGE_CHARS * 6 + 16 * 1024} bytes"
+    )
 
 # --- Monitoring ------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
+from chat.models import Conversation
 from llmsite.asgi import application
 from tests.chat.conftest import MODEL, USER
 
@@ -216,3 +217,39 @@ async def test_stop_without_a_running_answer_says_so(alice_cookie):
 
 async def _conversation(make_conversation, owner):
     return await sync_to_async(make_conversation)(owner, (USER, "Alice's secret"))
+
+
+def send_frame(**fields) -> str:
+    return json.dumps(
+        {"type": "send", "conversation_id": None, "content": "hi", "model": MODEL}
+        | fields
+    )
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (send_frame(content="a\x00b"), "invalid"),
+        (send_frame(content="\udc00"), "invalid"),
+        (send_frame()[:-1] + ', "x": ' + "[" * 3_000 + "]" * 3_000 + "}", "bad_json"),
+        (send_frame(content=["hi"]), "invalid"),
+        (send_frame(model=5), "invalid"),
+    ],
+    ids=["nul", "surrogate", "deep", "content-list", "model-number"],
+)
+async def test_a_hostile_send_is_refused_stores_nothing_and_the_socket_stays_open(
+    alice_cookie, model_route, frame, code, caplog
+):
+    communicator = await connect(alice_cookie)
+    assert (await communicator.connect())[0]
+
+    await communicator.send_to(text_data=frame)
+    error = await communicator.receive_json_from()
+    await communicator.send_json_to({"type": "ping"})
+    pong = await communicator.receive_json_from()
+
+    assert (error["type"], error["code"]) == ("error", code)
+    assert pong == {"type": "pong"}
+    assert await Conversation.objects.acount() == 0
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    await communicator.disconnect()

@@ -101,3 +101,50 @@ def test_an_unknown_type_lists_the_known_ones():
     error = refused('{"type": "dance"}')
 
     assert "send" in error.message and "regenerate" in error.message
+
+
+def test_a_history_frame_names_the_oldest_message_shown():
+    request = protocol.parse(
+        {"type": "history", "conversation_id": CONVERSATION, "before": 41}
+    )
+
+    assert request == protocol.History(uuid.UUID(CONVERSATION), before=41)
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        # json.dumps writes these as \u0000 and \ud800, as a browser would.
+        (json.dumps({"type": "send", "content": "a\x00b", "model": "m"}), "invalid"),
+        (json.dumps({"type": "send", "content": "a\ud800b", "model": "m"}), "invalid"),
+        (json.dumps({"type": "send", "content": "hi", "model": "m\x00"}), "invalid"),
+        (json.dumps({"type": "ping", "x\x00": 1}), "invalid"),
+        ('{"type": "ping", "x": ' + "[" * 2_000 + "]" * 2_000 + "}", "bad_json"),
+        ('{"type": "ping", "x": ' + "{" * 50_000, "bad_json"),
+        ('{"type": "ping", "x": NaN}', "bad_json"),
+        ('{"type": "ping", "x": 1e999}', "invalid"),
+        ('{"type": "edit", "message_id": ' + "9" * 30 + ', "content": "x"}', "invalid"),
+        (json.dumps({"type": "history", "conversation_id": CONVERSATION}), "invalid"),
+        (
+            json.dumps(
+                {"type": "history", "conversation_id": CONVERSATION, "before": "3"}
+            ),
+            "invalid",
+        ),
+    ],
+    ids=[
+        "nul-content",
+        "surrogate-content",
+        "nul-model",
+        "nul-key",
+        "deep",
+        "deep-unclosed",
+        "nan",
+        "infinity",
+        "huge-id",
+        "history-without-before",
+        "history-before-a-string",
+    ],
+)
+def test_hostile_frames_are_refused_with_a_code(text, code):
+    assert refused(text).code == code

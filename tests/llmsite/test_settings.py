@@ -94,6 +94,8 @@ def test_https_turns_on_redirects_and_secure_cookies(tmp_path):
         ("WEB_CONCURRENCY", "two", "WEB_CONCURRENCY must be a whole number"),
         ("CONTEXT_WARN_RATIO", "1.5", "CONTEXT_WARN_RATIO must be between 0 and 1"),
         ("CSRF_TRUSTED_ORIGINS", "chat.example.com", "need a scheme"),
+        ("CHAT_MAX_SEND_FRAME_BYTES", "2000000", "between 16384 and 1048576"),
+        ("CHAT_MAX_SEND_FRAME_BYTES", "100000", "at least CHAT_MAX_MESSAGE_CHARS"),
     ],
 )
 def test_a_bad_value_stops_the_process_at_start(tmp_path, name, value, message):

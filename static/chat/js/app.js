@@ -50,6 +50,12 @@ const state = {
   renderQueued: false,
   retryTimer: null,
   budget: config.budget,
+  // Older messages the server still has for this conversation ("history").
+  more: false,
+  loadingHistory: false,
+  // The beginnings of texts too long for one frame, by conversation and
+  // message id ("start" for the answer so far), waiting for their frame.
+  chunks: new Map(),
 };
 
 const socket = new ChatSocket(config.socket_path);
@@ -194,7 +200,27 @@ function messageElement(message) {
   return message.role === "user" ? userMessageElement(message) : answerElement(message);
 }
 
-function renderConversation() {
+function earlierButton() {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "load-earlier";
+  button.textContent = state.loadingHistory ? "Loading…" : "Load earlier messages";
+  button.disabled = state.loadingHistory;
+  button.addEventListener("click", requestHistory);
+  return button;
+}
+
+function requestHistory() {
+  const first = state.messages[0];
+  if (!state.more || state.loadingHistory || !first || !state.conversationId) return;
+  if (socket.send({ type: "history", conversation_id: state.conversationId, before: first.id })) {
+    state.loadingHistory = true;
+  }
+}
+
+function renderConversation({ keepScroll = false } = {}) {
+  // Older messages go in above: keep what the reader looks at where it is.
+  const fromBottom = ui.messages.scrollHeight - ui.messages.scrollTop;
   for (const node of [...ui.messages.children]) if (node !== ui.empty) node.remove();
   for (const message of state.messages) {
     if (message.role === "system") continue;
@@ -208,10 +234,12 @@ function renderConversation() {
     ui.messages.append(state.live.element);
   }
   ui.empty.hidden = ui.messages.children.length > 1;
+  if (state.more) ui.messages.prepend(earlierButton());
   showContext(isStreamingHere() && state.live.meta.context ? state.live.meta.context : latestContext());
   markRetryCountdown();
   updateControls();
-  scrollToBottom();
+  if (keepScroll) ui.messages.scrollTop = ui.messages.scrollHeight - fromBottom;
+  else scrollToBottom();
 }
 
 function queueLiveRender() {
@@ -265,6 +293,7 @@ function openConversation(id, { push = false } = {}) {
   if (push) history.pushState({ id }, "", `/chat/c/${id}/`);
   if (state.conversationId !== id) {
     state.messages = [];
+    state.more = false;
     if (state.live && state.live.conversationId !== id) state.live.element = null;
   }
   state.conversationId = id;
@@ -390,11 +419,27 @@ const handlers = {
     ui.messages.removeAttribute("aria-busy");
     state.conversation = frame.conversation;
     state.messages = frame.messages;
+    state.more = frame.more;
+    state.loadingHistory = false;
     if (state.live && state.live.conversationId === state.conversationId) state.live = null;
     setTitle(frame.conversation.title);
     if (config.models.includes(frame.conversation.model)) ui.model.value = frame.conversation.model;
     sidebar.upsert(frame.conversation, { place: "keep" });
     renderConversation();
+  },
+
+  history(frame) {
+    if (frame.conversation_id !== state.conversationId) return;
+    state.loadingHistory = false;
+    const known = new Set(state.messages.map((m) => m.id));
+    state.messages = [...frame.messages.filter((m) => !known.has(m.id)), ...state.messages];
+    state.more = frame.more;
+    renderConversation({ keepScroll: true });
+  },
+
+  chunk(frame) {
+    const key = chunkKey(frame.conversation_id, frame.message_id);
+    state.chunks.set(key, (state.chunks.get(key) || "") + frame.text);
   },
 
   start(frame) {
@@ -481,6 +526,10 @@ const handlers = {
     }
     if (frame.request === "send" || frame.code === "busy") state.pendingSend = null;
     if (frame.refused) restoreRefused(frame);
+    if (frame.request === "history") {
+      state.loadingHistory = false;
+      if (frame.code === "not_found") state.more = false;
+    }
     if (frame.request === "open" && frame.code === "not_found") {
       newChat({ push: true });
     }
@@ -533,14 +582,42 @@ function finishAnswer(frame) {
   if (!frame.answer && frame.type === "error") showBanner(frame.message);
 }
 
+function chunkKey(conversationId, messageId) {
+  return `${conversationId}:${messageId == null ? "start" : messageId}`;
+}
+
+/** The text a frame carries, with the chunks sent before it put in front. */
+function withChunks(conversationId, messageId, text) {
+  const key = chunkKey(conversationId, messageId);
+  const head = state.chunks.get(key);
+  if (head === undefined) return text;
+  state.chunks.delete(key);
+  return head + (text || "");
+}
+
+function absorbChunks(frame) {
+  const id = frame.conversation_id;
+  if (frame.type === "start") frame.text = withChunks(id, null, frame.text);
+  for (const message of frame.messages || []) {
+    message.content = withChunks(id, message.id, message.content);
+  }
+  if (frame.answer && frame.answer.id) {
+    frame.answer.content = withChunks(id, frame.answer.id, frame.answer.content);
+  }
+}
+
 socket.addEventListener("frame", (event) => {
   const frame = event.detail;
+  if (frame.type !== "chunk") absorbChunks(frame);
   const handler = handlers[frame.type];
   if (handler) handler(frame);
 });
 
 socket.addEventListener("open", () => {
   hideBanner();
+  // Chunks of a frame the old connection never finished are of no use.
+  state.chunks.clear();
+  state.loadingHistory = false;
   if (state.conversationId) {
     socket.send({ type: "open", conversation_id: state.conversationId });
   }
@@ -626,6 +703,11 @@ document.addEventListener("keydown", (event) => {
     if (ui.chat.classList.contains("sidebar-open")) closeSidebar();
     else if (isStreamingHere()) stop();
   }
+});
+
+// Scrolling up to the top loads the earlier messages, like the button does.
+ui.messages.addEventListener("scroll", () => {
+  if (ui.messages.scrollTop < 80) requestHistory();
 });
 
 ui.messages.addEventListener("click", async (event) => {
