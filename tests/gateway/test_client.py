@@ -471,11 +471,11 @@ async def test_a_stall_mid_stream_is_a_timeout(upstream):
         await collect(make_config())
 
 
-async def test_an_endless_line_is_refused(upstream, monkeypatch):
-    monkeypatch.setattr(client, "MAX_SSE_EVENT_BYTES", 1024)
+async def test_an_endless_line_is_refused(upstream, settings):
+    settings.GATEWAY_MAX_SSE_EVENT_BYTES = 1024
     upstream(sse_response(b"data: " + b"x" * 4096))
 
-    with pytest.raises(APIResponseError, match="size limit"):
+    with pytest.raises(APIResponseError, match="1024-byte limit"):
         await collect(make_config())
 
 
