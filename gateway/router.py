@@ -753,25 +753,36 @@ class _Call:
             return None
         if self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self.started) * 1000
-        self.parts.append(text)
-        self.text_parts.append(text)
         self.uncounted_chars += len(text)
         if self.uncounted_chars >= self.count_step:
-            self._count_output()
+            text = self._count_output(text)
+            if not text:
+                return None
+        self.parts.append(text)
+        self.text_parts.append(text)
         return Delta(text, chunk)
 
-    def _count_output(self) -> None:
-        # Only the text since the last count is counted: one pass in all.  A
-        # step shrinks with what is left, so the cut lands close to the limit.
-        new = "".join(self.parts[self.counted_parts :])
-        self.counted_parts = len(self.parts)
+    def _count_output(self, text: str) -> str:
+        """Count what came since the last count, `text` included; what to keep.
+
+        Only new text is counted: one pass in all.  The step shrinks with what
+        is left, so the cut lands close to the limit; the chunk that crosses
+        it keeps only what fits.
+        """
+        counter = self.counter
+        assert counter is not None
+        earlier = self.counted_tokens
+        if self.counted_parts < len(self.parts):
+            earlier += counter.text("".join(self.parts[self.counted_parts :]))
+        self.counted_parts = len(self.parts) + 1
         self.uncounted_chars = 0
-        assert self.counter is not None
-        self.counted_tokens += self.counter.text(new)
+        self.counted_tokens = earlier + counter.text(text)
         left = self.output_limit - self.counted_tokens
-        if left < 0:
-            self.cut = True
         self.count_step = max(MIN_COUNT_STEP_CHARS, left // 2)
+        if left >= 0:
+            return text
+        self.cut = True
+        return _truncate(counter, text, max(0, self.output_limit - earlier))
 
     def cut_plain(self, candidate: _Candidate, text: str) -> str:
         """A plain answer's text, cut when it exceeds the output allowance."""
@@ -783,13 +794,7 @@ class _Call:
         if counter.text(text) <= limit:
             return text
         self.cut = True
-        if counter.encoding is not None:
-            ids = counter.encoding.encode_ordinary(text)[:limit]
-            return counter.encoding.decode(ids, errors="ignore")
-        kept = text.encode("utf-8", "surrogatepass")[
-            : limit * tokens.BYTES_PER_ESTIMATED_TOKEN
-        ]
-        return kept.decode("utf-8", "ignore")
+        return _truncate(counter, text, limit)
 
     def end_segment(self) -> None:
         """The current route is done, fully or not: record what it produced."""
@@ -1004,6 +1009,19 @@ def _plain_text(message: Any) -> str:
     return sanitize.clean_content(text) if text else ""
 
 
+def _truncate(counter: tokens.TokenCounter, text: str, limit: int) -> str:
+    """The start of a text that holds at most `limit` tokens (as counted)."""
+    if limit <= 0:
+        return ""
+    if counter.encoding is not None:
+        ids = counter.encoding.encode_ordinary(text)[:limit]
+        return counter.encoding.decode(ids, errors="ignore")
+    kept = text.encode("utf-8", "surrogatepass")[
+        : limit * tokens.BYTES_PER_ESTIMATED_TOKEN
+    ]
+    return kept.decode("utf-8", "ignore")
+
+
 def _finish_reason(value: Any) -> str | None:
     return sanitize.clean_identifier(value, limit=FINISH_REASON_CHARS) or None
 
@@ -1130,8 +1148,8 @@ async def _stream_events(
                         delta = call.take_chunk(chunk)
                         if delta is not None:
                             yield delta
-                            if call.cut:
-                                break
+                        if call.cut:
+                            break
             except APIClientError as exc:
                 await stream.aclose()
                 stream = None
