@@ -97,7 +97,7 @@ DEFAULT_REQUEST_MAX_SECONDS = 600.0
 OUTPUT_SLACK_RATIO = 0.25
 OUTPUT_SLACK_TOKENS = 16
 # The answer text is counted again after at least this many new characters.
-MIN_COUNT_STEP_CHARS = 64
+MIN_COUNT_STEP_CHARS = 16
 # No honest token is longer: a plain answer is cut to this before counting.
 MAX_CHARS_PER_TOKEN = 32
 # Upstream prompt counts above our own times this (plus the slack), and
