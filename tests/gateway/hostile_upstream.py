@@ -206,7 +206,20 @@ async def deep_json(x: _Exchange) -> None:
     await x.write(b"data: " + nested + b"\n\n")
 
 
+async def bad_models(x: _Exchange) -> None:
+    ids: list[Any] = [
+        "ok-model",
+        "nul\x00model\x1b[2J",
+        5,
+        {"id": f"key-{x.key}"},
+        {"id": None},
+        "m" * 1000,
+    ]
+    await x.send_json(200, {"data": ids + [f"filler-{n}" for n in range(5000)]})
+
+
 MODES: dict[str, Handler] = {
+    "bad_models": bad_models,
     "nul_error": nul_error,
     "binary_error": binary_error,
     "key_at_cut": key_at_cut,

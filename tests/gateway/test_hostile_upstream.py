@@ -344,3 +344,40 @@ async def test_a_hostile_upstream_ends_cleanly_and_accountably(
             record.upstream_model,
         ]
     )
+
+
+# --- Health checks (what the monitor stores) ------------------------------------
+
+
+def config_for(server: HostileUpstream, mode: str) -> client.EndpointConfig:
+    return client.EndpointConfig(
+        id=None,
+        name=mode,
+        base_url=server.url(mode),
+        api_key=KEY,
+        timeout=IDLE_SECONDS,
+        extra_headers=(("X-Org-Token", ORG_TOKEN),),
+    )
+
+
+async def test_a_model_list_is_cleaned_redacted_and_capped(hostile):
+    health = await client.health_check(config_for(hostile, "bad_models"))
+
+    assert health.ok
+    assert health.models[:4] == (
+        "ok-model",
+        "nulmodel[2J",
+        "key-[redacted]",
+        "m" * 200,
+    )
+    assert len(health.models) == client.MAX_MODELS
+    assert_clean(list(health.models))
+
+
+@pytest.mark.parametrize("mode", ["nul_error", "binary_error", "key_at_cut"])
+async def test_a_failed_health_check_carries_a_clean_message(hostile, mode):
+    health = await client.health_check(config_for(hostile, mode))
+
+    assert not health.ok and health.error is not None
+    assert health.error.message.startswith("server error")
+    assert_clean([health.error.message, str(health.error), repr(health.error)])
