@@ -1137,9 +1137,11 @@ async def stream_completion(
                             endpoint=config,
                         )
                 if not finished:
-                    for choice in chunk.get("choices") or ():
-                        if isinstance(choice, dict) and choice.get("finish_reason"):
-                            finished = True
+                    choices = chunk.get("choices")
+                    if type(choices) is list:
+                        for choice in choices:
+                            if type(choice) is dict and choice.get("finish_reason"):
+                                finished = True
                 yield chunk
             if at_eof:
                 if not finished:

@@ -184,6 +184,28 @@ def _with_usage(usage: Any) -> Handler:
     return answer
 
 
+async def bad_shapes(x: _Exchange) -> None:
+    if not x.stream:
+        parts = [{"type": "text", "text": "Hello"}, 5, {"text": 7}, " ignored"]
+        choice = {"message": {"content": parts}, "finish_reason": 7}
+        await x.send_json(200, {"choices": [choice], "usage": "lots"})
+        return
+    await x.sse_head()
+    for shape in (
+        {"choices": 5},
+        {"choices": "abc"},
+        {"choices": [5]},
+        {"choices": [{"delta": 5}]},
+        {"choices": [{"delta": {"content": 5}}]},
+        {"choices": [{"delta": {"content": ["a", {"text": 5}]}}]},
+        {"choices": [{"delta": {"content": "Hello"}, "finish_reason": 7}]},
+        {"choices": [{"delta": {"content": " wor\x00ld\ud800"}}], "usage": [1]},
+    ):
+        await x.write(event(shape))
+    await x.write(event(chunk({}, "stop\x00" + "p" * 100)))
+    await x.write(b"data: [DONE]\n\n")
+
+
 async def choices_five(x: _Exchange) -> None:
     await x.send_json(200, {"choices": 5})
 
@@ -235,6 +257,7 @@ MODES: dict[str, Handler] = {
     "usage_bool": _with_usage({"prompt_tokens": True, "completion_tokens": True}),
     "usage_not_object": _with_usage(5),
     "choices_five": choices_five,
+    "bad_shapes": bad_shapes,
     "plain_answer": plain_answer,
     "long_plain": long_plain,
     "deep_json": deep_json,

@@ -250,6 +250,7 @@ CASES = {
         )
     },
     "choices_five": dict.fromkeys(("plain", "stream", "chat"), (ERROR, "no choices")),
+    "bad_shapes": dict.fromkeys(("plain", "stream", "chat"), (ESTIMATED, "")),
     "plain_answer": dict.fromkeys(("plain", "stream", "chat"), (OK, "")),
     "long_plain": dict.fromkeys(("plain", "stream", "chat"), (CUT, "output_limit")),
     "deep_json": dict.fromkeys(("plain", "stream", "chat"), (ERROR, "not JSON")),
@@ -306,6 +307,12 @@ async def test_a_hostile_upstream_ends_cleanly_and_accountably(
         assert outcome.text and not outcome.error
     if expected == CUT:
         assert outcome.finish_reason == "length"
+    if mode == "bad_shapes":
+        # Only strings are text; NUL and lone surrogates never get through.
+        assert outcome.text in ("Hello", "Hello world")
+        # A finish reason is a short clean name, or none at all.
+        assert outcome.finish_reason.startswith("stop")
+        assert len(outcome.finish_reason) <= 40
     # Exactly one usage record, which says why.
     await accounting.flush()
     records = await sync_to_async(list)(UsageRecord.objects.all())
