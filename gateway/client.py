@@ -51,7 +51,14 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -902,14 +909,20 @@ class _Watchdog:
         if now < self._limit():
             self._arm()
             return
-        self.handle = None
+        task = self.task
         if self.deadline is not None and now >= self.deadline:
             self.expired = deadline_error(self.config)
+        elif task is None:
+            # Not waiting for the upstream: the caller is slow to take the
+            # last chunk (a slow /v1 client), which is not the endpoint's fault.
+            self.last_content = now
+            self._arm()
+            return
         else:
             self.expired = APITimeoutError(
                 f"no content for {self.idle:g} s", endpoint=self.config
             )
-        task = self.task
+        self.handle = None
         if task is not None and not task.done():
             self.fired = True
             self.cancelling = task.cancelling()
@@ -923,15 +936,17 @@ class _Watchdog:
         return task.uncancel() <= self.cancelling
 
     async def run(
-        self, task: asyncio.Task[Any] | None, awaitable: Awaitable[Any]
+        self, task: asyncio.Task[Any] | None, work: Coroutine[Any, Any, Any]
     ) -> Any:
-        """Await something that does not yield to the caller, under this timer."""
+        """Await work that does not yield to the caller, under this timer."""
         if self.expired is not None:
+            work.close()
             raise self.expired
         self.task = task
         try:
-            return await awaitable
-        except asyncio.CancelledError:
+            return await work
+        except BaseException:
+            # CancelledError, or whatever httpx made of it.
             if self.caused(task):
                 assert self.expired is not None
                 raise self.expired from None
@@ -1095,6 +1110,10 @@ async def stream_completion(
                 events = _flush(config, decoder)
                 at_eof = True
             except httpx.HTTPError as exc:
+                if watchdog.caused(task):
+                    # The timer's cancellation, turned into a read error.
+                    assert watchdog.expired is not None
+                    raise watchdog.expired from None
                 raise transport_error(config, exc) from exc
             except asyncio.CancelledError:
                 if watchdog.caused(task):
