@@ -799,16 +799,39 @@ class _Call:
     def end_segment(self) -> None:
         """The current route is done, fully or not: record what it produced."""
         if self.current is not None:
-            self.segment(self.current, "".join(self.parts), self.usage)
+            self.segment(
+                self.current, "".join(self.parts), self.usage, self._counted_output
+            )
             self.current = None
 
-    def segment(self, candidate: _Candidate, text: str, usage: Any) -> None:
-        """Record what one route produced; count it ourselves if it did not say."""
+    def _counted_output(self) -> int:
+        # Most of the text was counted on the way (for the output bound).
+        assert self.counter is not None
+        tail = "".join(self.parts[self.counted_parts :])
+        return self.counted_tokens + self.counter.text(tail)
+
+    def segment(
+        self,
+        candidate: _Candidate,
+        text: str,
+        usage: Any,
+        counted: Callable[[], int] | None = None,
+    ) -> None:
+        """Record what one route produced; count it ourselves if it did not say.
+
+        `counted` gives our count of `text` more cheaply than counting it all.
+        """
         self.segments.append(
-            Segment(candidate.route, text, self._usage(candidate, text, usage))
+            Segment(candidate.route, text, self._usage(candidate, text, usage, counted))
         )
 
-    def _usage(self, candidate: _Candidate, text: str, usage: Any) -> Usage:
+    def _usage(
+        self,
+        candidate: _Candidate,
+        text: str,
+        usage: Any,
+        counted: Callable[[], int] | None,
+    ) -> Usage:
         """Upstream's counts when they are believable, else ours (estimated)."""
         route = candidate.route
         ours = candidate.status.tokens
@@ -835,9 +858,11 @@ class _Call:
             return Usage(prompt, completion, False)
         return Usage(
             ours if prompt is None else prompt,
-            tokens.count_text(text, route.upstream_model)
-            if completion is None
-            else completion,
+            completion
+            if completion is not None
+            else counted()
+            if counted is not None
+            else tokens.count_text(text, route.upstream_model),
             True,
         )
 
