@@ -782,7 +782,11 @@ class _Call:
         if left >= 0:
             return text
         self.cut = True
-        return _truncate(counter, text, max(0, self.output_limit - earlier))
+        kept = _truncate(counter, text, max(0, self.output_limit - earlier))
+        self.counted_tokens = earlier + counter.text(kept)
+        if not kept:
+            self.counted_parts = len(self.parts)
+        return kept
 
     def cut_plain(self, candidate: _Candidate, text: str) -> str:
         """A plain answer's text, cut when it exceeds the output allowance."""
