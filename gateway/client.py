@@ -49,6 +49,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import (
@@ -81,6 +82,8 @@ MAX_CHUNKS_BEFORE_CONTENT = 1000
 MAX_STREAM_BYTES = 64 * 1024 * 1024
 # A model list longer than this is cut: no real endpoint serves more.
 MAX_MODELS = 1000
+# A Retry-After beyond this is taken as this (a day).
+MAX_RETRY_AFTER = 86400.0
 # After [DONE] the rest of the body (the last chunk marker) is read so that the
 # connection goes back to the pool instead of being closed.
 DRAIN_LIMIT = 64 * 1024
@@ -521,16 +524,14 @@ def parse_retry_after(
     """Seconds to wait from Retry-After (seconds or HTTP date) or retry-after-ms."""
     millis = headers.get("retry-after-ms")
     if millis:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            return _seconds(float(millis) / 1000)
     value = headers.get("retry-after")
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        return _seconds(float(value))
     except ValueError:
         pass
     try:
@@ -540,7 +541,14 @@ def parse_retry_after(
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
+    return _seconds(when.timestamp() - current)
+
+
+def _seconds(value: float) -> float:
+    # "inf", "nan" and 1e400 are numbers to float(), not waits.
+    if not math.isfinite(value):
+        raise ValueError(value)
+    return min(max(0.0, value), MAX_RETRY_AFTER)
 
 
 def _error_message(body: bytes) -> str:
@@ -764,10 +772,16 @@ def _encode(payload: Mapping[str, Any]) -> bytes:
 async def _read_body(
     config: EndpointConfig, response: httpx.Response, limit: int
 ) -> bytes:
-    declared = response.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    declared = response.headers.get("content-length", "")
+    # isascii: "²".isdigit() is true, and int() of it raises; a length longer
+    # than 18 digits is too big whatever it says (and int() may refuse it).
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > 18 or int(declared) > limit)
+    ):
         raise APIResponseError(
-            f"response of {int(declared)} bytes exceeds the {limit}-byte limit",
+            f"response of {declared[:20]} bytes exceeds the {limit}-byte limit",
             endpoint=config,
             status_code=response.status_code,
         )

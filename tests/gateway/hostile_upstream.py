@@ -44,11 +44,14 @@ class _Exchange:
     def stream(self) -> bool:
         return bool(self.body.get("stream"))
 
-    async def head(self, status: int, content_type: str, length: int | None) -> None:
+    async def head(
+        self, status: int, content_type: str, length: int | None, *extra: str
+    ) -> None:
         lines = [
             f"HTTP/1.1 {status} Whatever",
             f"Content-Type: {content_type}",
             "Connection: close",
+            *extra,
         ]
         if length is not None:
             lines.append(f"Content-Length: {length}")
@@ -117,6 +120,14 @@ async def binary_error(x: _Exchange) -> None:
     noise = bytes(range(256)) * 4
     body = noise + x.key.encode() + b"\x00\xff\xfe" + x.org_token.encode() + noise
     await x.send(502, body, "application/octet-stream")
+
+
+async def retry_after_inf(x: _Exchange) -> None:
+    body = json.dumps({"error": {"message": "slow down"}}).encode()
+    await x.head(
+        429, "application/json", len(body), "Retry-After: inf", "Retry-After-Ms: nan"
+    )
+    await x.write(body)
 
 
 async def key_at_cut(x: _Exchange) -> None:
@@ -245,6 +256,7 @@ MODES: dict[str, Handler] = {
     "nul_error": nul_error,
     "binary_error": binary_error,
     "key_at_cut": key_at_cut,
+    "retry_after_inf": retry_after_inf,
     "key_in_line": key_in_line,
     "empty_chunks": empty_chunks,
     "endless_content": endless_content,

@@ -815,3 +815,18 @@ async def test_a_plain_json_body_without_a_choice_list_is_a_response_error(upstr
 
     with pytest.raises(APIResponseError, match="no choices"):
         await collect(make_config())
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "inf"}, None),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after": "1e400"}, None),
+        ({"retry-after": "1e9"}, 86400.0),
+        ({"retry-after-ms": "nan", "retry-after": "2"}, 2.0),
+        ({"retry-after": "-5"}, 0.0),
+    ],
+)
+def test_retry_after_is_a_finite_wait_of_at_most_a_day(headers, expected):
+    assert client.parse_retry_after(httpx.Headers(headers)) == expected

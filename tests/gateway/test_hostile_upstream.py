@@ -213,6 +213,9 @@ CASES = {
     "nul_error": dict.fromkeys(("plain", "stream", "chat"), (ERROR, "badrequest")),
     "binary_error": dict.fromkeys(("plain", "stream", "chat"), (ERROR, "server error")),
     "key_at_cut": dict.fromkeys(("plain", "stream", "chat"), (ERROR, "server error")),
+    "retry_after_inf": dict.fromkeys(
+        ("plain", "stream", "chat"), (ERROR, "rate limited")
+    ),
     "key_in_line": {
         "plain": (ERROR, "not JSON"),
         "stream": (ERROR, "not a JSON object"),
