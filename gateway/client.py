@@ -33,7 +33,8 @@ Bounds on what an upstream sends, each a setting (per stream):
 - GATEWAY_MAX_STREAM_BYTES: the whole streamed body, a backstop for output
   that is not text (the router counts text tokens against max_tokens);
 - idle time: the endpoint's ``timeout`` counted from the last chunk with
-  content, so SSE comments and empty chunks do not keep a stream alive;
+  content, so SSE comments and empty chunks do not keep a stream alive (time
+  the caller takes to consume a chunk is not the endpoint's and not counted);
 - the caller's deadline (the router's GATEWAY_REQUEST_MAX_SECONDS).
 
 The time bounds are enforced by one timer per stream, re-armed only when it
@@ -597,7 +598,6 @@ def status_error(
 def transport_error(config: EndpointConfig, exc: httpx.HTTPError) -> APIClientError:
     """The error for an httpx exception (no response, or a broken one)."""
     detail = _excerpt(config, str(exc)) or type(exc).__name__
-    name = config
     if isinstance(exc, httpx.TimeoutException):
         phase = {
             httpx.ConnectTimeout: "connecting",
@@ -605,14 +605,14 @@ def transport_error(config: EndpointConfig, exc: httpx.HTTPError) -> APIClientEr
             httpx.WriteTimeout: "sending the request",
             httpx.PoolTimeout: "waiting for a free connection",
         }.get(type(exc), "waiting")
-        return APITimeoutError(f"timed out {phase}", endpoint=name)
+        return APITimeoutError(f"timed out {phase}", endpoint=config)
     if isinstance(exc, httpx.RemoteProtocolError):
-        return APIConnectionError(f"connection dropped: {detail}", endpoint=name)
+        return APIConnectionError(f"connection dropped: {detail}", endpoint=config)
     if isinstance(exc, httpx.DecodingError):
-        return APIResponseError(f"undecodable response: {detail}", endpoint=name)
+        return APIResponseError(f"undecodable response: {detail}", endpoint=config)
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-        return APIEndpointError(f"bad endpoint URL: {detail}", endpoint=name)
-    return APIConnectionError(f"connection failed: {detail}", endpoint=name)
+        return APIEndpointError(f"bad endpoint URL: {detail}", endpoint=config)
+    return APIConnectionError(f"connection failed: {detail}", endpoint=config)
 
 
 def _chunk_error(config: EndpointConfig, error: Any) -> APIClientError:
