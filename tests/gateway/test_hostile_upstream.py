@@ -46,7 +46,7 @@ MAX_SECONDS = 1.5
 IDLE_SECONDS = 0.75
 MAX_TOKENS = 50
 # Generous: the point is "bounded", against +1 GB in 20 s before the fix.
-MAX_MEMORY_GROWTH = 24 * 1024 * 1024
+MAX_MEMORY_GROWTH = 8 * 1024 * 1024
 MAX_REQUEST_SECONDS = MAX_SECONDS + 2.0
 
 
