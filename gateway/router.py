@@ -698,6 +698,10 @@ class _Call:
         config = candidate.route.endpoint
         if exc.permanent or config.id is None:
             return
+        if isinstance(exc, APIDeadlineError) and candidate.trial is None:
+            # The request's own time ran out (maybe on earlier routes): not a
+            # sign of this endpoint's health.  A trial still ends as a failure.
+            return
         if candidate.failure_counted and candidate.trial is None:
             return
         candidate.failure_counted = True
