@@ -11,14 +11,34 @@ that retries and fallback look at:
 
 - transient (retry here, then fail over): `APITimeoutError`,
   `APIConnectionError`, `APIServerError`, `APIRateLimitError`,
-  `APIResponseError`;
+  `APIResponseError` (and its `APIStreamLimitError`);
+- `APIDeadlineError`: the whole request ran out of time
+  (GATEWAY_REQUEST_MAX_SECONDS); never retried, the router ends the call;
 - `APIEndpointError` (401, 403, 404, ...): this endpoint cannot serve the
   request (key, model name); no retry, but the next route may;
 - `APIRequestError` (400, 413, 422, ...): the request itself is wrong;
   ``permanent``, never retried and never failed over.
 
-Messages never contain the API key or the extra header values, and upstream
-bodies are cut to `BODY_EXCERPT_CHARS`.
+Upstream text never reaches a message unsanitized: every error is built with
+the endpoint's snapshot, and `APIClientError` runs its message through
+`gateway.sanitize.clean_text` (control characters dropped, the API key and
+every extra header value redacted, then cut to `MESSAGE_CHARS`).
+
+Bounds on what an upstream sends, each a setting (per stream):
+
+- GATEWAY_MAX_SSE_EVENT_BYTES: one SSE line or event;
+- GATEWAY_MAX_RESPONSE_BYTES: a plain body (and a JSON body to a stream);
+- GATEWAY_MAX_BYTES_BEFORE_CONTENT / GATEWAY_MAX_CHUNKS_BEFORE_CONTENT: what
+  may arrive before the first chunk with content (role-only and empty chunks);
+- GATEWAY_MAX_STREAM_BYTES: the whole streamed body, a backstop for output
+  that is not text (the router counts text tokens against max_tokens);
+- idle time: the endpoint's ``timeout`` counted from the last chunk with
+  content, so SSE comments and empty chunks do not keep a stream alive (time
+  the caller takes to consume a chunk is not the endpoint's and not counted);
+- the caller's deadline (the router's GATEWAY_REQUEST_MAX_SECONDS).
+
+The time bounds are enforced by one timer per stream, re-armed only when it
+fires, so a chunk with content costs one clock read.
 """
 
 from __future__ import annotations
@@ -30,9 +50,17 @@ import functools
 import itertools
 import json
 import logging
+import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -40,20 +68,31 @@ from typing import Any, ClassVar
 import httpx
 from django.conf import settings
 
-from gateway import crypto, transport_policy
+from gateway import crypto, sanitize, transport_policy
 
 BODY_EXCERPT_CHARS = 500
+# An error message: our own words plus the upstream's excerpt.
+MESSAGE_CHARS = BODY_EXCERPT_CHARS + 60
 # Error bodies are only read this far: enough for any JSON error message.
 ERROR_BODY_LIMIT = 64 * 1024
+# Defaults of the bounds (see the settings of the same names).
 # One SSE line or event larger than this is garbage, not a token.
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
+MAX_BYTES_BEFORE_CONTENT = 1024 * 1024
+MAX_CHUNKS_BEFORE_CONTENT = 1000
+MAX_STREAM_BYTES = 64 * 1024 * 1024
+# A model list longer than this is cut: no real endpoint serves more.
+MAX_MODELS = 1000
+# A Retry-After beyond this is taken as this (a day).
+MAX_RETRY_AFTER = 86400.0
 # After [DONE] the rest of the body (the last chunk marker) is read so that the
 # connection goes back to the pool instead of being closed.
 DRAIN_LIMIT = 64 * 1024
+DRAIN_SECONDS = 1.0
 USER_AGENT = "llmsite-gateway"
 
 logger = logging.getLogger("gateway.client")
-REDACTED = "[redacted]"
+REDACTED = sanitize.REDACTED
 
 
 # --- Errors -----------------------------------------------------------------
@@ -71,14 +110,21 @@ class APIClientError(Exception):
         self,
         message: str,
         *,
-        endpoint: str,
+        endpoint: str | EndpointConfig,
         status_code: int | None = None,
         permanent: bool = False,
         retry_after: float | None = None,
     ) -> None:
+        # The one way into a message: whatever upstream text it quotes is
+        # cleaned and redacted (with the snapshot's secrets) before the cut.
+        if isinstance(endpoint, str):
+            name, secrets = endpoint, ()
+        else:
+            name, secrets = endpoint.name, endpoint.secrets
+        message = sanitize.clean_text(message, secrets=secrets, limit=MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
-        self.endpoint = endpoint
+        self.endpoint = name
         self.status_code = status_code
         self.permanent = permanent
         self.retry_after = retry_after
@@ -106,6 +152,13 @@ class APITimeoutError(APIClientError):
     reason = "timeout"
 
 
+class APIDeadlineError(APITimeoutError):
+    """The whole request ran out of time (GATEWAY_REQUEST_MAX_SECONDS)."""
+
+    retryable = False
+    reason = "request_deadline"
+
+
 class APIConnectionError(APIClientError):
     """The connection failed or was dropped, before or during the response."""
 
@@ -128,6 +181,12 @@ class APIResponseError(APIClientError):
     """The endpoint answered something that is not a valid completion."""
 
     reason = "malformed_response"
+
+
+class APIStreamLimitError(APIResponseError):
+    """The endpoint sent more than a bound allows (bytes, chunks, idle time)."""
+
+    reason = "stream_limit"
 
 
 class APIEndpointError(APIClientError):
@@ -185,6 +244,8 @@ class EndpointConfig:
     models_url: str = field(init=False, repr=False)
     # What the pooled clients depend on: a change builds new clients.
     pool_fingerprint: tuple[Any, ...] = field(init=False, repr=False)
+    # What never appears in a message: the key and every extra header value.
+    secrets: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         base = self.base_url.rstrip("/")
@@ -201,6 +262,11 @@ class EndpointConfig:
                 self.connect_timeout,
                 self.extra_headers,
             ),
+        )
+        object.__setattr__(
+            self,
+            "secrets",
+            sanitize.secrets_of(self.api_key, (v for _, v in self.extra_headers)),
         )
 
     @classmethod
@@ -244,18 +310,7 @@ class EndpointConfig:
 
     def redact(self, text: str) -> str:
         """Remove this endpoint's secrets from a text meant for logs or users."""
-        for secret in self._secrets():
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
-
-    def _secrets(self) -> Iterator[str]:
-        # Short header values ("1", "true") are not secrets and would mangle text.
-        if self.api_key:
-            yield self.api_key
-        for _, value in self.extra_headers:
-            if len(value) >= 8:
-                yield value
+        return sanitize.redact(text, self.secrets)
 
     def request_headers(self) -> dict[str, str]:
         """The headers every request to this endpoint carries."""
@@ -428,7 +483,7 @@ class ClientPools:
             config.base_url, allow_plain_http=config.allow_plain_http
         )
         if refused:
-            raise APIEndpointError(f"refused: {refused}", endpoint=config.name)
+            raise APIEndpointError(f"refused: {refused}", endpoint=config)
         loop = asyncio.get_running_loop()
         pools = self._by_loop.get(loop)
         if pools is None:
@@ -474,11 +529,9 @@ async def aclose_all() -> None:
 # --- Error mapping ------------------------------------------------------------
 
 
-def _excerpt(text: str) -> str:
-    text = " ".join(text.split())
-    if len(text) > BODY_EXCERPT_CHARS:
-        return text[:BODY_EXCERPT_CHARS] + "…"
-    return text
+def _excerpt(config: EndpointConfig, text: str | bytes) -> str:
+    """Upstream text to quote in a message: cleaned, redacted, then cut."""
+    return sanitize.clean_text(text, secrets=config.secrets, limit=BODY_EXCERPT_CHARS)
 
 
 def parse_retry_after(
@@ -487,16 +540,14 @@ def parse_retry_after(
     """Seconds to wait from Retry-After (seconds or HTTP date) or retry-after-ms."""
     millis = headers.get("retry-after-ms")
     if millis:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            return _seconds(float(millis) / 1000)
     value = headers.get("retry-after")
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        return _seconds(float(value))
     except ValueError:
         pass
     try:
@@ -506,7 +557,14 @@ def parse_retry_after(
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
+    return _seconds(when.timestamp() - current)
+
+
+def _seconds(value: float) -> float:
+    # "inf", "nan" and 1e400 are numbers to float(), not waits.
+    if not math.isfinite(value):
+        raise ValueError(value)
+    return min(max(0.0, value), MAX_RETRY_AFTER)
 
 
 def _error_message(body: bytes) -> str:
@@ -514,7 +572,7 @@ def _error_message(body: bytes) -> str:
     text = body.decode("utf-8", "replace")
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
     if isinstance(data, dict):
         error = data.get("error", data)
@@ -531,10 +589,10 @@ def status_error(
     config: EndpointConfig, status: int, headers: httpx.Headers, body: bytes
 ) -> APIClientError:
     """The error for a non-2xx upstream answer."""
-    detail = config.redact(
-        _excerpt(_error_message(body))
-    ) or httpx.codes.get_reason_phrase(status)
-    kwargs: dict[str, Any] = {"endpoint": config.name, "status_code": status}
+    detail = _excerpt(config, _error_message(body)) or httpx.codes.get_reason_phrase(
+        status
+    )
+    kwargs: dict[str, Any] = {"endpoint": config, "status_code": status}
     if status == 429:
         return APIRateLimitError(
             f"rate limited: {detail}", retry_after=parse_retry_after(headers), **kwargs
@@ -554,8 +612,7 @@ def status_error(
 
 def transport_error(config: EndpointConfig, exc: httpx.HTTPError) -> APIClientError:
     """The error for an httpx exception (no response, or a broken one)."""
-    detail = config.redact(str(exc)) or type(exc).__name__
-    name = config.name
+    detail = _excerpt(config, str(exc)) or type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
         phase = {
             httpx.ConnectTimeout: "connecting",
@@ -563,14 +620,14 @@ def transport_error(config: EndpointConfig, exc: httpx.HTTPError) -> APIClientEr
             httpx.WriteTimeout: "sending the request",
             httpx.PoolTimeout: "waiting for a free connection",
         }.get(type(exc), "waiting")
-        return APITimeoutError(f"timed out {phase}", endpoint=name)
+        return APITimeoutError(f"timed out {phase}", endpoint=config)
     if isinstance(exc, httpx.RemoteProtocolError):
-        return APIConnectionError(f"connection dropped: {detail}", endpoint=name)
+        return APIConnectionError(f"connection dropped: {detail}", endpoint=config)
     if isinstance(exc, httpx.DecodingError):
-        return APIResponseError(f"undecodable response: {detail}", endpoint=name)
+        return APIResponseError(f"undecodable response: {detail}", endpoint=config)
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-        return APIEndpointError(f"bad endpoint URL: {detail}", endpoint=name)
-    return APIConnectionError(f"connection failed: {detail}", endpoint=name)
+        return APIEndpointError(f"bad endpoint URL: {detail}", endpoint=config)
+    return APIConnectionError(f"connection failed: {detail}", endpoint=config)
 
 
 def _chunk_error(config: EndpointConfig, error: Any) -> APIClientError:
@@ -580,18 +637,18 @@ def _chunk_error(config: EndpointConfig, error: Any) -> APIClientError:
         code = error.get("code")
     else:
         message, code = str(error), None
-    detail = config.redact(_excerpt(message))
-    status = code if isinstance(code, int) and 400 <= code < 600 else None
-    if status == 429 or "rate limit" in message.lower():
+    detail = _excerpt(config, message) or "error"
+    status = code if type(code) is int and 400 <= code < 600 else None
+    if status == 429 or "rate limit" in detail.lower():
         return APIRateLimitError(
-            f"rate limited: {detail}", endpoint=config.name, status_code=status
+            f"rate limited: {detail}", endpoint=config, status_code=status
         )
     if status is not None and 400 <= status < 500:
         return APIRequestError(
-            f"request rejected: {detail}", endpoint=config.name, status_code=status
+            f"request rejected: {detail}", endpoint=config, status_code=status
         )
     return APIServerError(
-        f"upstream error: {detail}", endpoint=config.name, status_code=status
+        f"upstream error: {detail}", endpoint=config, status_code=status
     )
 
 
@@ -606,9 +663,11 @@ class SSEDecoder:
     a colon are comments (keep-alives); ``id`` and ``retry`` are ignored.
     """
 
-    __slots__ = ("_buffer", "_data", "_event", "_size", "_skip_lf")
+    __slots__ = ("_buffer", "_data", "_event", "_size", "_skip_lf", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_SSE_EVENT_BYTES) -> None:
+        # The largest line or event, in bytes.
+        self.limit = limit
         self._buffer = b""
         self._data: list[bytes] = []
         self._event = b""
@@ -629,8 +688,8 @@ class SSEDecoder:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = buffer.split(b"\n")
         self._buffer = lines.pop()
-        if len(self._buffer) > MAX_SSE_EVENT_BYTES:
-            raise ValueError("an SSE line exceeds the size limit")
+        if len(self._buffer) > self.limit:
+            raise ValueError(f"an SSE line exceeds the {self.limit}-byte limit")
         events: list[tuple[bytes, bytes]] = []
         for line in lines:
             self._line(line, events)
@@ -661,22 +720,25 @@ class SSEDecoder:
             value = value[1:]
         if name == b"data":
             self._size += len(value)
-            if self._size > MAX_SSE_EVENT_BYTES:
-                raise ValueError("an SSE event exceeds the size limit")
+            if self._size > self.limit:
+                raise ValueError(f"an SSE event exceeds the {self.limit}-byte limit")
             self._data.append(value)
         elif name == b"event":
             self._event = value
 
 
-def _data_excerpt(data: bytes) -> str:
-    return _excerpt(data.decode("utf-8", "replace"))
-
-
-def _as_chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
+def _as_chunks(config: EndpointConfig, body: dict[str, Any]) -> list[dict[str, Any]]:
     """A plain completion (sent to a stream request) as equivalent chunks."""
+    found = body.get("choices")
+    if not isinstance(found, list):
+        raise APIResponseError("the response has no choices", endpoint=config)
     choices = []
-    for choice in body.get("choices") or ():
-        message = choice.get("message") or {}
+    for choice in found:
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            message = {}
         delta = {k: v for k, v in message.items() if v is not None}
         choices.append(
             {
@@ -694,6 +756,27 @@ def _as_chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
     return chunks
 
 
+def has_content(chunk: Mapping[str, Any]) -> bool:
+    """Whether a chunk's first choice carries anything besides its role."""
+    choices = chunk.get("choices")
+    if not choices or type(choices) is not list:
+        return False
+    choice = choices[0]
+    if type(choice) is not dict:
+        return False
+    delta = choice.get("delta")
+    if type(delta) is not dict:
+        return False
+    if delta.get("content"):
+        return True
+    # Tool calls, refusals and reasoning are content too, just not text.  A
+    # loop, not any(): no generator per chunk on the hot path.
+    for key, value in delta.items():  # noqa: SIM110
+        if value and key != "role":
+            return True
+    return False
+
+
 # --- Requests -------------------------------------------------------------------
 
 
@@ -704,11 +787,17 @@ def _encode(payload: Mapping[str, Any]) -> bytes:
 async def _read_body(
     config: EndpointConfig, response: httpx.Response, limit: int
 ) -> bytes:
-    declared = response.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    declared = response.headers.get("content-length", "")
+    # isascii: "²".isdigit() is true, and int() of it raises; a length longer
+    # than 18 digits is too big whatever it says (and int() may refuse it).
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > 18 or int(declared) > limit)
+    ):
         raise APIResponseError(
-            f"response of {int(declared)} bytes exceeds the {limit}-byte limit",
-            endpoint=config.name,
+            f"response of {declared[:20]} bytes exceeds the {limit}-byte limit",
+            endpoint=config,
             status_code=response.status_code,
         )
     parts: list[bytes] = []
@@ -718,7 +807,7 @@ async def _read_body(
         if size > limit:
             raise APIResponseError(
                 f"response exceeds the {limit}-byte limit",
-                endpoint=config.name,
+                endpoint=config,
                 status_code=response.status_code,
             )
         parts.append(part)
@@ -738,15 +827,166 @@ async def _error_for(
 def _parse_json(config: EndpointConfig, body: bytes, what: str) -> Any:
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise APIResponseError(
-            f"{what} is not JSON: {config.redact(_data_excerpt(body))}",
-            endpoint=config.name,
+            f"{what} is not JSON: {_excerpt(config, body)}",
+            endpoint=config,
         ) from None
 
 
 def _max_response_bytes() -> int:
     return getattr(settings, "GATEWAY_MAX_RESPONSE_BYTES", 10 * 1024 * 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """The byte and chunk bounds of one stream, from the settings of these names."""
+
+    # GATEWAY_MAX_SSE_EVENT_BYTES
+    event_bytes: int = MAX_SSE_EVENT_BYTES
+    # GATEWAY_MAX_BYTES_BEFORE_CONTENT
+    bytes_before_content: int = MAX_BYTES_BEFORE_CONTENT
+    # GATEWAY_MAX_CHUNKS_BEFORE_CONTENT
+    chunks_before_content: int = MAX_CHUNKS_BEFORE_CONTENT
+    # GATEWAY_MAX_STREAM_BYTES
+    stream_bytes: int = MAX_STREAM_BYTES
+
+    @classmethod
+    def from_settings(cls) -> StreamLimits:
+        """The limits as configured now."""
+        return cls(
+            event_bytes=getattr(
+                settings, "GATEWAY_MAX_SSE_EVENT_BYTES", MAX_SSE_EVENT_BYTES
+            ),
+            bytes_before_content=getattr(
+                settings, "GATEWAY_MAX_BYTES_BEFORE_CONTENT", MAX_BYTES_BEFORE_CONTENT
+            ),
+            chunks_before_content=getattr(
+                settings, "GATEWAY_MAX_CHUNKS_BEFORE_CONTENT", MAX_CHUNKS_BEFORE_CONTENT
+            ),
+            stream_bytes=getattr(
+                settings, "GATEWAY_MAX_STREAM_BYTES", MAX_STREAM_BYTES
+            ),
+        )
+
+
+def deadline_error(config: EndpointConfig) -> APIDeadlineError:
+    """The error of a request that reached its whole-request time limit."""
+    return APIDeadlineError("the request reached its time limit", endpoint=config)
+
+
+@contextlib.asynccontextmanager
+async def _until(config: EndpointConfig, deadline: float | None) -> AsyncIterator[None]:
+    """Run the block until `deadline` (time.monotonic()); None: no limit."""
+    if deadline is None:
+        yield
+        return
+    try:
+        async with asyncio.timeout(deadline - time.monotonic()):
+            yield
+    except TimeoutError:
+        raise deadline_error(config) from None
+
+
+class _Watchdog:
+    """Ends a stream's reads when content stops coming or the deadline passes.
+
+    httpx's read timeout restarts with every byte, so keep-alive comments or
+    empty chunks would hold a stream open for ever.  This timer counts from
+    the last chunk with content instead.  Content only stores a clock reading;
+    the one timer is re-armed when it fires early, and cancels the task only
+    while it waits in a read (`task` is set), like `asyncio.timeout` does.
+    """
+
+    __slots__ = (
+        "cancelling",
+        "config",
+        "deadline",
+        "expired",
+        "fired",
+        "handle",
+        "idle",
+        "last_content",
+        "task",
+    )
+
+    def __init__(self, config: EndpointConfig, deadline: float | None) -> None:
+        self.config = config
+        self.idle = config.timeout
+        self.deadline = deadline
+        self.last_content = time.monotonic()
+        # The task waiting in a read, while it waits.
+        self.task: asyncio.Task[Any] | None = None
+        self.expired: APIClientError | None = None
+        self.fired = False
+        self.cancelling = 0
+        self.handle: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _limit(self) -> float:
+        limit = self.last_content + self.idle
+        if self.deadline is not None and self.deadline < limit:
+            return self.deadline
+        return limit
+
+    def _arm(self) -> None:
+        delay = max(0.0, self._limit() - time.monotonic())
+        self.handle = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        now = time.monotonic()
+        if now < self._limit():
+            self._arm()
+            return
+        task = self.task
+        if self.deadline is not None and now >= self.deadline:
+            self.expired = deadline_error(self.config)
+        elif task is None:
+            # Not waiting for the upstream: the caller is slow to take the
+            # last chunk (a slow /v1 client), which is not the endpoint's fault.
+            self.last_content = now
+            self._arm()
+            return
+        else:
+            self.expired = APITimeoutError(
+                f"no content for {self.idle:g} s", endpoint=self.config
+            )
+        self.handle = None
+        if task is not None and not task.done():
+            self.fired = True
+            self.cancelling = task.cancelling()
+            task.cancel()
+
+    def caused(self, task: asyncio.Task[Any] | None) -> bool:
+        """After a CancelledError in a read: whether this timer caused it."""
+        if not self.fired or task is None:
+            return False
+        self.fired = False
+        return task.uncancel() <= self.cancelling
+
+    async def run(
+        self, task: asyncio.Task[Any] | None, work: Coroutine[Any, Any, Any]
+    ) -> Any:
+        """Await work that does not yield to the caller, under this timer."""
+        if self.expired is not None:
+            work.close()
+            raise self.expired
+        self.task = task
+        try:
+            return await work
+        except BaseException:
+            # CancelledError, or whatever httpx made of it.
+            if self.caused(task):
+                assert self.expired is not None
+                raise self.expired from None
+            raise
+        finally:
+            self.task = None
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 async def _fetch(
@@ -756,19 +996,21 @@ async def _fetch(
     content: bytes | None = None,
     *,
     client_pools: ClientPools | None = None,
+    deadline: float | None = None,
 ) -> bytes:
     """Send one plain request and return its body, size-limited; errors mapped."""
     pool = (client_pools or pools).pool(config)
     client = pool.checkout()
     try:
-        request = client.build_request(method, url, content=content)
-        response = await client.send(request, stream=True)
-        try:
-            if not response.is_success:
-                raise await _error_for(config, response)
-            return await _read_body(config, response, _max_response_bytes())
-        finally:
-            await response.aclose()
+        async with _until(config, deadline):
+            request = client.build_request(method, url, content=content)
+            response = await client.send(request, stream=True)
+            try:
+                if not response.is_success:
+                    raise await _error_for(config, response)
+                return await _read_body(config, response, _max_response_bytes())
+            finally:
+                await response.aclose()
     except httpx.HTTPError as exc:
         raise transport_error(config, exc) from exc
     finally:
@@ -779,9 +1021,7 @@ def _completion_object(config: EndpointConfig, raw: bytes) -> dict[str, Any]:
     """A plain completion body as a dict; an OpenAI error object raises."""
     data = _parse_json(config, raw, "the response")
     if not isinstance(data, dict):
-        raise APIResponseError(
-            "the response is not a JSON object", endpoint=config.name
-        )
+        raise APIResponseError("the response is not a JSON object", endpoint=config)
     if data.get("error") and not data.get("choices"):
         raise _chunk_error(config, data["error"])
     return data
@@ -792,17 +1032,26 @@ async def create_completion(
     payload: Mapping[str, Any],
     *,
     client_pools: ClientPools | None = None,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
-    """POST a non-streaming chat completion and return the parsed body."""
+    """POST a non-streaming chat completion and return the parsed body.
+
+    `deadline` (a `time.monotonic()` value) bounds the whole exchange.
+    """
     body = dict(payload)
     body["stream"] = False
     body.pop("stream_options", None)
     raw = await _fetch(
-        config, "POST", config.chat_url, _encode(body), client_pools=client_pools
+        config,
+        "POST",
+        config.chat_url,
+        _encode(body),
+        client_pools=client_pools,
+        deadline=deadline,
     )
     data = _completion_object(config, raw)
     if not isinstance(data.get("choices"), list):
-        raise APIResponseError("the response has no choices", endpoint=config.name)
+        raise APIResponseError("the response has no choices", endpoint=config)
     return data
 
 
@@ -823,12 +1072,15 @@ async def stream_completion(
     *,
     on_stream_usage_rejected: Callable[[EndpointConfig], Awaitable[None]] | None = None,
     client_pools: ClientPools | None = None,
+    deadline: float | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Stream a chat completion, yielding each parsed chunk.
 
     The upstream response is closed when the consumer stops iterating, closes
     this generator or is cancelled, so no upstream request outlives its caller.
-    A stall longer than the endpoint timeout raises `APITimeoutError`.
+    No content for the endpoint timeout raises `APITimeoutError`; reaching
+    `deadline` (a `time.monotonic()` value) raises `APIDeadlineError`; the byte
+    and chunk bounds (`StreamLimits`) raise `APIStreamLimitError`.
     """
     body = dict(payload)
     body["stream"] = True
@@ -837,14 +1089,19 @@ async def stream_completion(
         body["stream_options"] = {"include_usage": True}
     else:
         body.pop("stream_options", None)
+    limits = StreamLimits.from_settings()
     pool = (client_pools or pools).pool(config)
     client = pool.checkout()
     response: httpx.Response | None = None
+    task = asyncio.current_task()
+    watchdog = _Watchdog(config, deadline)
     try:
         try:
-            response = await _send_stream(client, config, body)
+            response = await watchdog.run(task, _send_stream(client, config, body))
             if response.status_code == 400 and include_usage:
-                raw = await _read_body(config, response, ERROR_BODY_LIMIT)
+                raw = await watchdog.run(
+                    task, _read_body(config, response, ERROR_BODY_LIMIT)
+                )
                 await response.aclose()
                 if b"stream_options" not in raw and b"include_usage" not in raw:
                     raise status_error(config, 400, response.headers, raw)
@@ -852,60 +1109,110 @@ async def stream_completion(
                 if on_stream_usage_rejected is not None:
                     await on_stream_usage_rejected(config)
                 del body["stream_options"]
-                response = await _send_stream(client, config, body)
+                response = await watchdog.run(task, _send_stream(client, config, body))
             if not response.is_success:
-                raise await _error_for(config, response)
+                raise await watchdog.run(task, _error_for(config, response))
+            content_type = response.headers.get("content-type", "")
+            if content_type.startswith("application/json"):
+                # Some servers ignore stream=true and answer in one piece.
+                plain = await watchdog.run(task, _plain_as_stream(config, response))
+                for chunk in plain:
+                    yield chunk
+                return
         except httpx.HTTPError as exc:
             raise transport_error(config, exc) from exc
-        content_type = response.headers.get("content-type", "")
-        if content_type.startswith("application/json"):
-            # Some servers ignore stream=true and answer in one piece.
-            plain = await _plain_as_stream(config, response)
-            for chunk in plain:
-                yield chunk
-            return
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(limits.event_bytes)
         finished = False
+        # Until the first content, a much smaller budget of bytes and chunks.
+        seen_content = False
+        byte_limit = limits.bytes_before_content
+        empty_chunks = 0
+        received = 0
         iterator = response.aiter_bytes().__aiter__()
         while True:
+            if watchdog.expired is not None:
+                raise watchdog.expired
+            watchdog.task = task
             try:
                 raw = await iterator.__anext__()
             except StopAsyncIteration:
                 events = _flush(config, decoder)
                 at_eof = True
             except httpx.HTTPError as exc:
+                if watchdog.caused(task):
+                    # The timer's cancellation, turned into a read error.
+                    assert watchdog.expired is not None
+                    raise watchdog.expired from None
                 raise transport_error(config, exc) from exc
+            except asyncio.CancelledError:
+                if watchdog.caused(task):
+                    assert watchdog.expired is not None
+                    raise watchdog.expired from None
+                raise
             else:
+                received += len(raw)
+                if received > byte_limit:
+                    raise _over_bytes(config, byte_limit, seen_content)
                 events = _feed(config, decoder, raw)
                 at_eof = False
+            finally:
+                watchdog.task = None
             for event, data in events:
                 if data.strip() == b"[DONE]":
                     await _drain(iterator)
                     return
                 chunk = _parse_json(config, data, "a stream chunk")
                 if not isinstance(chunk, dict):
+                    # The message quotes the line; the error cleans and redacts it.
                     raise APIResponseError(
-                        f"a stream chunk is not a JSON object: {_data_excerpt(data)}",
-                        endpoint=config.name,
+                        "a stream chunk is not a JSON object: "
+                        + data.decode("utf-8", "replace"),
+                        endpoint=config,
                     )
                 if event == b"error" or ("error" in chunk and not chunk.get("choices")):
                     raise _chunk_error(config, chunk.get("error", chunk))
+                if has_content(chunk):
+                    watchdog.last_content = time.monotonic()
+                    if not seen_content:
+                        seen_content = True
+                        byte_limit = limits.stream_bytes
+                elif not seen_content:
+                    empty_chunks += 1
+                    if empty_chunks > limits.chunks_before_content:
+                        raise APIStreamLimitError(
+                            f"{empty_chunks} chunks without content, more than "
+                            f"the {limits.chunks_before_content} allowed",
+                            endpoint=config,
+                        )
                 if not finished:
-                    for choice in chunk.get("choices") or ():
-                        if isinstance(choice, dict) and choice.get("finish_reason"):
-                            finished = True
+                    choices = chunk.get("choices")
+                    if type(choices) is list:
+                        for choice in choices:
+                            if type(choice) is dict and choice.get("finish_reason"):
+                                finished = True
                 yield chunk
             if at_eof:
                 if not finished:
                     raise APIConnectionError(
                         "the stream ended before the answer was complete",
-                        endpoint=config.name,
+                        endpoint=config,
                     )
                 return
     finally:
+        watchdog.close()
         if response is not None:
             await response.aclose()
         pool.checkin()
+
+
+def _over_bytes(
+    config: EndpointConfig, limit: int, seen_content: bool
+) -> APIStreamLimitError:
+    if seen_content:
+        what = f"the stream exceeds the {limit}-byte limit"
+    else:
+        what = f"more than {limit} bytes arrived before any content"
+    return APIStreamLimitError(what, endpoint=config)
 
 
 async def _send_stream(
@@ -926,49 +1233,58 @@ def _feed(
     try:
         return decoder.feed(raw)
     except ValueError as exc:
-        raise APIResponseError(str(exc), endpoint=config.name) from None
+        raise APIStreamLimitError(str(exc), endpoint=config) from None
 
 
 def _flush(config: EndpointConfig, decoder: SSEDecoder) -> list[tuple[bytes, bytes]]:
     try:
         return decoder.flush()
     except ValueError as exc:
-        raise APIResponseError(str(exc), endpoint=config.name) from None
+        raise APIStreamLimitError(str(exc), endpoint=config) from None
 
 
 async def _drain(iterator: AsyncIterator[bytes]) -> None:
     # Reading the end of the body lets the connection be reused; a server that
-    # keeps talking after [DONE] just gets its connection closed.
+    # keeps talking (or trickling) after [DONE] just gets its connection closed.
     size = 0
-    with contextlib.suppress(httpx.HTTPError, StopAsyncIteration):
-        while size <= DRAIN_LIMIT:
-            size += len(await iterator.__anext__())
+    with contextlib.suppress(httpx.HTTPError, StopAsyncIteration, TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while size <= DRAIN_LIMIT:
+                size += len(await iterator.__anext__())
 
 
 async def _plain_as_stream(
     config: EndpointConfig, response: httpx.Response
 ) -> list[dict[str, Any]]:
-    try:
-        raw = await _read_body(config, response, _max_response_bytes())
-    except httpx.HTTPError as exc:
-        raise transport_error(config, exc) from exc
-    return _as_chunks(_completion_object(config, raw))
+    raw = await _read_body(config, response, _max_response_bytes())
+    return _as_chunks(config, _completion_object(config, raw))
 
 
 async def list_models(
     config: EndpointConfig, *, client_pools: ClientPools | None = None
 ) -> list[dict[str, Any]]:
-    """GET /models: the models the endpoint offers, as OpenAI model objects."""
+    """GET /models: the models the endpoint offers, as OpenAI model objects.
+
+    Each has a clean ``id`` (a string of at most 200 characters, no control
+    characters, no secret); items without one are dropped, and the list is cut
+    at `MAX_MODELS`.
+    """
     raw = await _fetch(config, "GET", config.models_url, client_pools=client_pools)
     data = _parse_json(config, raw, "the model list")
     items = data.get("data") if isinstance(data, dict) else data
     if not isinstance(items, list):
-        raise APIResponseError("the model list has no data", endpoint=config.name)
-    return [
-        item if isinstance(item, dict) else {"id": str(item)}
-        for item in items
-        if isinstance(item, dict | str)
-    ]
+        raise APIResponseError("the model list has no data", endpoint=config)
+    models = []
+    for item in items:
+        found = item.get("id") if isinstance(item, dict) else item
+        model_id = sanitize.clean_identifier(found, secrets=config.secrets)
+        if model_id:
+            models.append(
+                {**item, "id": model_id} if isinstance(item, dict) else {"id": model_id}
+            )
+            if len(models) >= MAX_MODELS:
+                break
+    return models
 
 
 @dataclass(frozen=True)
@@ -999,5 +1315,5 @@ async def health_check(
     return HealthCheck(
         ok=True,
         latency_ms=(time.perf_counter() - started) * 1000,
-        models=tuple(str(m.get("id", "")) for m in models if m.get("id")),
+        models=tuple(m["id"] for m in models),
     )

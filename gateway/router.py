@@ -20,6 +20,31 @@ conversation, and walk the model's routes by priority:
    the exact same conversation (`gateway.response_cache`) is served, flagged
    as cached; otherwise the call ends with `AllEndpointsUnavailable`.
 
+Bounds (the client enforces the byte, chunk and idle ones, see
+`gateway.client`):
+
+- the whole call, retries, backoff and fallbacks included, ends within
+  GATEWAY_REQUEST_MAX_SECONDS (default 600) of its start: no retry or route is
+  started past it, and the client stops reading at it (`APIDeadlineError`);
+- the answer text of each route is counted as it streams (in steps, with the
+  route's tokenizer or estimate) and cut when it exceeds the request's
+  max_tokens (capped at the route's max_output_tokens) by a quarter plus 16
+  tokens: the stream is closed and the result ends with finish_reason
+  "length" and `limit_reason` "max_tokens".  A plain answer is cut the same way;
+- upstream usage numbers are taken only when they are integers (not bool),
+  >= 0, the prompt within 8 times our own count plus 1024 (or the window) and
+  the completion within the output allowance; otherwise we count and flag
+  the usage as estimated;
+- content that is not a string, choices that are not objects and the like are
+  ignored rather than trusted; answer text loses NUL and lone surrogates.
+
+How a bound ends a call: before any text, a timeout or a stream bound (idle,
+bytes or chunks before content) is a transient error, retried and failed over
+like any timeout.  After text, the same errors fail over mid-stream like a
+dropped connection (the next route continues the answer).  The deadline is
+never retried or failed over: the call ends with `APIDeadlineError`, keeping
+the partial text.  The output cut is not an error at all.
+
 Routes are read with one query and kept as snapshots for
 GATEWAY_ROUTE_CACHE_SECONDS (default 1 s; 0 reads them on every call);
 everything after works on snapshots, and the breaker writes only on failures
@@ -45,9 +70,9 @@ from django.utils import timezone
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, stop_any
 from tenacity.stop import stop_base
 
-from gateway import breaker, response_cache, tokens
+from gateway import breaker, response_cache, sanitize, tokens
 from gateway import client as upstream
-from gateway.client import APIClientError, EndpointConfig
+from gateway.client import APIClientError, APIDeadlineError, EndpointConfig
 from gateway.context import (
     ContextMessage,
     ContextStatus,
@@ -66,6 +91,20 @@ CONTINUE_INSTRUCTION = (
 DEFAULT_RETRY_AFTER = 10.0
 # Parameters the router sets itself.
 _RESERVED_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
+DEFAULT_REQUEST_MAX_SECONDS = 600.0
+# An answer is cut past its max_tokens by this fraction plus this many tokens:
+# our count is an estimate for most models and must not cut an honest answer.
+OUTPUT_SLACK_RATIO = 0.25
+OUTPUT_SLACK_TOKENS = 16
+# The answer text is counted again after at least this many new characters.
+MIN_COUNT_STEP_CHARS = 16
+# No honest token is longer: a plain answer is cut to this before counting.
+MAX_CHARS_PER_TOKEN = 32
+# Upstream prompt counts above our own times this (plus the slack), and
+# above the route's window, are not believed.
+PROMPT_USAGE_FACTOR = 8
+PROMPT_USAGE_SLACK = 1024
+FINISH_REASON_CHARS = 40
 
 Admit = Callable[[EndpointConfig, int], Awaitable[bool]]
 Message = ContextMessage | Mapping[str, Any]
@@ -280,6 +319,8 @@ class RouterResult:
     segments: list[Segment] = field(default_factory=list)
     # The upstream body of a plain (non-streaming) answer, for pass-through.
     raw: dict[str, Any] | None = None
+    # The gateway's own bound that ended the answer ("max_tokens"), if any.
+    limit_reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -454,6 +495,45 @@ class _Call:
         self.parts: list[str] = []
         self.finish_reason: str | None = None
         self.usage: Any = None
+        seconds = float(
+            getattr(
+                settings, "GATEWAY_REQUEST_MAX_SECONDS", DEFAULT_REQUEST_MAX_SECONDS
+            )
+        )
+        self.max_seconds = seconds
+        # time.monotonic(), like the client's timers.
+        self.deadline = time.monotonic() + seconds
+        self.deadline_error: APIDeadlineError | None = None
+        # Output counting of the route answering now (see `take_chunk`).
+        self.counter: tokens.TokenCounter | None = None
+        self.output_limit = 0
+        self.counted_parts = 0
+        self.counted_tokens = 0
+        self.uncounted_chars = 0
+        self.count_step = 0
+        self.cut = False
+
+    # -- time
+
+    def out_of_time(self) -> bool:
+        """Whether the whole-request deadline has passed (noting the error once)."""
+        if time.monotonic() < self.deadline:
+            return False
+        if self.deadline_error is None:
+            candidate = self.last_candidate
+            self.deadline_error = APIDeadlineError(
+                f"the request reached its {self.max_seconds:g}-second limit",
+                endpoint=(candidate.route.endpoint if candidate else self.model_name),
+            )
+        return True
+
+    def ended_by(self, exc: APIClientError) -> bool:
+        """Whether an error ends the whole call (no retry, no other route)."""
+        if isinstance(exc, APIDeadlineError):
+            if self.deadline_error is None:
+                self.deadline_error = exc
+            return True
+        return exc.permanent
 
     # -- route selection
 
@@ -508,6 +588,8 @@ class _Call:
     async def next_candidate(self) -> _Candidate | None:
         """The next route that may be tried, after noting every skipped one."""
         while self.index < len(self.routes):
+            if self.out_of_time():
+                return None
             route = self.routes[self.index]
             self.index += 1
             config = route.endpoint
@@ -549,9 +631,14 @@ class _Call:
         asked = self.params.get("max_completion_tokens") or self.params.get(
             "max_tokens"
         )
-        if isinstance(asked, int) and asked > 0:
+        if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
             return min(asked, route.max_output_tokens)
         return route.max_output_tokens
+
+    def output_allowance(self, route: Route) -> int:
+        """The most output tokens a route's answer may have before it is cut."""
+        asked = self._output_tokens(route)
+        return asked + int(asked * OUTPUT_SLACK_RATIO) + OUTPUT_SLACK_TOKENS
 
     def payload(self, candidate: _Candidate) -> dict[str, Any]:
         """The request body for a route."""
@@ -575,7 +662,8 @@ class _Call:
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
-            return policy.wait(config, state.attempt_number, exc)
+            left = max(0.0, self.deadline - time.monotonic())
+            return min(left, policy.wait(config, state.attempt_number, exc))
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -592,6 +680,7 @@ class _Call:
                 stop_after_attempt(1 if candidate.trial else config.max_retries),
                 # Once this request's failure opened the circuit, fail over now.
                 _StopIf(lambda: candidate.circuit_opened),
+                _StopIf(self.out_of_time),
             ),
             wait=wait,
             retry=_RetryIf(policy.retryable),
@@ -608,6 +697,10 @@ class _Call:
             self.retry_hints.append(exc.retry_after)
         config = candidate.route.endpoint
         if exc.permanent or config.id is None:
+            return
+        if isinstance(exc, APIDeadlineError) and candidate.trial is None:
+            # The request's own time ran out (maybe on earlier routes): not a
+            # sign of this endpoint's health.  A trial still ends as a failure.
             return
         if candidate.failure_counted and candidate.trial is None:
             return
@@ -640,13 +733,23 @@ class _Call:
         self.parts = []
         self.finish_reason = None
         self.usage = None
+        route = candidate.route
+        self.counter = tokens.counter_for(route.upstream_model)
+        self.output_limit = self.output_allowance(route)
+        self.counted_parts = 0
+        self.counted_tokens = 0
+        self.uncounted_chars = 0
+        self.count_step = max(MIN_COUNT_STEP_CHARS, self.output_limit // 2)
 
     def take_chunk(self, chunk: dict[str, Any]) -> Delta | None:
-        """Account for one upstream chunk; the Delta to pass on, if any."""
+        """Account for one upstream chunk; the Delta to pass on, if any.
+
+        Sets `cut` when the answer has gone past its output allowance.
+        """
         choice = _first_choice(chunk)
         text, has_content = _content(choice)
         if choice is not None and choice.get("finish_reason"):
-            self.finish_reason = choice["finish_reason"]
+            self.finish_reason = _finish_reason(choice["finish_reason"])
         usage = chunk.get("usage")
         if usage:
             self.usage = usage
@@ -654,33 +757,127 @@ class _Call:
             return None
         if self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self.started) * 1000
+        self.uncounted_chars += len(text)
+        if self.uncounted_chars >= self.count_step:
+            text = self._count_output(text)
+            if not text:
+                return None
         self.parts.append(text)
         self.text_parts.append(text)
         return Delta(text, chunk)
 
+    def _count_output(self, text: str) -> str:
+        """Count what came since the last count, `text` included; what to keep.
+
+        Only new text is counted: one pass in all.  The step shrinks with what
+        is left, so the cut lands close to the limit; the chunk that crosses
+        it keeps only what fits.
+        """
+        counter = self.counter
+        assert counter is not None
+        earlier = self.counted_tokens
+        if self.counted_parts < len(self.parts):
+            earlier += counter.text("".join(self.parts[self.counted_parts :]))
+        self.counted_parts = len(self.parts) + 1
+        self.uncounted_chars = 0
+        self.counted_tokens = earlier + counter.text(text)
+        left = self.output_limit - self.counted_tokens
+        self.count_step = max(MIN_COUNT_STEP_CHARS, left // 2)
+        if left >= 0:
+            return text
+        self.cut = True
+        kept = _truncate(counter, text, max(0, self.output_limit - earlier))
+        self.counted_tokens = earlier + counter.text(kept)
+        if not kept:
+            self.counted_parts = len(self.parts)
+        return kept
+
+    def cut_plain(self, candidate: _Candidate, text: str) -> str:
+        """A plain answer's text, cut when it exceeds the output allowance."""
+        route = candidate.route
+        limit = self.output_allowance(route)
+        # Counting is linear in the text: no honest answer is longer than this.
+        text = text[: limit * MAX_CHARS_PER_TOKEN]
+        counter = tokens.counter_for(route.upstream_model)
+        if counter.text(text) <= limit:
+            return text
+        self.cut = True
+        return _truncate(counter, text, limit)
+
     def end_segment(self) -> None:
         """The current route is done, fully or not: record what it produced."""
         if self.current is not None:
-            self.segment(self.current, "".join(self.parts), self.usage)
+            self.segment(
+                self.current, "".join(self.parts), self.usage, self._counted_output
+            )
             self.current = None
 
-    def segment(self, candidate: _Candidate, text: str, usage: Any) -> None:
-        """Record what one route produced; count it ourselves if it did not say."""
+    def _counted_output(self) -> int:
+        # Most of the text was counted on the way (for the output bound).
+        assert self.counter is not None
+        tail = "".join(self.parts[self.counted_parts :])
+        return self.counted_tokens + self.counter.text(tail)
+
+    def segment(
+        self,
+        candidate: _Candidate,
+        text: str,
+        usage: Any,
+        counted: Callable[[], int] | None = None,
+    ) -> None:
+        """Record what one route produced; count it ourselves if it did not say.
+
+        `counted` gives our count of `text` more cheaply than counting it all.
+        """
+        self.segments.append(
+            Segment(candidate.route, text, self._usage(candidate, text, usage, counted))
+        )
+
+    def _usage(
+        self,
+        candidate: _Candidate,
+        text: str,
+        usage: Any,
+        counted: Callable[[], int] | None,
+    ) -> Usage:
+        """Upstream's counts when they are believable, else ours (estimated)."""
         route = candidate.route
-        if isinstance(usage, Mapping) and isinstance(usage.get("prompt_tokens"), int):
-            counted = Usage(
-                usage["prompt_tokens"], int(usage.get("completion_tokens") or 0), False
+        ours = candidate.status.tokens
+        prompt: int | None = None
+        completion: int | None = None
+        if isinstance(usage, Mapping):
+            prompt = _count(
+                usage.get("prompt_tokens"),
+                max(
+                    ours * PROMPT_USAGE_FACTOR + PROMPT_USAGE_SLACK,
+                    route.context_window,
+                ),
             )
-        else:
-            counted = Usage(
-                candidate.status.tokens,
-                tokens.count_text(text, route.upstream_model),
-                True,
+            completion = _count(
+                usage.get("completion_tokens"), self.output_allowance(route)
             )
-        self.segments.append(Segment(route, text, counted))
+            if (prompt is None or completion is None) and usage:
+                logger.warning(
+                    "%s: %s reported unusable usage numbers; counting them here",
+                    self.model_name,
+                    route.endpoint.name,
+                )
+        if prompt is not None and completion is not None:
+            return Usage(prompt, completion, False)
+        return Usage(
+            ours if prompt is None else prompt,
+            completion
+            if completion is not None
+            else counted()
+            if counted is not None
+            else tokens.count_text(text, route.upstream_model),
+            True,
+        )
 
     def unavailable(self) -> Exception:
         """The error for a call that found no route to answer."""
+        if self.deadline_error is not None:
+            return self.deadline_error
         tried = any(h.reason != "context_window_exceeded" for h in self.hops)
         if self.context_error is not None and not tried:
             return self.context_error
@@ -729,6 +926,7 @@ class _Call:
             stopped=stopped,
             segments=self.segments,
             raw=raw,
+            limit_reason="max_tokens" if self.cut else None,
         )
         return self.result
 
@@ -748,7 +946,12 @@ class _Call:
 
     async def remember(self, result: RouterResult) -> None:
         """Keep a complete answer for degraded mode."""
-        if result.text and result.finish_reason and response_cache.enabled():
+        if (
+            result.text
+            and result.finish_reason
+            and not result.limit_reason
+            and response_cache.enabled()
+        ):
             await response_cache.store(
                 self.cache_key(),
                 response_cache.CachedAnswer(
@@ -809,9 +1012,58 @@ def _content(choice: Mapping[str, Any] | None) -> tuple[str, bool]:
         return "", False
     text = delta.get("content")
     if text:
-        return str(text), True
+        if type(text) is not str:
+            text = _parts_text(text)
+        if text:
+            if not text.isascii() or "\x00" in text:
+                text = sanitize.clean_content(text)
+            return text, True
     # Tool calls, refusals and reasoning are content too, just not text.
     return "", any(value for key, value in delta.items() if key != "role")
+
+
+def _parts_text(content: Any) -> str:
+    """The text of content given as a list of parts; "" for anything else."""
+    if not isinstance(content, list):
+        return ""
+    return "".join(
+        part["text"]
+        for part in content
+        if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+    )
+
+
+def _plain_text(message: Any) -> str:
+    """The answer text of a plain completion's message, whatever its shape."""
+    if not isinstance(message, Mapping):
+        return ""
+    content = message.get("content")
+    text = content if isinstance(content, str) else _parts_text(content)
+    return sanitize.clean_content(text) if text else ""
+
+
+def _truncate(counter: tokens.TokenCounter, text: str, limit: int) -> str:
+    """The start of a text that holds at most `limit` tokens (as counted)."""
+    if limit <= 0:
+        return ""
+    if counter.encoding is not None:
+        ids = counter.encoding.encode_ordinary(text)[:limit]
+        return counter.encoding.decode(ids, errors="ignore")
+    kept = text.encode("utf-8", "surrogatepass")[
+        : limit * tokens.BYTES_PER_ESTIMATED_TOKEN
+    ]
+    return kept.decode("utf-8", "ignore")
+
+
+def _finish_reason(value: Any) -> str | None:
+    return sanitize.clean_identifier(value, limit=FINISH_REASON_CHARS) or None
+
+
+def _count(value: Any, limit: int) -> int | None:
+    """A token count from upstream, or None unless it is an int in 0..limit."""
+    if type(value) is int and 0 <= value <= limit:
+        return value
+    return None
 
 
 # --- Streaming ----------------------------------------------------------------
@@ -904,7 +1156,7 @@ async def _stream_events(
                 call.skip(
                     candidate.route, exc.reason, error=exc, attempts=call.route_attempts
                 )
-                if exc.permanent:
+                if call.ended_by(exc):
                     for hop in call.take_hops(None):
                         yield Fallback(hop)
                     yield Finished(call.finish(candidate=candidate, error=exc))
@@ -924,10 +1176,13 @@ async def _stream_events(
                     delta = call.take_chunk(chunk)
                     if delta is not None:
                         yield delta
-                async for chunk in stream:
-                    delta = call.take_chunk(chunk)
-                    if delta is not None:
-                        yield delta
+                if not call.cut:
+                    async for chunk in stream:
+                        delta = call.take_chunk(chunk)
+                        if delta is not None:
+                            yield delta
+                        if call.cut:
+                            break
             except APIClientError as exc:
                 await stream.aclose()
                 stream = None
@@ -940,13 +1195,17 @@ async def _stream_events(
                     attempts=call.route_attempts,
                     mid_stream=True,
                 )
-                if exc.permanent:
+                if call.ended_by(exc):
                     for hop in call.take_hops(None):
                         yield Fallback(hop)
                     yield Finished(call.finish(candidate=candidate, error=exc))
                     return
                 call.continue_answer()
                 continue
+            if call.cut:
+                # Past max_tokens: the upstream would go on, so close it now.
+                await stream.aclose()
+                call.finish_reason = "length"
             stream = None
             call.end_segment()
             result = call.finish(candidate=candidate, finish_reason=call.finish_reason)
@@ -994,6 +1253,7 @@ async def _open_stream(
         candidate.route.endpoint,
         call.payload(candidate),
         on_stream_usage_rejected=_persist_no_stream_usage,
+        deadline=call.deadline,
     )
     buffered: list[dict[str, Any]] = []
     try:
@@ -1041,20 +1301,19 @@ async def complete_chat(
             call.skip(
                 candidate.route, exc.reason, error=exc, attempts=call.route_attempts
             )
-            if exc.permanent:
+            if call.ended_by(exc):
                 return call.finish(candidate=candidate, error=exc)
             continue
         await call.succeeded(candidate)
         choice = _first_choice(body) or {}
-        message = choice.get("message")
-        text = message.get("content") if isinstance(message, Mapping) else None
-        text = text if isinstance(text, str) else ""
+        text = call.cut_plain(candidate, _plain_text(choice.get("message")))
         call.ttft_ms = (time.perf_counter() - call.started) * 1000
         call.text_parts.append(text)
         call.segment(candidate, text, body.get("usage"))
-        result = call.finish(
-            candidate=candidate, finish_reason=choice.get("finish_reason"), raw=body
+        finish_reason = (
+            "length" if call.cut else _finish_reason(choice.get("finish_reason"))
         )
+        result = call.finish(candidate=candidate, finish_reason=finish_reason, raw=body)
         await call.remember(result)
         return result
     error = call.unavailable()
@@ -1072,7 +1331,7 @@ async def _complete_once(call: _Call, candidate: _Candidate) -> dict[str, Any]:
     call.last_candidate = candidate
     try:
         return await upstream.create_completion(
-            candidate.route.endpoint, call.payload(candidate)
+            candidate.route.endpoint, call.payload(candidate), deadline=call.deadline
         )
     except BaseException as exc:
         await call.failed_attempt(candidate, exc)

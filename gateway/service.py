@@ -464,6 +464,13 @@ class _Request:
         error_type: str = "",
     ) -> UsageEntry:
         usage = result.usage if result is not None else Usage()
+        if error is None and result is not None and result.limit_reason:
+            # Not an error, but the record says the gateway cut the answer.
+            error_type = error_type or "output_limit"
+            error = ErrorInfo(
+                "output_limit",
+                f"answer cut at its {result.limit_reason}: the endpoint went on",
+            )
         per_endpoint: dict[int, int] = {}
         for segment in result.segments if result is not None else ():
             endpoint_id = segment.route.endpoint.id

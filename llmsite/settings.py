@@ -293,7 +293,41 @@ GATEWAY_CLIENTS_PER_ENDPOINT = _env_int("GATEWAY_CLIENTS_PER_ENDPOINT", 4)
 # this is also how many answers one endpoint can stream at once per process.
 GATEWAY_MAX_CONNECTIONS = _env_int("GATEWAY_MAX_CONNECTIONS", 100)
 GATEWAY_MAX_KEEPALIVE = _env_int("GATEWAY_MAX_KEEPALIVE", 20)
-GATEWAY_MAX_RESPONSE_BYTES = _env_int("GATEWAY_MAX_RESPONSE_BYTES", 10 * 1024 * 1024)
+# --- Bounds on what an upstream sends (gateway.client, gateway.router).
+# Whole request, retries and fallbacks included; the reservation sweeper
+# counts on no request living longer than this.
+GATEWAY_REQUEST_MAX_SECONDS = _positive(
+    "GATEWAY_REQUEST_MAX_SECONDS", _env_float("GATEWAY_REQUEST_MAX_SECONDS", 600)
+)
+# A plain (not streamed) answer, and a JSON answer to a stream request.
+GATEWAY_MAX_RESPONSE_BYTES = _positive(
+    "GATEWAY_MAX_RESPONSE_BYTES",
+    _env_int("GATEWAY_MAX_RESPONSE_BYTES", 10 * 1024 * 1024),
+)
+# One SSE line or event.
+GATEWAY_MAX_SSE_EVENT_BYTES = _positive(
+    "GATEWAY_MAX_SSE_EVENT_BYTES",
+    _env_int("GATEWAY_MAX_SSE_EVENT_BYTES", 4 * 1024 * 1024),
+)
+# What a stream may send before its first chunk with content (role-only and
+# empty chunks, which the router holds until content comes).
+GATEWAY_MAX_BYTES_BEFORE_CONTENT = _positive(
+    "GATEWAY_MAX_BYTES_BEFORE_CONTENT",
+    _env_int("GATEWAY_MAX_BYTES_BEFORE_CONTENT", 1024 * 1024),
+)
+GATEWAY_MAX_CHUNKS_BEFORE_CONTENT = _positive(
+    "GATEWAY_MAX_CHUNKS_BEFORE_CONTENT",
+    _env_int("GATEWAY_MAX_CHUNKS_BEFORE_CONTENT", 1000),
+)
+# The whole streamed body: a backstop for output that is not text (answer
+# text is cut at the request's max_tokens).
+GATEWAY_MAX_STREAM_BYTES = _positive(
+    "GATEWAY_MAX_STREAM_BYTES", _env_int("GATEWAY_MAX_STREAM_BYTES", 64 * 1024 * 1024)
+)
+if GATEWAY_MAX_SSE_EVENT_BYTES > GATEWAY_MAX_STREAM_BYTES:
+    raise ImproperlyConfigured(
+        "GATEWAY_MAX_SSE_EVENT_BYTES must not exceed GATEWAY_MAX_STREAM_BYTES"
+    )
 GATEWAY_MAX_BACKOFF = _positive(
     "GATEWAY_MAX_BACKOFF", _env_float("GATEWAY_MAX_BACKOFF", 30)
 )

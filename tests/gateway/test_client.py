@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime
 
 import httpx
@@ -14,11 +15,13 @@ from gateway import client
 from gateway.client import (
     APIClientError,
     APIConnectionError,
+    APIDeadlineError,
     APIEndpointError,
     APIRateLimitError,
     APIRequestError,
     APIResponseError,
     APIServerError,
+    APIStreamLimitError,
     APITimeoutError,
     ClientPools,
     EndpointConfig,
@@ -471,11 +474,11 @@ async def test_a_stall_mid_stream_is_a_timeout(upstream):
         await collect(make_config())
 
 
-async def test_an_endless_line_is_refused(upstream, monkeypatch):
-    monkeypatch.setattr(client, "MAX_SSE_EVENT_BYTES", 1024)
+async def test_an_endless_line_is_refused(upstream, settings):
+    settings.GATEWAY_MAX_SSE_EVENT_BYTES = 1024
     upstream(sse_response(b"data: " + b"x" * 4096))
 
-    with pytest.raises(APIResponseError, match="size limit"):
+    with pytest.raises(APIResponseError, match="1024-byte limit"):
         await collect(make_config())
 
 
@@ -698,3 +701,132 @@ def test_an_undecryptable_key_leaves_the_endpoint_usable_without_it(caplog):
 
     assert config.api_key == ""
     assert "rotated" in caplog.text
+
+
+# --- Bounds on a stream ---------------------------------------------------------
+
+
+class Paced(httpx.AsyncByteStream):
+    """A body that sends `first`, then `piece` every `every` seconds for ever."""
+
+    def __init__(self, first: bytes, piece: bytes, every: float) -> None:
+        self.first, self.piece, self.every = first, piece, every
+        self.closed = False
+
+    async def __aiter__(self):
+        yield self.first
+        while True:
+            await asyncio.sleep(self.every)
+            yield self.piece
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def paced(first: bytes, piece: bytes, every: float = 0.02) -> httpx.Response:
+    return httpx.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        stream=Paced(first, piece, every),
+    )
+
+
+async def test_keep_alive_comments_do_not_keep_a_stream_open(upstream):
+    upstream(paced(sse(chunk("Hi"), done=False), b": keep-alive\n\n"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    with pytest.raises(APITimeoutError, match=r"no content for 0\.3 s"):
+        await collect(make_config(timeout=0.3))
+
+    assert 0.3 <= loop.time() - started < 1.0
+
+
+async def test_empty_chunks_do_not_count_as_content(upstream):
+    upstream(paced(sse(chunk("Hi"), done=False), sse(chunk(""), done=False)))
+
+    with pytest.raises(APITimeoutError, match="no content"):
+        await collect(make_config(timeout=0.3))
+
+
+async def test_the_deadline_ends_a_stream_that_keeps_sending_content(upstream):
+    upstream(paced(sse(chunk("Hi"), done=False), sse(chunk(" more"), done=False)))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    stream = client.stream_completion(
+        make_config(), {"messages": MESSAGES}, deadline=time.monotonic() + 0.3
+    )
+
+    with pytest.raises(APIDeadlineError, match="time limit"):
+        async for _ in stream:
+            pass
+
+    assert loop.time() - started < 1.0
+
+
+async def test_a_slow_consumer_is_not_an_idle_upstream(upstream):
+    upstream(sse_response(sse(chunk("a"), chunk("b"), chunk("c", finish="stop"))))
+
+    received = []
+    async for piece in client.stream_completion(
+        make_config(timeout=0.1), {"messages": MESSAGES}
+    ):
+        received.append(piece)
+        await asyncio.sleep(0.25)
+
+    assert [c["choices"][0]["delta"]["content"] for c in received] == ["a", "b", "c"]
+
+
+async def test_a_cancelled_caller_is_not_reported_as_a_timeout(upstream):
+    upstream(sse_response(sse(chunk("Hi"), done=False), then_wait=True))
+    task = asyncio.ensure_future(collect(make_config(timeout=0.2)))
+    await asyncio.sleep(0.1)
+
+    task.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_chunks_without_content_are_bounded(upstream, settings):
+    settings.GATEWAY_MAX_CHUNKS_BEFORE_CONTENT = 10
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+    body = ChunkStream(sse(*[role] * 50, done=False), then_wait=True)
+    upstream(
+        httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=body)
+    )
+
+    with pytest.raises(APIStreamLimitError, match="11 chunks without content"):
+        await collect(make_config())
+
+    assert body.closed
+
+
+async def test_bytes_before_content_are_bounded(upstream, settings):
+    settings.GATEWAY_MAX_BYTES_BEFORE_CONTENT = 1000
+    upstream(paced(b": " + b"x" * 600 + b"\n\n", b": " + b"x" * 600 + b"\n\n"))
+
+    with pytest.raises(APIStreamLimitError, match="before any content"):
+        await collect(make_config())
+
+
+async def test_a_plain_json_body_without_a_choice_list_is_a_response_error(upstream):
+    upstream(httpx.Response(200, json={"choices": 5}))
+
+    with pytest.raises(APIResponseError, match="no choices"):
+        await collect(make_config())
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "inf"}, None),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after": "1e400"}, None),
+        ({"retry-after": "1e9"}, 86400.0),
+        ({"retry-after-ms": "nan", "retry-after": "2"}, 2.0),
+        ({"retry-after": "-5"}, 0.0),
+    ],
+)
+def test_retry_after_is_a_finite_wait_of_at_most_a_day(headers, expected):
+    assert client.parse_retry_after(httpx.Headers(headers)) == expected

@@ -968,3 +968,113 @@ async def test_errors_in_results_never_carry_the_api_key(upstreams, endpoints, p
     assert "sk-very-secret-key-123456" not in dumped
     assert isinstance(result.error, AllEndpointsUnavailable)
     assert result.hops[0].error_type == APIEndpointError.__name__
+
+
+# --- Bounds -------------------------------------------------------------------
+
+
+async def test_no_retry_or_route_starts_after_the_request_deadline(
+    upstreams, endpoints, settings
+):
+    settings.GATEWAY_REQUEST_MAX_SECONDS = 0.3
+    await Endpoint.objects.filter(name="alpha").aupdate(max_retries=5)
+    upstreams.script("alpha.test", *[status(503)] * 5)
+    upstreams.script("beta.test", answer("Too late"))
+    policy = RetryPolicy(max_backoff=30, jitter=0, sleep=asyncio.sleep)
+
+    started = asyncio.get_running_loop().time()
+    result = (await run(policy=policy))[-1].result
+
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert isinstance(result.error, client.APIDeadlineError)
+    assert "0.3-second limit" in result.error.message
+    assert upstreams.count("beta.test") == 0
+    assert result.text == ""
+
+
+OURS = object()
+
+
+@pytest.mark.parametrize(
+    ("usage", "prompt", "completion"),
+    [
+        ({"prompt_tokens": 2**40, "completion_tokens": 2}, OURS, 2),
+        ({"prompt_tokens": 11, "completion_tokens": 2**40}, 11, OURS),
+        ({"prompt_tokens": 11.0, "completion_tokens": 2.0}, OURS, OURS),
+        ({"prompt_tokens": "11", "completion_tokens": "2"}, OURS, OURS),
+        ({"prompt_tokens": -1, "completion_tokens": -2}, OURS, OURS),
+        ({"prompt_tokens": True, "completion_tokens": True}, OURS, OURS),
+        ({"prompt_tokens": 11}, 11, OURS),
+        ([11, 2], OURS, OURS),
+    ],
+    ids=[
+        "huge-prompt",
+        "huge-completion",
+        "float",
+        "str",
+        "negative",
+        "bool",
+        "missing",
+        "list",
+    ],
+)
+async def test_unbelievable_upstream_usage_is_counted_here_and_flagged(
+    upstreams, endpoints, policy, usage, prompt, completion
+):
+    data = {"choices": [], "usage": usage}
+    upstreams.script(
+        "alpha.test",
+        httpx.Response(
+            200,
+            headers={"content-type": "text/event-stream"},
+            stream=Body(
+                chunk("Hello"),
+                chunk(finish="stop"),
+                b"data: " + json.dumps(data).encode() + b"\n\n",
+                b"data: [DONE]\n\n",
+            ),
+        ),
+    )
+
+    result = (await run(policy=policy))[-1].result
+
+    our_prompt = tokens.count_messages(MESSAGES, "gpt-4o-mini").tokens
+    our_completion = tokens.count_text("Hello", "gpt-4o-mini")
+    assert result.usage == router.Usage(
+        our_prompt if prompt is OURS else prompt,
+        our_completion if completion is OURS else completion,
+        estimated=True,
+    )
+
+
+async def test_a_stream_past_max_tokens_is_cut_and_its_upstream_closed(
+    upstreams, endpoints, policy
+):
+    body = Body(*[chunk(" word") for _ in range(500)], hang=True)
+    upstreams.script(
+        "alpha.test",
+        httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=body),
+    )
+
+    events = await run(policy=policy, params={"max_tokens": 20})
+
+    result = events[-1].result
+    assert result.ok
+    assert (result.finish_reason, result.limit_reason) == ("length", "max_tokens")
+    # 20 asked, plus the margin for estimates (20 + 5 + 16), plus at most the
+    # last few chunks before a count (one count per 16 characters near the end).
+    assert 41 <= tokens.count_text(result.text, "gpt-4o-mini") <= 41 + 4
+    assert result.text == text_of(events)
+    assert body.closed
+    assert upstreams.count("beta.test") == 0
+
+
+async def test_a_plain_answer_past_max_tokens_is_cut(upstreams, endpoints, policy):
+    upstreams.script("alpha.test", plain(" word" * 1000))
+
+    result = await router.complete_chat(
+        MODEL, MESSAGES, params={"max_tokens": 20}, policy=policy
+    )
+
+    assert (result.finish_reason, result.limit_reason) == ("length", "max_tokens")
+    assert tokens.count_text(result.text, "gpt-4o-mini") == 41
