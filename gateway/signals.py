@@ -15,3 +15,8 @@ budget_threshold_crossed = Signal()
 # sender=Endpoint; kwargs: endpoint (Endpoint), old_status (str), new_status (str),
 # reason (str): "probe", "breaker_open", "breaker_closed", "reenabled".
 endpoint_status_changed = Signal()
+
+# sender=BudgetHold; kwargs: request_ids (list[uuid.UUID]). Requests whose process
+# died before settling them: the sweeper released their reservations and wrote
+# their records (status error, error_type "interrupted"). Sent on commit.
+requests_abandoned = Signal()

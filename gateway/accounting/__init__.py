@@ -8,8 +8,10 @@ One package, split by job:
   exactly one UsageRecord and settles its reservation in the same transaction,
   and that never loses a record to a value a column cannot store;
 - `rollups`: the hourly rollups the writer keeps, their rebuild and pruning;
-- `holds`: one row per reservation, so that the monitor's sweeper can release
-  what a killed process held (`sweep_abandoned`).
+- `sweeper`: reservations are recorded as BudgetHold rows, so that the
+  monitor's sweeper can release what a killed process held
+  (`sweep_abandoned`);
+- `storable`: what makes any value fit its column before it is written.
 
 Everything is importable from `gateway.accounting` as before the split.
 """
@@ -21,6 +23,7 @@ from gateway.accounting.budgets import (
     BudgetRef,
     BudgetState,
     Hold,
+    HoldRequest,
     Reservation,
     Settlement,
     abudget_status,
@@ -49,6 +52,7 @@ from gateway.accounting.rollups import (
     rebuild_rollups,
     tokens_used_today,
 )
+from gateway.accounting.sweeper import sweep_abandoned
 from gateway.accounting.usage import (
     MAX_BATCH,
     UsageEntry,
@@ -71,6 +75,7 @@ __all__ = [
     "BudgetRef",
     "BudgetState",
     "Hold",
+    "HoldRequest",
     "Rebuilt",
     "Reservation",
     "Settlement",
@@ -105,6 +110,7 @@ __all__ = [
     "reserve",
     "settlements_for",
     "submit_usage",
+    "sweep_abandoned",
     "tokens_used_today",
     "write_delay",
     "write_usage",

@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import socket
+import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import (
     IntegrityError,
     connection,
@@ -31,10 +35,12 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
+from gateway.accounting import storable
 from gateway.limits import LocalTTLCache
 from gateway.models import (
     Budget,
     BudgetCounter,
+    BudgetHold,
     BudgetPeriod,
     BudgetScope,
 )
@@ -231,6 +237,8 @@ class Reservation:
 
     tokens: int = 0
     holds: list[Hold] = field(default_factory=list)
+    # Set when the holds were recorded as BudgetHold rows for this request.
+    request_id: uuid.UUID | None = None
 
     @property
     def remaining(self) -> int | None:
@@ -253,6 +261,7 @@ class Reservation:
     def add(self, other: Reservation) -> None:
         """Take over another reservation's holds (a top-up, another endpoint)."""
         self.tokens += other.tokens
+        self.request_id = self.request_id or other.request_id
         by_counter = {hold.counter_id: i for i, hold in enumerate(self.holds)}
         for hold in other.holds:
             index = by_counter.get(hold.counter_id)
@@ -278,8 +287,77 @@ def _q(name: str) -> str:
 _COUNTER = BudgetCounter._meta.db_table
 
 
-def _reserve_on(budget: BudgetRef, period_start: datetime, tokens: int) -> Any:
-    """Add to one counter's reservation if it fits; its row, or None."""
+_HOLD = BudgetHold._meta.db_table
+_HOLD_COLUMNS = (
+    "request_id",
+    "tokens",
+    "owner",
+    "created_at",
+    "expires_at",
+    "user_id",
+    "api_key_id",
+    "conversation_id",
+    "model_name",
+    "source",
+    "prompt_tokens",
+)
+# How long past the whole-request cap a hold may live before it is swept:
+# the usage writer's delay, a slow commit, a clock a little off.
+HOLD_MARGIN_SECONDS = 60
+
+
+def owner_id() -> str:
+    """This process, as hold rows name it: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"[:100]
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """The request a reservation is for, kept on its hold rows for the sweeper."""
+
+    request_id: uuid.UUID
+    user_id: int | None = None
+    api_key_id: int | None = None
+    conversation_id: uuid.UUID | None = None
+    model_name: str = ""
+    source: str = ""
+    prompt_tokens: int = 0
+
+    def hold_values(self, tokens: int, now: datetime) -> list[Any]:
+        """The hold row's values in _HOLD_COLUMNS order, adapted for the driver."""
+        ops = connection.ops
+        uuid_native = connection.features.has_native_uuid_field
+        conversation = storable.optional_uuid(self.conversation_id)
+        max_seconds = getattr(settings, "GATEWAY_REQUEST_MAX_SECONDS", 600)
+        expires = now + timedelta(seconds=float(max_seconds) + HOLD_MARGIN_SECONDS)
+        return [
+            self.request_id if uuid_native else self.request_id.hex,
+            tokens,
+            owner_id(),
+            ops.adapt_datetimefield_value(now),
+            ops.adapt_datetimefield_value(expires),
+            storable.optional_id(self.user_id),
+            storable.optional_id(self.api_key_id),
+            conversation if uuid_native or conversation is None else conversation.hex,
+            storable.text(self.model_name, 200),
+            storable.text(self.source, 8),
+            storable.integer(self.prompt_tokens, storable.INT_MAX),
+        ]
+
+
+def _reserve_on(
+    budget: BudgetRef,
+    period_start: datetime,
+    tokens: int,
+    request: HoldRequest | None = None,
+    now: datetime | None = None,
+) -> Any:
+    """Add to one counter's reservation if it fits, with its hold; its row, or None.
+
+    On PostgreSQL the hold is inserted by the same statement (a data-modifying
+    WITH), so recording it costs no round trip; elsewhere by a second one in
+    the caller's transaction.
+    """
     sql = (
         f"UPDATE {_q(_COUNTER)} SET reserved_tokens = reserved_tokens + %s "
         f"WHERE budget_id = %s AND period_start = %s"
@@ -293,9 +371,35 @@ def _reserve_on(budget: BudgetRef, period_start: datetime, tokens: int) -> Any:
         sql += " AND used_tokens + reserved_tokens + %s <= %s"
         params += [tokens, budget.token_limit]
     sql += " RETURNING id, used_tokens, reserved_tokens"
+    values = (
+        None if request is None else request.hold_values(tokens, now or timezone.now())
+    )
+    columns = ", ".join(_q(c) for c in ("counter_id", *_HOLD_COLUMNS))
+    if values is not None and connection.vendor == "postgresql":
+        placeholders = ", ".join(["%s"] * len(values))
+        sql = (
+            f"WITH reserved AS ({sql}), held AS (INSERT INTO {_q(_HOLD)} "
+            f"({columns}) SELECT id, {placeholders} FROM reserved) "
+            "SELECT id, used_tokens, reserved_tokens FROM reserved"
+        )
+        params += values
+        values = None
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return cursor.fetchone()
+        row = cursor.fetchone()
+        if row is not None and values is not None:
+            placeholders = ", ".join(["%s"] * (len(values) + 1))
+            cursor.execute(
+                f"INSERT INTO {_q(_HOLD)} ({columns}) VALUES ({placeholders})",
+                [row[0], *values],
+            )
+        return row
+
+
+def drop_holds(request_ids: Sequence[uuid.UUID]) -> None:
+    """Delete the hold rows of requests being settled, in the caller's transaction."""
+    if request_ids:
+        BudgetHold.objects.filter(request_id__in=request_ids).delete()
 
 
 def _ensure_counter(budget: BudgetRef, period_start: datetime) -> None:
@@ -308,9 +412,16 @@ def _ensure_counter(budget: BudgetRef, period_start: datetime) -> None:
 
 
 def reserve(
-    budgets: Sequence[BudgetRef], tokens: int, now: datetime | None = None
+    budgets: Sequence[BudgetRef],
+    tokens: int,
+    now: datetime | None = None,
+    request: HoldRequest | None = None,
 ) -> Reservation:
-    """Reserve `tokens` on every budget, or on none and raise BudgetExhausted."""
+    """Reserve `tokens` on every budget, or on none and raise BudgetExhausted.
+
+    With `request`, each hold is also recorded as a BudgetHold row in the
+    same transaction, for the sweeper should this process die before settling.
+    """
     if not budgets:
         return Reservation(tokens)
     now = now or timezone.now()
@@ -319,20 +430,23 @@ def reserve(
     # One order for everyone, so two requests never wait on each other's rows.
     ordered = sorted(budgets, key=lambda b: b.id)
     # One budget needs no transaction: its conditional UPDATE is atomic on its
-    # own, which saves the BEGIN and COMMIT round trips on PostgreSQL.
-    with transaction.atomic() if len(ordered) > 1 else contextlib.nullcontext():
+    # own (with its hold, on PostgreSQL), which saves the BEGIN and COMMIT
+    # round trips there.
+    one_statement = request is None or connection.vendor == "postgresql"
+    atomic = len(ordered) > 1 or not one_statement
+    with transaction.atomic() if atomic else contextlib.nullcontext():
         for budget in ordered:
             start, resets_at = period_bounds(budget.period, now)
-            row = _reserve_on(budget, start, tokens)
+            row = _reserve_on(budget, start, tokens, request, now)
             if row is None:
                 _ensure_counter(budget, start)
-                row = _reserve_on(budget, start, tokens)
+                row = _reserve_on(budget, start, tokens, request, now)
             if row is None:
                 used, reserved = BudgetCounter.objects.values_list(
                     "used_tokens", "reserved_tokens"
                 ).get(budget_id=budget.id, period_start=start)
                 refusal = (budget, used, reserved, resets_at)
-                if len(ordered) > 1:
+                if atomic:
                     transaction.set_rollback(True)
                 break
             counter_id, used, reserved = row
@@ -355,14 +469,17 @@ def reserve(
             resets_at=resets_at,
             now=now,
         )
-    return Reservation(tokens, holds)
+    return Reservation(tokens, holds, request.request_id if request else None)
 
 
 def _reserve_fresh(
-    budgets: Sequence[BudgetRef], tokens: int, now: datetime | None
+    budgets: Sequence[BudgetRef],
+    tokens: int,
+    now: datetime | None,
+    request: HoldRequest | None,
 ) -> Reservation:
     try:
-        return reserve(budgets, tokens, now)
+        return reserve(budgets, tokens, now, request)
     except IntegrityError:
         # A budget deleted since this process cached it.
         forget_budgets()
@@ -370,18 +487,26 @@ def _reserve_fresh(
 
 
 async def areserve(
-    budgets: Sequence[BudgetRef], tokens: int, now: datetime | None = None
+    budgets: Sequence[BudgetRef],
+    tokens: int,
+    now: datetime | None = None,
+    request: HoldRequest | None = None,
 ) -> Reservation:
     """`reserve` from async code; no thread hop when no budget applies."""
     if not budgets:
         return Reservation(tokens)
-    return await sync_to_async(_reserve_fresh)(budgets, tokens, now)
+    return await sync_to_async(_reserve_fresh)(budgets, tokens, now, request)
 
 
 def release(reservation: Reservation) -> None:
     """Give back every token a reservation holds, without a usage record."""
     if reservation.holds:
         with transaction.atomic():
+            held = reservation.request_id is None or bool(
+                BudgetHold.objects.filter(request_id=reservation.request_id).delete()[0]
+            )
+            if not held:
+                return  # The sweeper released it already.
             _settle(settlements_for(reservation, 0, only_release=True), timezone.now())
 
 
@@ -396,6 +521,8 @@ class Settlement:
     budget: BudgetRef
     reserved: int
     used: int
+    # Whether the reservation was recorded as BudgetHold rows, to delete.
+    held: bool = False
 
 
 def settlements_for(
@@ -422,7 +549,13 @@ def settlements_for(
         return used
 
     return [
-        Settlement(hold.counter_id, hold.budget, hold.tokens, used_on(hold.budget))
+        Settlement(
+            hold.counter_id,
+            hold.budget,
+            hold.tokens,
+            used_on(hold.budget),
+            reservation.request_id is not None,
+        )
         for hold in reservation.holds
     ]
 

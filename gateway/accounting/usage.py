@@ -48,7 +48,8 @@ from django.db import (
 )
 from django.utils import timezone
 
-from gateway.accounting.budgets import Settlement, _settle
+from gateway.accounting import storable
+from gateway.accounting.budgets import Settlement, _settle, drop_holds
 from gateway.accounting.rollups import _add_to_rollups
 from gateway.models import (
     ApiKey,
@@ -56,6 +57,7 @@ from gateway.models import (
     BudgetScope,
     Endpoint,
     UsageRecord,
+    UsageStatus,
 )
 
 logger = logging.getLogger("gateway.accounting")
@@ -95,31 +97,89 @@ class UsageEntry:
     settlements: list[Settlement] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
-        """The UsageRecord's column values (by attname), fitted to the columns."""
-        cost = None if self.cost is None else self.cost.quantize(Decimal("0.000001"))
+        """The UsageRecord's column values (by attname), each one storable.
+
+        Whatever reached the entry, every value fits its column on every
+        backend: one value a column refuses would lose the whole batch.
+        """
+        request_id = storable.optional_uuid(self.request_id)
         return {
-            "request_id": self.request_id,
-            "created_at": self.created_at,
-            "source": self.source,
-            "user_id": self.user_id,
-            "api_key_id": self.api_key_id,
-            "conversation_id": self.conversation_id,
-            "model_name": self.model_name[:200],
-            "endpoint_id": self.endpoint_id,
-            "endpoint_name": self.endpoint_name[:100],
-            "upstream_model": self.upstream_model[:200],
-            "prompt_tokens": max(0, self.prompt_tokens),
-            "completion_tokens": max(0, self.completion_tokens),
-            "tokens_estimated": self.tokens_estimated,
-            "latency_ms": self.latency_ms,
-            "ttft_ms": self.ttft_ms,
-            "status": self.status,
-            "error_type": self.error_type[:64],
-            "error_message": self.error_message[:500],
-            "attempts": min(max(0, self.attempts), 32767),
-            "fallback_hops": self.fallback_hops,
-            "cost": cost,
+            "request_id": request_id or uuid.uuid4(),
+            "created_at": storable.moment(self.created_at, timezone.now()),
+            "source": storable.text(self.source, 8),
+            "user_id": storable.optional_id(self.user_id),
+            "api_key_id": storable.optional_id(self.api_key_id),
+            "conversation_id": storable.optional_uuid(self.conversation_id),
+            "model_name": storable.text(self.model_name, 200),
+            "endpoint_id": storable.optional_id(self.endpoint_id),
+            "endpoint_name": storable.text(self.endpoint_name, 100),
+            "upstream_model": storable.text(self.upstream_model, 200),
+            "prompt_tokens": storable.integer(self.prompt_tokens, storable.INT_MAX),
+            "completion_tokens": storable.integer(
+                self.completion_tokens, storable.INT_MAX
+            ),
+            "tokens_estimated": bool(self.tokens_estimated),
+            "latency_ms": storable.duration(self.latency_ms),
+            "ttft_ms": storable.duration(self.ttft_ms),
+            "status": _status(self.status),
+            "error_type": storable.text(self.error_type, 64),
+            "error_message": storable.text(self.error_message, 500),
+            "attempts": storable.integer(self.attempts, storable.SMALL_MAX),
+            "fallback_hops": storable.json_list(self.fallback_hops),
+            "cost": storable.decimal(self.cost, 14, 6),
         }
+
+    def storable_settlements(self) -> list[Settlement]:
+        """Settlements whose numbers a counter can add without overflowing."""
+        return [
+            Settlement(
+                s.counter_id,
+                s.budget,
+                storable.integer(s.reserved, storable.BIG_MAX >> 8),
+                # No more than a record can state: its two token columns.
+                storable.integer(s.used, 2 * storable.INT_MAX),
+                s.held,
+            )
+            for s in self.settlements
+        ]
+
+    def minimal(self, problem: BaseException) -> UsageEntry:
+        """The same request in a form that stores whatever went wrong with it.
+
+        Its tokens are what it reserved, so a budget counts no less than the
+        request could have used; everything upstream said is left out.
+        """
+        caller_reserved = [
+            s.reserved
+            for s in self.settlements
+            if s.budget.scope != BudgetScope.ENDPOINT
+        ]
+        return UsageEntry(
+            model_name=storable.text(self.model_name, 200)
+            .encode("ascii", "replace")
+            .decode(),
+            status=UsageStatus.ERROR,
+            request_id=self.request_id,
+            created_at=storable.moment(self.created_at, timezone.now()),
+            source=storable.text(self.source, 8),
+            user_id=storable.optional_id(self.user_id),
+            api_key_id=storable.optional_id(self.api_key_id),
+            conversation_id=storable.optional_uuid(self.conversation_id),
+            completion_tokens=storable.integer(
+                max(caller_reserved, default=0), storable.INT_MAX
+            ),
+            tokens_estimated=True,
+            error_type=f"unstorable_record:{type(problem).__name__}",
+            error_message="The request's record could not be stored as it was.",
+            settlements=[
+                Settlement(s.counter_id, s.budget, s.reserved, s.reserved, s.held)
+                for s in self.storable_settlements()
+            ],
+        )
+
+
+def _status(value: Any) -> str:
+    return value if value in UsageStatus.values else UsageStatus.ERROR
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,9 +295,20 @@ def write_usage(entries: Sequence[UsageEntry]) -> list[Written]:
     """
     now = timezone.now()
     rows = [entry.row() for entry in entries]
+    settlements = [s for entry in entries for s in entry.storable_settlements()]
+    held = [
+        row["request_id"]
+        for entry, row in zip(entries, rows, strict=True)
+        if any(s.held for s in entry.settlements)
+    ]
     with transaction.atomic():
+        if held:
+            # Holds first, in the order the sweeper takes them, so that the two
+            # never wait on each other; a swept request's record is already
+            # stored, so its insert below fails and settles nothing twice.
+            drop_holds(held)
         ids = _insert_records(rows)
-        remaining = _settle([s for entry in entries for s in entry.settlements], now)
+        remaining = _settle(settlements, now)
         _add_to_rollups(rows)
     written = []
     for entry, pk in zip(entries, ids, strict=True):
@@ -275,20 +346,27 @@ def _drop_missing_references(entry: UsageEntry) -> bool:
     return changed
 
 
+def _existing(request_id: uuid.UUID) -> int | None:
+    return (
+        UsageRecord.objects.filter(request_id=request_id)
+        .values_list("pk", flat=True)
+        .first()
+    )
+
+
 def record_usage(entry: UsageEntry) -> Written:
     """Write one entry exactly once, whatever happened to earlier attempts."""
     for attempt in range(3):
-        existing = (
-            UsageRecord.objects.filter(request_id=entry.request_id)
-            .values_list("pk", flat=True)
-            .first()
-        )
+        existing = _existing(entry.request_id)
         if existing is not None:
             # An earlier write committed (its acknowledgement was lost).
             return Written(existing, entry.request_id, None)
         try:
             return write_usage([entry])[0]
         except IntegrityError:
+            if _existing(entry.request_id) is not None:
+                # Written meanwhile by another writer (the sweeper): loop to it.
+                continue
             if attempt or not _drop_missing_references(entry):
                 raise
         except (OperationalError, InterfaceError):
@@ -296,7 +374,10 @@ def record_usage(entry: UsageEntry) -> Written:
                 raise
             connection.close()
             time.sleep(0.05 * 2**attempt)
-    raise AssertionError("unreachable")
+    existing = _existing(entry.request_id)
+    if existing is None:
+        raise AssertionError(f"record {entry.request_id} neither written nor found")
+    return Written(existing, entry.request_id, None)
 
 
 def _write_batch(entries: Sequence[UsageEntry]) -> list[Written | BaseException]:
@@ -313,8 +394,21 @@ def _write_batch(entries: Sequence[UsageEntry]) -> list[Written | BaseException]
     for entry in entries:
         try:
             results.append(record_usage(entry))
+            continue
         except Exception as exc:
-            logger.exception("Usage record %s could not be written", entry.request_id)
+            problem = exc
+            logger.exception(
+                "Usage record %s could not be written; storing it in minimal form",
+                entry.request_id,
+            )
+            if isinstance(exc, OperationalError | InterfaceError):
+                connection.close()
+        try:
+            # The record must exist and the reservation be settled, even if
+            # what the request left behind cannot be stored.
+            results.append(record_usage(entry.minimal(problem)))
+        except Exception as exc:
+            logger.exception("Usage record %s is lost", entry.request_id)
             results.append(exc)
     return results
 
