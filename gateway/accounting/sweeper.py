@@ -24,7 +24,11 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from gateway.accounting.budgets import BudgetRef, Settlement, _settle
-from gateway.accounting.usage import UsageEntry, write_usage
+from gateway.accounting.usage import (
+    UsageEntry,
+    _drop_missing_references,
+    write_usage,
+)
 from gateway.models import BudgetCounter, BudgetHold, UsageRecord, UsageStatus
 from gateway.signals import requests_abandoned
 
@@ -107,18 +111,15 @@ def _sweep_one(request_id: uuid.UUID, now: datetime) -> bool:
             ),
             settlements=settlements,
         )
+        # A user or key deleted since: SQLite checks references only at
+        # commit, which would undo the release too.
+        _drop_missing_references(entry)
         try:
             with transaction.atomic():
                 write_usage([entry])
         except IntegrityError:
-            # A record appeared meanwhile, or a user or key is gone: the
-            # reservation is released all the same.
-            if not UsageRecord.objects.filter(request_id=request_id).exists():
-                entry.user_id = entry.api_key_id = None
-                with transaction.atomic():
-                    write_usage([entry])
-            else:
-                _settle(settlements, now)
+            # A record appeared meanwhile: release all the same.
+            _settle(entry.settlements, now)
     return True
 
 
