@@ -36,7 +36,10 @@ def text(value: Any, max_length: int) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        value = str(value)
+        try:
+            value = str(value)
+        except Exception:
+            return ""
     if not value.isascii():
         # A lone surrogate cannot be encoded as UTF-8 by either driver.
         value = value.encode("utf-8", "replace").decode("utf-8")
