@@ -737,6 +737,8 @@ async def stream_chat(
     request = _Request(caller, model_name, messages, params)
     stream: router.ChatStream | None = None
     answered = False
+    # What the last-resort record says, should a handler below not finish.
+    ending = UsageStatus.ERROR
     try:
         try:
             await request.admit()
@@ -766,6 +768,7 @@ async def stream_chat(
                 await stream.aclose()
             raise await request.reject(refusal) from None
     except (asyncio.CancelledError, GeneratorExit):
+        ending = UsageStatus.CANCELLED
         if not request.finished:
             result = None
             if stream is not None:
@@ -789,7 +792,7 @@ async def stream_chat(
     finally:
         # Only when a handler above itself failed (or was cancelled) before
         # queueing the record: the request still leaves exactly one.
-        request.finish_in_background(UsageStatus.ERROR, _result_of(stream))
+        request.finish_in_background(ending, _result_of(stream))
 
 
 async def _closed(stream: router.ChatStream) -> RouterResult | None:
