@@ -12,6 +12,7 @@ Monday, the 1st), so a reset is a new row, never a write that can race.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -306,9 +307,23 @@ _HOLD_COLUMNS = (
 HOLD_MARGIN_SECONDS = 60
 
 
+@functools.cache
+def _hostname() -> str:
+    return socket.gethostname()
+
+
 def owner_id() -> str:
     """This process, as hold rows name it: host:pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"[:100]
+    return f"{_hostname()}:{os.getpid()}"[:100]
+
+
+def request_max_seconds() -> float:
+    """The whole-request cap: no request still runs this long after reserving."""
+    try:
+        seconds = float(getattr(settings, "GATEWAY_REQUEST_MAX_SECONDS", 600))
+    except (TypeError, ValueError):
+        return 600.0
+    return seconds if math.isfinite(seconds) and seconds > 0 else 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,8 +343,7 @@ class HoldRequest:
         ops = connection.ops
         uuid_native = connection.features.has_native_uuid_field
         conversation = storable.optional_uuid(self.conversation_id)
-        max_seconds = getattr(settings, "GATEWAY_REQUEST_MAX_SECONDS", 600)
-        expires = now + timedelta(seconds=float(max_seconds) + HOLD_MARGIN_SECONDS)
+        expires = now + timedelta(seconds=request_max_seconds() + HOLD_MARGIN_SECONDS)
         return [
             self.request_id if uuid_native else self.request_id.hex,
             tokens,

@@ -157,6 +157,30 @@ def test_settling_deletes_the_hold_in_the_same_write(owner, budget):
     assert (counter(budget).used_tokens, counter(budget).reserved_tokens) == (30, 0)
 
 
+def test_settling_a_held_reservation_costs_one_statement_more(
+    owner, budget, django_assert_num_queries
+):
+    request = request_for(owner)
+    reservation = reserve(owner, 100, request)
+
+    # SAVEPOINT, DELETE holds, INSERT record, UPDATE counter, upsert rollup,
+    # RELEASE: the DELETE is once per batch, however many requests it settles.
+    with django_assert_num_queries(6):
+        accounting.write_usage([entry_for(owner, request, reservation, 30)])
+
+
+def test_holds_expire_after_the_whole_request_cap(owner, budget, settings):
+    settings.GATEWAY_REQUEST_MAX_SECONDS = 30
+    reserve(owner, 100, request_for(owner))
+
+    hold = BudgetHold.objects.get()
+    assert hold.expires_at - hold.created_at == timedelta(
+        seconds=30 + accounting.budgets.HOLD_MARGIN_SECONDS
+    )
+    assert accounting.sweep_abandoned(hold.created_at + timedelta(seconds=89)) == 0
+    assert accounting.sweep_abandoned(hold.created_at + timedelta(seconds=90)) == 1
+
+
 def test_a_released_reservation_drops_its_hold(owner, budget):
     reservation = reserve(owner, 100, request_for(owner))
 
