@@ -517,7 +517,10 @@ def release(reservation: Reservation) -> None:
     if reservation.holds:
         with transaction.atomic():
             held = reservation.request_id is None or bool(
-                BudgetHold.objects.filter(request_id=reservation.request_id).delete()[0]
+                BudgetHold.objects.filter(
+                    request_id=reservation.request_id,
+                    counter_id__in=[hold.counter_id for hold in reservation.holds],
+                ).delete()[0]
             )
             if not held:
                 return  # The sweeper released it already.
