@@ -9,6 +9,7 @@ every record of the batch and the release of their reservations.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -16,6 +17,8 @@ import uuid
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+from django.utils import timezone
 
 # Django's ranges for its integer fields, on every backend alike.
 SMALL_MAX = 32767
@@ -33,6 +36,8 @@ JSON_BYTES_MAX = 16 * 1024
 
 def text(value: Any, max_length: int) -> str:
     """A string a text column takes: no controls, no lone surrogates, capped."""
+    if type(value) is str and value.isascii() and value.isprintable():
+        return value[:max_length]  # The common case, several times per record.
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -48,6 +53,8 @@ def text(value: Any, max_length: int) -> str:
 
 def integer(value: Any, maximum: int, minimum: int = 0) -> int:
     """An int within [minimum, maximum]; anything that is not a number is 0."""
+    if type(value) is int:
+        return min(max(value, minimum), maximum)
     if isinstance(value, bool):
         value = int(value)
     if isinstance(value, float):
@@ -95,22 +102,30 @@ def decimal(value: Any, max_digits: int, decimal_places: int) -> Decimal | None:
     """A non-negative Decimal that fits the column, or None when it cannot be one."""
     if value is None or isinstance(value, bool):
         return None
+    exponent, ceiling = _decimal_bounds(max_digits, decimal_places)
     try:
         number = Decimal(str(value)) if not isinstance(value, Decimal) else value
         if not number.is_finite():
             return None
-        exponent = Decimal(1).scaleb(-decimal_places)
-        ceiling = Decimal(10) ** (max_digits - decimal_places) - exponent
-        return min(max(number, Decimal(0)), ceiling).quantize(exponent)
+        return min(max(number, _ZERO), ceiling).quantize(exponent)
     except (InvalidOperation, ValueError, TypeError):
         return None
 
 
-def moment(value: Any, default: datetime) -> datetime:
-    """An aware datetime, or the default."""
+_ZERO = Decimal(0)
+
+
+@functools.cache
+def _decimal_bounds(max_digits: int, decimal_places: int) -> tuple[Decimal, Decimal]:
+    exponent = Decimal(1).scaleb(-decimal_places)
+    return exponent, Decimal(10) ** (max_digits - decimal_places) - exponent
+
+
+def moment(value: Any) -> datetime:
+    """An aware datetime, or now."""
     if isinstance(value, datetime) and value.tzinfo is not None:
         return value
-    return default
+    return timezone.now()
 
 
 def json_value(value: Any, depth: int = 0) -> Any:
@@ -137,7 +152,7 @@ def json_value(value: Any, depth: int = 0) -> Any:
 
 def json_list(value: Any) -> list[Any]:
     """A JSON list (fallback hops) within JSON_BYTES_MAX once encoded."""
-    if not isinstance(value, list | tuple):
+    if not value or not isinstance(value, list | tuple):
         return []
     items = json_value(list(value))
     # Drop from the end until it fits: the first hops say the most.

@@ -105,7 +105,7 @@ class UsageEntry:
         request_id = storable.optional_uuid(self.request_id)
         return {
             "request_id": request_id or uuid.uuid4(),
-            "created_at": storable.moment(self.created_at, timezone.now()),
+            "created_at": storable.moment(self.created_at),
             "source": storable.text(self.source, 8),
             "user_id": storable.optional_id(self.user_id),
             "api_key_id": storable.optional_id(self.api_key_id),
@@ -160,7 +160,7 @@ class UsageEntry:
             .decode(),
             status=UsageStatus.ERROR,
             request_id=self.request_id,
-            created_at=storable.moment(self.created_at, timezone.now()),
+            created_at=storable.moment(self.created_at),
             source=storable.text(self.source, 8),
             user_id=storable.optional_id(self.user_id),
             api_key_id=storable.optional_id(self.api_key_id),
@@ -178,8 +178,11 @@ class UsageEntry:
         )
 
 
+_STATUSES = frozenset(UsageStatus.values)
+
+
 def _status(value: Any) -> str:
-    return value if value in UsageStatus.values else UsageStatus.ERROR
+    return value if value in _STATUSES else UsageStatus.ERROR
 
 
 @dataclass(frozen=True, slots=True)
