@@ -532,6 +532,45 @@ class BudgetCounter(models.Model):
         return f"{self.budget_id} @ {self.period_start:%Y-%m-%d}: {self.used_tokens}"
 
 
+class BudgetHold(models.Model):
+    """Tokens one request holds on one counter, until its usage record settles them.
+
+    Written in the transaction that reserves and deleted in the one that
+    writes the request's record, so a hold outliving its request is what a
+    killed process left behind: the monitor's sweeper releases it once it
+    expires. The request's identity is kept so that the sweeper can write
+    its record.
+    """
+
+    counter = models.ForeignKey(
+        BudgetCounter, on_delete=models.CASCADE, related_name="holds"
+    )
+    request_id = models.UUIDField()
+    tokens = models.PositiveBigIntegerField()
+    # hostname:pid of the web process that reserved, for the operator.
+    owner = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    # What the sweeper's record of an abandoned request says.
+    user_id = models.BigIntegerField(null=True, blank=True)
+    api_key_id = models.BigIntegerField(null=True, blank=True)
+    conversation_id = models.UUIDField(null=True, blank=True)
+    model_name = models.CharField(max_length=200, blank=True)
+    source = models.CharField(max_length=8, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        indexes = [
+            # The usage writer deletes a request's holds as it settles them.
+            models.Index(fields=["request_id"], name="budget_hold_request"),
+            # The sweeper: holds whose time is up.
+            models.Index(fields=["expires_at"], name="budget_hold_expiry"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id}: {self.tokens} on counter {self.counter_id}"
+
+
 class UsageSource(models.TextChoices):
     CHAT = "chat", "Chat"
     API = "api", "API"

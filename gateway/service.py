@@ -318,6 +318,7 @@ class _Request:
         self.pending: list[asyncio.Task[Reservation]] = []
         self.charged_tokens = 0
         self.finished = False
+        self.pending_at_finish = False
 
     @property
     def cache_scope(self) -> str:
@@ -335,13 +336,28 @@ class _Request:
 
     # -- admission
 
+    def hold_request(self) -> accounting.HoldRequest:
+        """What the hold rows of this request's reservations say about it."""
+        caller = self.caller
+        return accounting.HoldRequest(
+            request_id=self.request_id,
+            user_id=caller.user_id,
+            api_key_id=caller.api_key_id,
+            conversation_id=caller.conversation_id,
+            model_name=self.model_name,
+            source=caller.source,
+            prompt_tokens=self.charged_tokens,
+        )
+
     async def _reserve(
         self, budgets: Sequence[accounting.BudgetRef], tokens: int
     ) -> Reservation:
         """Reserve so that a cancellation cannot lose a reservation once made."""
         if not budgets:
             return Reservation()
-        task = asyncio.ensure_future(accounting.areserve(budgets, tokens))
+        task = asyncio.ensure_future(
+            accounting.areserve(budgets, tokens, request=self.hold_request())
+        )
         self.pending.append(task)
         try:
             reservation = await asyncio.shield(task)
@@ -505,6 +521,43 @@ class _Request:
             ),
         )
 
+    def _safe_entry(
+        self,
+        status: str,
+        result: RouterResult | None,
+        error: ErrorInfo | None,
+        error_type: str = "",
+    ) -> UsageEntry:
+        """The request's entry; if what it holds cannot make one, a minimal one.
+
+        The minimal entry counts the tokens reserved for the caller, so that a
+        request whose data is beyond use still has its record and settles.
+        """
+        try:
+            return self._entry(status, result, error, error_type)
+        except Exception as exc:
+            logger.exception(
+                "Usage entry of request %s built from what is known", self.request_id
+            )
+            used = self.reserved_for_caller
+            return UsageEntry(
+                request_id=self.request_id,
+                created_at=self.created_at,
+                source=self.caller.source,
+                user_id=self.caller.user_id,
+                api_key_id=self.caller.api_key_id,
+                conversation_id=self.caller.conversation_id,
+                model_name=self.model_name,
+                status=UsageStatus.ERROR,
+                completion_tokens=used,
+                tokens_estimated=True,
+                latency_ms=self.elapsed_ms(),
+                error_type=f"accounting_error:{type(exc).__name__}",
+                error_message="The request's usage could not be read; "
+                "counted as reserved.",
+                settlements=accounting.settlements_for(self.reservation, used),
+            )
+
     async def _settle_limits(self, result: RouterResult | None) -> None:
         used = result.usage.total_tokens if result is not None else 0
         await limits.settle_caller(
@@ -530,10 +583,19 @@ class _Request:
                 continue
             self.reservation.add(reservation)
         self.pending.clear()
-        await self._settle_limits(result)
-        return await accounting.arecord_usage(
-            self._entry(status, result, error, error_type)
+        future = accounting.submit_usage(
+            self._safe_entry(status, result, error, error_type)
         )
+        await self._settle_limits_safely(result)
+        accounting.hurry()
+        return await asyncio.shield(future)
+
+    async def _settle_limits_safely(self, result: RouterResult | None) -> None:
+        try:
+            await self._settle_limits(result)
+        except Exception:
+            # Rate-limit counters expire on their own; the record matters more.
+            logger.exception("Limits of request %s not settled", self.request_id)
 
     async def finish(
         self,
@@ -544,10 +606,24 @@ class _Request:
     ) -> asyncio.Future[Written]:
         """Settle the limits and queue the one record; its future, not awaited.
 
-        Nothing here waits on I/O, so a caller cancelled again meanwhile
-        cannot lose the record.
+        The record is queued before anything is awaited, so a caller
+        cancelled again meanwhile cannot lose it.
         """
+        record = self.queue_record(status, result, error, error_type)
+        if not self.pending_at_finish:
+            await self._settle_limits_safely(result)
+        return record
+
+    def queue_record(
+        self,
+        status: str,
+        result: RouterResult | None = None,
+        error: ErrorInfo | None = None,
+        error_type: str = "",
+    ) -> asyncio.Future[Written]:
+        """Queue the one record without awaiting anything; its future."""
         self.finished = True
+        self.pending_at_finish = bool(self.pending)
         if self.pending:
             task = asyncio.ensure_future(
                 self._after_pending(status, result, error, error_type)
@@ -555,8 +631,19 @@ class _Request:
             _finalisers.add(task)
             task.add_done_callback(_finalisers.discard)
             return task
-        await self._settle_limits(result)
-        return accounting.submit_usage(self._entry(status, result, error, error_type))
+        return accounting.submit_usage(
+            self._safe_entry(status, result, error, error_type)
+        )
+
+    def finish_in_background(self, status: str, result: RouterResult | None) -> None:
+        """The last resort of an exit path that did not finish: record, then limits."""
+        if self.finished:
+            return
+        self.queue_record(status, result)
+        if not self.pending_at_finish:
+            task = asyncio.ensure_future(self._settle_limits_safely(result))
+            _finalisers.add(task)
+            task.add_done_callback(_finalisers.discard)
 
     async def reject(self, refusal: _Refused) -> Rejected:
         """Queue the record of a refused request; the exception to raise."""
@@ -665,6 +752,8 @@ async def stream_chat(
     request = _Request(caller, model_name, messages, params)
     stream: router.ChatStream | None = None
     answered = False
+    # What the last-resort record says, should a handler below not finish.
+    ending = UsageStatus.ERROR
     try:
         try:
             await request.admit()
@@ -694,12 +783,12 @@ async def stream_chat(
                 await stream.aclose()
             raise await request.reject(refusal) from None
     except (asyncio.CancelledError, GeneratorExit):
+        ending = UsageStatus.CANCELLED
         if not request.finished:
             result = None
             if stream is not None:
                 # Closing the router's stream closes the upstream request.
-                await stream.aclose()
-                result = stream.result
+                result = await _closed(stream)
             await request.finish(UsageStatus.CANCELLED, result)
         raise
     except Exception as exc:
@@ -707,8 +796,7 @@ async def stream_chat(
             logger.exception("Request %s failed", request.request_id)
             result = None
             if stream is not None:
-                await stream.aclose()
-                result = stream.result
+                result = await _closed(stream)
             await request.finish(
                 UsageStatus.ERROR,
                 result,
@@ -716,6 +804,26 @@ async def stream_chat(
                 type(exc).__name__,
             )
         raise
+    finally:
+        # Only when a handler above itself failed (or was cancelled) before
+        # queueing the record: the request still leaves exactly one.
+        request.finish_in_background(ending, _result_of(stream))
+
+
+async def _closed(stream: router.ChatStream) -> RouterResult | None:
+    """Close the router's stream whatever it raises; its result, if any."""
+    try:
+        await stream.aclose()
+    except Exception:
+        logger.exception("Closing an upstream stream failed")
+    return _result_of(stream)
+
+
+def _result_of(stream: router.ChatStream | None) -> RouterResult | None:
+    try:
+        return None if stream is None else stream.result
+    except Exception:
+        return None
 
 
 async def complete_chat(
@@ -756,3 +864,5 @@ async def complete_chat(
                 type(exc).__name__,
             )
         raise
+    finally:
+        request.finish_in_background(UsageStatus.ERROR, None)

@@ -16,7 +16,8 @@ budget_threshold_crossed = Signal()
 # reason (str): "probe", "breaker_open", "breaker_closed", "reenabled".
 endpoint_status_changed = Signal()
 
-# sender=None; kwargs: request_ids (list[uuid.UUID]): the usage request ids of
-# requests whose web process died before they ended (their reservations have
-# just been released). The chat marks their answers interrupted.
+# sender=BudgetHold; kwargs: request_ids (list[uuid.UUID]). Requests whose process
+# died before settling them: the sweeper released their reservations and wrote
+# their records (status error, error_type "interrupted"). Sent on commit; the
+# chat marks their answers interrupted.
 requests_abandoned = Signal()

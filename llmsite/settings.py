@@ -441,6 +441,11 @@ if not MONITOR_LEASE_SECONDS >= 3 * MONITOR_IDLE_SECONDS:
     raise ImproperlyConfigured(
         "MONITOR_LEASE_SECONDS must be at least three times MONITOR_IDLE_SECONDS"
     )
+# How often the active monitor releases the budget reservations of requests
+# whose web process died (their holds outlive GATEWAY_REQUEST_MAX_SECONDS).
+GATEWAY_SWEEP_SECONDS = _positive(
+    "GATEWAY_SWEEP_SECONDS", _env_float("GATEWAY_SWEEP_SECONDS", 30)
+)
 
 # Alerts: sent by the monitor on endpoint down/recovered and budget warnings,
 # to these and to the alert channels configured in the admin.

@@ -16,6 +16,8 @@ DEFAULTS: dict[str, object] = {
     "MONITOR_RETENTION_DAYS": 30,
     "MONITOR_LEASE_SECONDS": 30.0,
     "MONITOR_IDLE_SECONDS": 1.0,
+    # How often the active monitor releases reservations of dead requests.
+    "GATEWAY_SWEEP_SECONDS": 30.0,
     "ALERT_EMAILS": [],
     "ALERT_WEBHOOK_URL": "",
     "ALERT_WEBHOOK_TIMEOUT": 10.0,

@@ -1,4 +1,4 @@
-"""The monitor process: hold the lease, probe due endpoints, deliver alerts, prune.
+"""The monitor process: hold the lease, probe, deliver alerts, prune, sweep.
 
 Modelled on healthchecks' `sendalerts` command: a loop of steps, each of
 which returns whether it found work, so the loop sleeps only when idle and
@@ -17,6 +17,7 @@ import time
 from asgiref.sync import sync_to_async
 from channels.db import aclose_old_connections
 
+from gateway import accounting
 from monitoring import alerts, conf, probes
 from monitoring.lease import Lease, new_holder_id
 
@@ -37,6 +38,7 @@ class Monitor:
         self.rounds = 0
         self._stopping: asyncio.Event | None = None
         self._last_prune: float | None = None
+        self._last_sweep: float | None = None
 
     @property
     def holder(self) -> str:
@@ -84,6 +86,22 @@ class Monitor:
             logger.info("Pruned %d probe result(s) and %d alert(s)", results, events)
         return bool(results or events)
 
+    async def sweep_step(self, *, force: bool = False) -> bool:
+        """Release what requests of dead web processes held, every sweep interval.
+
+        A web process killed without warning (kill -9, out of memory) leaves
+        its requests' budget reservations held; the sweeper settles them and
+        writes their records, so that a budget is never locked up by them.
+        """
+        now = time.monotonic()
+        interval = float(conf.get("GATEWAY_SWEEP_SECONDS"))
+        recent = self._last_sweep is not None and now - self._last_sweep < interval
+        if recent and not force:
+            return False
+        self._last_sweep = now
+        swept = await sync_to_async(accounting.sweep_abandoned)()
+        return swept > 0
+
     # --- Running ----------------------------------------------------------------
 
     def stop(self) -> None:
@@ -116,6 +134,7 @@ class Monitor:
             while await self.alert_step():
                 pass
             await self.prune_step(force=True)
+            await self.sweep_step(force=True)
         finally:
             await sync_to_async(self.lease.release)()
             self.active = False
@@ -132,6 +151,7 @@ class Monitor:
                         logger.info("Monitor %s is the active monitor", self.holder)
                     busy = await self.probe_step()
                     await self.prune_step()
+                    busy = await self.sweep_step() or busy
                 elif was_active:
                     logger.warning("Monitor %s is standing by", self.holder)
                 was_active = self.active

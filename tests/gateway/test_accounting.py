@@ -392,6 +392,99 @@ def test_a_cost_is_stored_to_the_millionth(owner):
     assert UsageRollup.objects.get().cost == Decimal("0.000123")
 
 
+def test_every_value_is_made_storable_before_it_is_written(owner):
+    budget = user_budget(owner, 10**12)
+    reservation = accounting.reserve(accounting.caller_budgets(owner.pk, None), 500)
+    deep: list = []
+    for _ in range(50):
+        deep = [deep]
+    entry = UsageEntry(
+        model_name="m\x00odel\ud800" + "x" * 300,
+        status="bogus",
+        user_id=owner.pk,
+        endpoint_name="e\x00p\x1b[31m",
+        upstream_model="u\x00",
+        prompt_tokens=2**40,
+        completion_tokens=-7,
+        latency_ms=float("nan"),
+        ttft_ms=float("inf"),
+        error_type="E\x00" * 100,
+        error_message="bad\x00 body " * 100,
+        attempts=10**9,
+        fallback_hops=[{"message": "m\x00", "deep": deep, "n": 2**80}] * 100,
+        cost=Decimal("1e20"),
+        settlements=accounting.settlements_for(reservation, 2**60),
+    )
+
+    written = accounting.record_usage(entry)
+
+    record = UsageRecord.objects.get(pk=written.record_id)
+    assert record.model_name == "model?" + "x" * 194
+    assert (record.status, record.endpoint_name, record.upstream_model) == (
+        "error",
+        "ep[31m",
+        "u",
+    )
+    assert (record.prompt_tokens, record.completion_tokens) == (2**31 - 1, 0)
+    assert (record.latency_ms, record.ttft_ms, record.attempts) == (None, None, 32767)
+    assert record.error_type == "E" * 64
+    assert len(record.error_message) == 500 and "\x00" not in record.error_message
+    assert 0 < len(record.fallback_hops) <= 32
+    assert record.fallback_hops[0]["message"] == "m"
+    assert record.fallback_hops[0]["n"] == 2**53
+    assert record.cost == Decimal("99999999.999999")
+    # The budget counts no more than the record states.
+    counter = counter_of(budget)
+    assert (counter.used_tokens, counter.reserved_tokens) == (2 * (2**31 - 1), 0)
+
+
+def test_an_entry_that_still_cannot_be_written_is_stored_in_minimal_form(owner):
+    budget = user_budget(owner, 10_000)
+    reservation = accounting.reserve(accounting.caller_budgets(owner.pk, None), 300)
+
+    class Unforeseen(UsageEntry):
+        """A value the sanitising did not foresee makes every write fail."""
+
+        def row(self):
+            raise ValueError("a column refused it")
+
+    entry = Unforeseen(
+        model_name="m",
+        status="ok",
+        user_id=owner.pk,
+        prompt_tokens=10,
+        settlements=accounting.settlements_for(reservation, 10),
+    )
+    other = UsageEntry(model_name="m", status="ok", user_id=owner.pk)
+
+    results = accounting._write_batch([entry, other])
+
+    assert all(isinstance(r, accounting.Written) for r in results)
+    record = UsageRecord.objects.get(request_id=entry.request_id)
+    assert (record.status, record.error_type) == (
+        "error",
+        "unstorable_record:ValueError",
+    )
+    # Counted as reserved: never less than the request could have used.
+    assert (record.completion_tokens, record.tokens_estimated) == (300, True)
+    counter = counter_of(budget)
+    assert (counter.used_tokens, counter.reserved_tokens) == (300, 0)
+    assert UsageRecord.objects.count() == 2
+
+
+def test_the_same_request_twice_in_one_batch_is_recorded_once(owner):
+    request_id = uuid.uuid4()
+    entries = [
+        UsageEntry(model_name="m", status="ok", request_id=request_id),
+        UsageEntry(model_name="m", status="error", request_id=request_id),
+    ]
+
+    results = accounting._write_batch(entries)
+
+    assert results[0].record_id == results[1].record_id
+    assert UsageRecord.objects.filter(request_id=request_id).count() == 1
+
+
 # --- Reading ------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,8 +17,17 @@ import time_machine
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings as django_settings
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 
-from gateway.models import Endpoint
+from gateway import accounting
+from gateway.models import (
+    Budget,
+    BudgetCounter,
+    BudgetHold,
+    BudgetScope,
+    Endpoint,
+    UsageRecord,
+)
 from monitoring import probes
 from monitoring.lease import Lease
 from monitoring.models import MonitorLease, ProbeResult
@@ -212,3 +222,63 @@ def test_the_monitor_command_stops_cleanly_on_sigterm(tmp_path):
     assert process.returncode == 0
     assert "finishing" in output
     assert "Traceback" not in output
+
+
+# --- Sweeping abandoned reservations ----------------------------------------------
+
+
+def _abandoned_reservation(owner, tokens: int = 100):
+    """A reservation whose web process died: its hold is past its expiry."""
+    budget, _ = Budget.objects.get_or_create(
+        scope=BudgetScope.GLOBAL, defaults={"token_limit": 10_000}
+    )
+    accounting.forget_budgets()
+    request = accounting.HoldRequest(uuid.uuid4(), user_id=owner.pk, model_name="m")
+    accounting.reserve(accounting.caller_budgets(owner.pk, None), tokens, None, request)
+    BudgetHold.objects.filter(request_id=request.request_id).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    return budget, request.request_id
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweep_step_releases_abandoned_reservations_once_per_interval(
+    owner, settings
+):
+    settings.GATEWAY_SWEEP_SECONDS = 30
+    budget, first = _abandoned_reservation(owner)
+    monitor = Monitor()
+
+    assert async_to_sync(monitor.sweep_step)() is True
+    _, second = _abandoned_reservation(owner)
+    # Within the interval the step waits, unless forced.
+    assert async_to_sync(monitor.sweep_step)() is False
+    assert async_to_sync(monitor.sweep_step)(force=True) is True
+    assert async_to_sync(monitor.sweep_step)(force=True) is False
+
+    assert set(UsageRecord.objects.values_list("request_id", "error_type")) == {
+        (first, "interrupted"),
+        (second, "interrupted"),
+    }
+    assert BudgetCounter.objects.get(budget=budget).reserved_tokens == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_running_monitor_sweeps_what_a_killed_process_held(owner, fast_monitor):
+    fast_monitor.MONITOR_IDLE_SECONDS = 0.02
+    fast_monitor.GATEWAY_SWEEP_SECONDS = 0.05
+    budget, request_id = _abandoned_reservation(owner)
+
+    async def scenario() -> None:
+        monitor = Monitor()
+        task = asyncio.create_task(monitor.run())
+        await wait_for(
+            sync_to_async(UsageRecord.objects.filter(request_id=request_id).count), 1
+        )
+        monitor.stop()
+        await task
+
+    async_to_sync(scenario)()
+
+    assert BudgetCounter.objects.get(budget=budget).reserved_tokens == 0
+    assert BudgetHold.objects.count() == 0
