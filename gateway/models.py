@@ -547,7 +547,8 @@ class BudgetHold(models.Model):
     )
     request_id = models.UUIDField()
     tokens = models.PositiveBigIntegerField()
-    # hostname:pid of the web process that reserved, for the operator.
+    # The web process that reserved (gateway.accounting.owners): the sweeper
+    # releases at once the holds of a process of its machine that is gone.
     owner = models.CharField(max_length=100, blank=True)
     created_at = models.DateTimeField()
     expires_at = models.DateTimeField()

@@ -12,11 +12,8 @@ Monday, the 1st), so a reset is a new row, never a write that can race.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
-import os
-import socket
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -37,6 +34,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from gateway.accounting import storable
+from gateway.accounting.owners import owner_id
 from gateway.limits import LocalTTLCache
 from gateway.models import (
     Budget,
@@ -305,16 +303,6 @@ _HOLD_COLUMNS = (
 # How long past the whole-request cap a hold may live before it is swept:
 # the usage writer's delay, a slow commit, a clock a little off.
 HOLD_MARGIN_SECONDS = 60
-
-
-@functools.cache
-def _hostname() -> str:
-    return socket.gethostname()
-
-
-def owner_id() -> str:
-    """This process, as hold rows name it: host:pid."""
-    return f"{_hostname()}:{os.getpid()}"[:100]
 
 
 def request_max_seconds() -> float:

@@ -5,6 +5,8 @@ reserves, and those rows are deleted in the transaction that writes the
 request's usage record. A hold still there after its `expires_at` (the
 whole-request cap plus a margin) belongs to a request that can no longer be
 running: its web process was killed (kill -9, out of memory, a lost host).
+A hold whose web process ran on this machine and is gone (`owners`) is swept
+at once, without waiting for the cap.
 
 The sweep is safe with several sweepers and with a late usage writer: each
 request's holds are deleted first, and only what that DELETE removed is
@@ -21,8 +23,10 @@ from collections import defaultdict
 from datetime import datetime
 
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
+from gateway.accounting import owners
 from gateway.accounting.budgets import BudgetRef, Settlement, _settle
 from gateway.accounting.usage import (
     UsageEntry,
@@ -43,8 +47,12 @@ INTERRUPTED = "interrupted"
 def sweep_abandoned(now: datetime | None = None, *, limit: int = SWEEP_BATCH) -> int:
     """Settle the expired holds of requests that are gone; how many requests."""
     now = now or timezone.now()
+    due = Q(expires_at__lte=now)
+    dead = dead_owners()
+    if dead:
+        due |= Q(owner__in=dead)
     request_ids = list(
-        BudgetHold.objects.filter(expires_at__lte=now)
+        BudgetHold.objects.filter(due)
         .order_by("expires_at")
         .values_list("request_id", flat=True)[: limit * 4]
     )
@@ -53,7 +61,7 @@ def sweep_abandoned(now: datetime | None = None, *, limit: int = SWEEP_BATCH) ->
         if len(swept) >= limit:
             break
         try:
-            if _sweep_one(request_id, now):
+            if _sweep_one(request_id, due, now):
                 swept.append(request_id)
         except Exception:
             # One bad request must not keep the others held.
@@ -69,13 +77,24 @@ def sweep_abandoned(now: datetime | None = None, *, limit: int = SWEEP_BATCH) ->
     return len(swept)
 
 
-def _sweep_one(request_id: uuid.UUID, now: datetime) -> bool:
+def dead_owners() -> list[str]:
+    """The owners of holds that are processes of this machine no longer running."""
+    prefix = owners.machine() + ":"
+    found = (
+        BudgetHold.objects.filter(owner__startswith=prefix)
+        .values_list("owner", flat=True)
+        .distinct()
+    )
+    return [owner for owner in found if owners.is_dead_here(owner)]
+
+
+def _sweep_one(request_id: uuid.UUID, due: Q, now: datetime) -> bool:
     """Delete one request's holds and settle exactly what this delete removed."""
     with transaction.atomic():
         holds = list(
-            BudgetHold.objects.filter(
-                request_id=request_id, expires_at__lte=now
-            ).select_related("counter__budget")
+            BudgetHold.objects.filter(due, request_id=request_id).select_related(
+                "counter__budget"
+            )
         )
         if not holds:
             return False

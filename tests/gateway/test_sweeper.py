@@ -313,3 +313,69 @@ def test_two_sweepers_racing_release_each_request_exactly_once(owner, budget):
     assert UsageRecord.objects.count() == 20
     assert (counter(budget).used_tokens, counter(budget).reserved_tokens) == (200, 70)
     assert BudgetHold.objects.count() == 1
+
+
+# --- Dead processes of this machine -------------------------------------------
+
+
+def finished_process_owner() -> str:
+    """The owner name of a process of this machine that has exited."""
+    import subprocess
+    import sys
+
+    from gateway.accounting import owners
+
+    # The module alone, by path: the child needs no Django to name itself.
+    code = (
+        "import importlib.util as u; "
+        f"s = u.spec_from_file_location('owners', {owners.__file__!r}); "
+        "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.owner_id())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    owner = done.stdout.strip()
+    assert owner.startswith(owners.machine() + ":")
+    return owner
+
+
+def test_a_hold_of_a_dead_local_process_is_swept_before_its_expiry(
+    owner, budget, abandoned
+):
+    request = request_for(owner)
+    reserve(owner, 300, request)
+    BudgetHold.objects.update(owner=finished_process_owner())
+
+    assert accounting.sweep_abandoned(timezone.now()) == 1
+
+    assert counter(budget).reserved_tokens == 0
+    record = UsageRecord.objects.get(request_id=request.request_id)
+    assert record.error_type == "interrupted"
+    assert abandoned == [[request.request_id]]
+
+
+def test_a_hold_of_a_live_process_waits_for_its_expiry(owner, budget):
+    request = request_for(owner)
+    reserve(owner, 300, request)
+
+    assert accounting.sweep_abandoned(timezone.now()) == 0
+
+    assert counter(budget).reserved_tokens == 300
+    assert BudgetHold.objects.filter(request_id=request.request_id).exists()
+
+
+def test_only_processes_of_this_machine_are_judged_dead():
+    from gateway.accounting import owners
+
+    dead = finished_process_owner()
+    pid = dead.rsplit(":", 2)[1]
+
+    assert owners.is_dead_here(dead)
+    assert not owners.is_dead_here(owners.owner_id())
+    # The same pid on another machine, or a name that is not ours, says nothing.
+    assert not owners.is_dead_here(f"elsewhere/4026531836:{pid}:123")
+    assert not owners.is_dead_here("web-1:1234")
+    assert not owners.is_dead_here("")
+    # Our own pid with another start time is an earlier process, now gone.
+    mine = owners.owner_id().rsplit(":", 1)[0]
+    assert owners.is_dead_here(mine + ":1")

@@ -437,8 +437,19 @@ def test_after_kill_9_the_answer_opens_as_interrupted_and_can_be_retried(
     )
     assert status == "streaming"
     assert request_id is not None
-    # No sweeper runs here: the reservation of the lost request stays held
-    # until the monitor's sweeper releases it.
+    [(reserved,)] = site.sql("SELECT reserved_tokens FROM gateway_budgetcounter")
+    assert reserved > 0
+
+    # One monitor round: its sweeper sees the reserving process is gone from
+    # this machine, releases the reservation and writes the request's record.
+    site.manage("monitor", "--once")
+    [(reserved,)] = site.sql("SELECT reserved_tokens FROM gateway_budgetcounter")
+    assert reserved == 0
+    assert site.sql(
+        "SELECT status, error_type FROM gateway_usagerecord WHERE request_id = %s",
+        request_id,
+    ) == [("error", "interrupted")]
+    assert site.sql("SELECT count(*) FROM gateway_budgethold") == [(0,)]
 
     process, port = site.serve(server, tmp_path / "server.log")
     try:
