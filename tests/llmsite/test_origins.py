@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import pytest
+from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from llmsite.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer():
+    # channels-redis lets one event loop at a time receive on a layer object;
+    # one an earlier test's server thread used may still count its receive.
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
 
 
 @pytest.fixture

@@ -427,6 +427,7 @@ def test_after_kill_9_the_answer_opens_as_interrupted_and_can_be_retried(
         conversation_id = ask(tab)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
+        killed_at = time.monotonic()
         tab.rest(1)
     finally:
         stop(process)
@@ -467,6 +468,9 @@ def test_after_kill_9_the_answer_opens_as_interrupted_and_can_be_retried(
             ("user", "complete"),
             ("assistant", "interrupted"),
         ]
+        # The dead process's claim on the conversation lasts CHAT_LEASE_SECONDS
+        # (the sweeper may have marked the answer interrupted before that).
+        time.sleep(max(0.0, killed_at + LEASE + 0.5 - time.monotonic()))
         tab.send({"type": "regenerate", "conversation_id": conversation_id})
         start = tab.until("start")[-1]
         assert start["user_message"]["id"] == messages[0]["id"]
