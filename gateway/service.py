@@ -472,6 +472,19 @@ class _Request:
 
     # -- the end
 
+    def _identity(self) -> dict[str, Any]:
+        """Who asked for what: the fields every entry of this request shares."""
+        caller = self.caller
+        return {
+            "request_id": self.request_id,
+            "created_at": self.created_at,
+            "source": caller.source,
+            "user_id": caller.user_id,
+            "api_key_id": caller.api_key_id,
+            "conversation_id": caller.conversation_id,
+            "model_name": self.model_name,
+        }
+
     def _entry(
         self,
         status: str,
@@ -495,13 +508,7 @@ class _Request:
                     per_endpoint.get(endpoint_id, 0) + segment.usage.total_tokens
                 )
         return UsageEntry(
-            request_id=self.request_id,
-            created_at=self.created_at,
-            source=self.caller.source,
-            user_id=self.caller.user_id,
-            api_key_id=self.caller.api_key_id,
-            conversation_id=self.caller.conversation_id,
-            model_name=self.model_name,
+            **self._identity(),
             status=status,
             endpoint_id=result.endpoint_id if result else None,
             endpoint_name=(result.endpoint or "") if result else "",
@@ -541,13 +548,7 @@ class _Request:
             )
             used = self.reserved_for_caller
             return UsageEntry(
-                request_id=self.request_id,
-                created_at=self.created_at,
-                source=self.caller.source,
-                user_id=self.caller.user_id,
-                api_key_id=self.caller.api_key_id,
-                conversation_id=self.caller.conversation_id,
-                model_name=self.model_name,
+                **self._identity(),
                 status=UsageStatus.ERROR,
                 completion_tokens=used,
                 tokens_estimated=True,
