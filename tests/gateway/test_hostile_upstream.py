@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.test import AsyncClient
+from django.test import AsyncClient, Client
 
 from gateway import accounting, api, client, service
 from gateway.models import (
@@ -275,9 +275,24 @@ def assert_clean(texts: list[str]) -> None:
     assert not any(0xD800 <= ord(c) <= 0xDFFF for c in blob)
 
 
+def admin_pages(staff, record: UsageRecord) -> list[str]:
+    """The usage list and the record's page, as an admin reads them."""
+    browser = Client()
+    browser.force_login(staff)
+    pages = []
+    for url in (
+        "/admin/gateway/usagerecord/",
+        f"/admin/gateway/usagerecord/{record.pk}/change/",
+    ):
+        response = browser.get(url)
+        assert response.status_code == 200, url
+        pages.append(response.content.decode())
+    return pages
+
+
 @pytest.mark.parametrize(("mode", "channel"), PARAMS)
 async def test_a_hostile_upstream_ends_cleanly_and_accountably(
-    mode, channel, hostile, owner, budget, alice_key, logs
+    mode, channel, hostile, owner, staff, budget, alice_key, logs
 ):
     expected, reason = CASES[mode][channel]
     await add_route(hostile, mode)
@@ -352,6 +367,7 @@ async def test_a_hostile_upstream_ends_cleanly_and_accountably(
             record.error_type,
             hops,
             record.upstream_model,
+            *await sync_to_async(admin_pages)(staff, record),
         ]
     )
 
