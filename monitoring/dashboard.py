@@ -16,9 +16,12 @@ from django.db.models import Count, ExpressionWrapper, F, FloatField, Q, Sum
 from django.db.models.functions import Cast, Trunc, TruncDay
 from django.utils import timezone
 
+from gateway.breaker import BreakerState
+from gateway.breaker import state as breaker_state
 from gateway.models import (
     BudgetCounter,
     BudgetPeriod,
+    Endpoint,
     EndpointStatus,
     UsageRollup,
 )
@@ -352,3 +355,66 @@ def usage_totals(span: DateRange) -> dict[str, Any]:
         completion=Sum("completion_tokens"),
     )
     return {key: value or 0 for key, value in totals.items()}
+
+
+# --- Overall status ---------------------------------------------------------------
+
+OVERALL_OK = "ok"
+OVERALL_DEGRADED = "degraded"
+OVERALL_DOWN = "down"
+
+
+@dataclass(frozen=True)
+class EndpointHealth:
+    """One enabled endpoint as a status page shows it."""
+
+    endpoint: Endpoint
+    circuit: str
+    uptime: Mapping[str, float | None]
+
+    @property
+    def available(self) -> bool:
+        """Whether it can take a request now: circuit not open, not known down."""
+        return (
+            self.circuit != BreakerState.OPEN
+            and self.endpoint.status != EndpointStatus.DISCONNECTED
+        )
+
+
+@dataclass(frozen=True)
+class Overview:
+    """Every enabled endpoint's health and the deployment's overall status."""
+
+    status: str
+    endpoints: list[EndpointHealth]
+
+    @property
+    def available(self) -> list[str]:
+        return [health.endpoint.name for health in self.endpoints if health.available]
+
+
+def endpoint_overview(now: datetime | None = None) -> Overview:
+    """Health, uptime and circuit of every enabled endpoint, in two queries.
+
+    Overall: "ok" when every enabled endpoint is connected with its circuit
+    closed, "down" when none can take a request, "degraded" in between.
+    """
+    now = now or timezone.now()
+    endpoints = list(Endpoint.objects.filter(enabled=True).order_by("priority", "name"))
+    windows = uptime([e.pk for e in endpoints], now)
+    rows = [
+        # The breaker reads only disabled_until, which the row carries.
+        EndpointHealth(e, str(breaker_state(e, now)), windows[e.pk])  # type: ignore[arg-type]
+        for e in endpoints
+    ]
+    if rows and all(
+        h.endpoint.status == EndpointStatus.CONNECTED
+        and h.circuit == BreakerState.CLOSED
+        for h in rows
+    ):
+        overall = OVERALL_OK
+    elif any(h.available for h in rows):
+        overall = OVERALL_DEGRADED
+    else:
+        overall = OVERALL_DOWN
+    return Overview(overall, rows)
