@@ -729,14 +729,15 @@ def budget_states(
     if not refs:
         return []
     bounds = {ref.id: period_bounds(ref.period, now) for ref in refs}
-    match = Q(pk__in=[])
-    for ref in refs:
-        match |= Q(budget_id=ref.id, period_start=bounds[ref.id][0])
+    # Two IN lists (at most three period starts) rather than one OR per budget:
+    # a page of a thousand budgets is still one short query.
     counters = {
         budget_id: (used, reserved)
-        for budget_id, used, reserved in BudgetCounter.objects.filter(
-            match
-        ).values_list("budget_id", "used_tokens", "reserved_tokens")
+        for budget_id, start, used, reserved in BudgetCounter.objects.filter(
+            budget_id__in=list(bounds),
+            period_start__in={start for start, _ in bounds.values()},
+        ).values_list("budget_id", "period_start", "used_tokens", "reserved_tokens")
+        if start == bounds[budget_id][0]
     }
     return [
         BudgetState(

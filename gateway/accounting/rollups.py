@@ -201,6 +201,8 @@ class RollupQuery:
     api_key_id: int | None = None
     model_name: str | None = None
     endpoint_name: str | None = None
+    # Read at most this many rows (None: all).
+    limit: int | None = None
 
 
 def usage_rollups(query: RollupQuery) -> list[dict[str, Any]]:
@@ -251,6 +253,8 @@ def usage_rollups(query: RollupQuery) -> list[dict[str, Any]]:
         )
         .order_by("start", *columns)
     )
+    if query.limit is not None:
+        aggregated = aggregated[: query.limit]
     result = []
     for row in aggregated:
         item: dict[str, Any] = {"start": row["start"]}
@@ -258,6 +262,7 @@ def usage_rollups(query: RollupQuery) -> list[dict[str, Any]]:
             id_column, name_column = ROLLUP_GROUPS[group]
             if id_column != name_column:
                 item[f"{group}_id"] = row[id_column]
+            # "" for a deleted user or key, or no endpoint (a rejected request).
             item[group] = row[name_column] or ""
         for name in (
             "requests",
