@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.db.models import Q
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
@@ -14,7 +15,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from api.views.caller import caller_of
+from api.exceptions import ParamForbidden
+from api.filters import MAX_ID
+from api.permissions import is_staff
 from gateway.accounting import (
     ROLLUP_BUCKETS,
     ROLLUP_GROUPS,
@@ -50,17 +53,19 @@ class RollupParams(serializers.Serializer):
         max_length=64,
         help_text="Comma-separated, any of: " + ", ".join(ROLLUP_GROUPS) + ".",
     )
-    model = serializers.CharField(required=False, max_length=200)
+    model = serializers.CharField(
+        required=False, max_length=200, help_text="The model name asked for."
+    )
     endpoint = serializers.CharField(
-        required=False, max_length=100, help_text="Endpoint name."
+        required=False, max_length=100, help_text="An endpoint's id or name."
     )
     user = serializers.CharField(
         required=False,
         max_length=150,
-        help_text="User id or username (staff; others see only their own).",
+        help_text="A user's id or username (staff; others may name only themselves).",
     )
-    key = serializers.IntegerField(
-        required=False, min_value=1, max_value=2**62, help_text="API key id."
+    api_key = serializers.IntegerField(
+        required=False, min_value=1, max_value=MAX_ID, help_text="An API key's id."
     )
 
     def validate_group_by(self, value: str) -> tuple[str, ...]:
@@ -131,15 +136,11 @@ class Rollups(serializers.Serializer):
 
 
 def _user_id(value: str) -> int | None:
-    """A user id from an id or a username; None when there is no such user."""
-    if value.isdigit():
-        return int(value) if int(value) < 2**62 else None
-    return (
-        get_user_model()
-        .objects.filter(username=value)
-        .values_list("pk", flat=True)
-        .first()
-    )
+    """A user's id from their id or username; None when there is no such user."""
+    match = Q(username=value)
+    if value.isascii() and value.isdigit() and 0 < int(value) <= MAX_ID:
+        match |= Q(pk=int(value))
+    return get_user_model().objects.filter(match).values_list("pk", flat=True).first()
 
 
 class UsageRollupsView(APIView):
@@ -157,30 +158,29 @@ class UsageRollupsView(APIView):
         params = RollupParams(data=request.query_params)
         params.is_valid(raise_exception=True)
         data = params.validated_data
-        caller = caller_of(request)
-        user_id: int | None = None if caller.is_staff else caller.user_id
-        results: list[dict[str, Any]] = []
-        nobody = False
+        user_id = None if is_staff(request) else request.user.pk
         if "user" in data:
-            wanted = _user_id(data["user"])
-            if wanted is None or (user_id is not None and wanted != user_id):
-                # Unknown, or someone else's: there is nothing of theirs to see.
-                nobody = True
-            user_id = wanted
-        if not nobody:
-            results = usage_rollups(
-                RollupQuery(
-                    since=data["since"],
-                    until=data["until"],
-                    bucket=data["bucket"],
-                    group_by=data["group_by"],
-                    user_id=user_id,
-                    api_key_id=data.get("key"),
-                    model_name=data.get("model"),
-                    endpoint_name=data.get("endpoint"),
-                    limit=MAX_ROWS + 1,
-                )
+            value = data["user"]
+            if user_id is not None and value not in {
+                str(user_id),
+                request.user.get_username(),
+            }:
+                raise ParamForbidden("user", "You may only see your own usage.")
+            # An unknown user has no usage: -1 matches no row.
+            user_id = _user_id(value) or -1
+        results = usage_rollups(
+            RollupQuery(
+                since=data["since"],
+                until=data["until"],
+                bucket=data["bucket"],
+                group_by=data["group_by"],
+                user_id=user_id,
+                api_key_id=data.get("api_key"),
+                model_name=data.get("model"),
+                endpoint=data.get("endpoint"),
+                limit=MAX_ROWS + 1,
             )
+        )
         if len(results) > MAX_ROWS:
             raise ValidationError(
                 {

@@ -200,7 +200,7 @@ class RollupQuery:
     user_id: int | None = None
     api_key_id: int | None = None
     model_name: str | None = None
-    endpoint_name: str | None = None
+    endpoint: str | None = None
     # Read at most this many rows (None: all).
     limit: int | None = None
 
@@ -223,8 +223,16 @@ def usage_rollups(query: RollupQuery) -> list[dict[str, Any]]:
         rows = rows.filter(api_key_id=query.api_key_id)
     if query.model_name is not None:
         rows = rows.filter(model_name=query.model_name)
-    if query.endpoint_name is not None:
-        rows = rows.filter(endpoint_name=query.endpoint_name)
+    if query.endpoint is not None:
+        # An endpoint's name, or its id.
+        match = Q(endpoint_name=query.endpoint)
+        if (
+            query.endpoint.isascii()
+            and query.endpoint.isdigit()
+            and len(query.endpoint) < 19
+        ):
+            match |= Q(endpoint_id=int(query.endpoint))
+        rows = rows.filter(match)
     columns: list[str] = []
     for group in query.group_by:
         for column in ROLLUP_GROUPS[group]:
