@@ -6,7 +6,7 @@ from typing import Any
 
 from django.db.models import Q, QuerySet
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
+from rest_framework import mixins, serializers
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
@@ -121,11 +121,12 @@ def budget_row(budget: Budget, state: BudgetState) -> dict[str, Any]:
     }
 
 
-class BudgetsView(ApiView):
+class BudgetsView(mixins.ListModelMixin, ApiView):
     """Every budget the caller may see, with what is used and left this period."""
 
     serializer_class = BudgetSerializer
     pagination_class = BudgetPagination
+    allowed_params = frozenset({"page"})
     filter_backends: list = []
 
     def get_queryset(self) -> QuerySet[Budget]:
@@ -139,6 +140,9 @@ class BudgetsView(ApiView):
         operation_id="budgets_list",
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return self.list(request, *args, **kwargs)
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         budgets = list(self.paginate_queryset(self.get_queryset()) or [])
         # One query for the counters of the whole page.
         states = budget_states([budget_ref(b) for b in budgets])
