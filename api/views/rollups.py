@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import Q
 from django.utils import timezone
@@ -29,6 +30,8 @@ from gateway.accounting import (
 DEFAULT_SPAN = {"hour": timedelta(hours=24), "day": timedelta(days=30)}
 # The widest range one request may sum: a month of hours, a year of days.
 MAX_SPAN = {"hour": timedelta(days=31), "day": timedelta(days=366)}
+# Sums of closed hours are shared this long (0: off); see usage_rollups.
+CACHE_SECONDS_DEFAULT = 60
 # More rows than this means a range or grouping too fine to be useful at once.
 MAX_ROWS = 10_000
 
@@ -183,7 +186,10 @@ class UsageRollupsView(ApiView):
                 model_name=data.get("model"),
                 endpoint=data.get("endpoint"),
                 limit=MAX_ROWS + 1,
-            )
+            ),
+            cache_seconds=getattr(
+                settings, "API_ROLLUP_CACHE_SECONDS", CACHE_SECONDS_DEFAULT
+            ),
         )
         if len(results) > MAX_ROWS:
             raise ValidationError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -25,7 +26,9 @@ URL = "/api/usage/rollups/"
 
 
 @pytest.fixture(autouse=True)
-def _frozen():
+def _frozen(settings):
+    # Most tests write between requests: no sharing of closed hours there.
+    settings.API_ROLLUP_CACHE_SECONDS = 0
     with time_machine.travel(NOW, tick=False):
         yield
 
@@ -260,3 +263,33 @@ def test_deleted_users_and_keys_leave_their_usage_unnamed(staff, other_user, tra
     other_user.delete()
     rows = session_client(staff).get(URL, {"group_by": "user"}).json()["results"]
     assert {row["user"] for row in rows} == {"alice", ""}
+
+
+def test_closed_hours_are_shared_briefly_and_recent_hours_are_live(
+    staff, other_user, traffic, settings
+):
+    settings.API_ROLLUP_CACHE_SECONDS = 60
+    client = session_client(staff)
+    assert totals(client.get(URL).json()["results"], "requests") == 7
+    use(other_user, hours_ago=3)  # an hour the cache already holds
+    use(other_user, hours_ago=0.25)  # the current hour, always read
+    assert totals(client.get(URL).json()["results"], "requests") == 8
+    with time_machine.travel(NOW + timedelta(seconds=61), tick=False):
+        assert totals(client.get(URL).json()["results"], "requests") == 9
+
+
+@pytest.mark.parametrize("bucket", ["hour", "day"])
+def test_shared_and_fresh_sums_are_the_same(staff, traffic, settings, bucket):
+    client = session_client(staff)
+    params = {"bucket": bucket, "group_by": "model,endpoint,user,key"}
+    fresh = client.get(URL, params).json()
+    settings.API_ROLLUP_CACHE_SECONDS = 60
+    client.get(URL, params)
+    shared = client.get(URL, params).json()
+    assert shared == fresh
+    # A day that straddles the cached and the live hours is still one row.
+    starts = [
+        (r["start"], r["model"], r["endpoint"], r["user"], r["key"])
+        for r in shared["results"]
+    ]
+    assert len(starts) == len(set(starts))
