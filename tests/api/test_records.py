@@ -629,3 +629,12 @@ def test_records_of_deleted_users_and_keys_stay_exportable(
 
     assert row["user"] == "" and row["api_key"] == ""
     assert json_row["user"] is None and json_row["api_key"] is None
+
+
+def test_options_is_a_json_405_whatever_the_format(client, owner):
+    client.force_login(owner)
+
+    response = client.options(f"{URL}?format=csv")
+
+    assert response.status_code == 405
+    assert response.json()["error"]["type"] == "method_not_allowed"
