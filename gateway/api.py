@@ -9,6 +9,10 @@ so the official SDKs raise their usual exceptions. A streamed request is read
 up to its first token before the response starts: a refusal then still gets
 its own status code (429, 404, ...) and the headers can say which endpoint
 answered; an error after that ends the stream with an error event.
+
+Answers and refusals carry OpenAI's x-ratelimit-{limit,remaining,reset}-
+{requests,tokens} headers for the tightest of the caller's per-minute limits,
+from the counts the pipeline makes anyway (no extra cache round trip).
 """
 
 from __future__ import annotations

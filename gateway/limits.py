@@ -172,9 +172,20 @@ class Decision:
     # Seconds until the request would fit; None when it never can (it is
     # larger than the whole per-minute allowance).
     retry_after: float | None = None
-    # What is left of every limit checked (or watched) once this was decided;
-    # empty when nothing was checked.
-    states: tuple[LimitState, ...] = ()
+    # The counters checked (and watched) and their arrival times once this
+    # was decided, at `at`: `states` turns them into what is left, only for
+    # the callers that ask (most do not, and it costs microseconds each).
+    counters: tuple[Limit, ...] = ()
+    tats: tuple[float, ...] = ()
+    at: float = 0.0
+
+    @property
+    def states(self) -> tuple[LimitState, ...]:
+        """What is left of each counter checked; empty when none was."""
+        return tuple(
+            state_of(limit, tat, self.at)
+            for limit, tat in zip(self.counters, self.tats, strict=True)
+        )
 
     @property
     def message(self) -> str:
@@ -399,13 +410,17 @@ def acquire(
     watched = [limit for limit in watch if limit.per_minute > 0]
     at = time.time() if now is None else now
     index, wait, tats = _counters().acquire(limits, watched, at)
-    states = tuple(
-        state_of(limit, tat, at)
-        for limit, tat in zip([*limits, *watched], tats, strict=True)
-    )
+    counters, seen = (*limits, *watched), tuple(tats)
     if index < 0:
-        return Decision(allowed=True, states=states)
-    return Decision(allowed=False, limit=limits[index], retry_after=wait, states=states)
+        return Decision(allowed=True, counters=counters, tats=seen, at=at)
+    return Decision(
+        allowed=False,
+        limit=limits[index],
+        retry_after=wait,
+        counters=counters,
+        tats=seen,
+        at=at,
+    )
 
 
 def adjust(changes: Sequence[tuple[Limit, int]], now: float | None = None) -> None:

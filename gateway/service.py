@@ -381,7 +381,7 @@ class _Request:
         """Before the router: requests per minute, and the model's routes."""
         caller = self.caller
         decision = await limits.check_caller_requests(caller.user_id, caller.api_key_id)
-        if caller.on_limits is not None and decision.states:
+        if caller.on_limits is not None and decision.counters:
             caller.on_limits(decision.states)
         if not decision.allowed:
             raise _Refused(
@@ -417,7 +417,7 @@ class _Request:
         decision = await limits.check_caller_tokens(
             caller.user_id, caller.api_key_id, prompt
         )
-        if caller.on_limits is not None and decision.states:
+        if caller.on_limits is not None and decision.counters:
             caller.on_limits(decision.states)
         if not decision.allowed:
             raise _Refused(
