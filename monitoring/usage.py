@@ -7,6 +7,7 @@ indexed queries whatever the size of the usage table.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,7 +15,7 @@ from urllib.parse import urlencode
 
 from django.utils import timezone
 
-from gateway import accounting
+from gateway import accounting, limits
 from gateway.accounting.budgets import format_reset, period_bounds
 from gateway.models import Budget, BudgetPeriod, BudgetScope
 from monitoring import dashboard
@@ -91,28 +92,15 @@ def _budget_label(scope: str, key_name: str, own: bool) -> str:
 
 
 def rate_limits(user_id: int) -> list[dict[str, Any]]:
-    """The user's requests and tokens per minute, with what is left when known."""
-    from gateway import limits
-
-    states = getattr(limits, "caller_limit_states", None)
-    if states is not None:
-        return [
-            {
-                "unit": state.kind,
-                "limit": state.limit,
-                "remaining": state.remaining,
-                "reset_seconds": round(state.resets_in),
-            }
-            for state in states(user_id, None)
-        ]
-    configured = limits.caller_limits(user_id, None)
+    """What is left this minute of the account's requests and tokens limits."""
     return [
-        {"unit": unit, "limit": limit, "remaining": None, "reset_seconds": None}
-        for unit, limit in (
-            ("requests", configured.user_rpm),
-            ("tokens", configured.user_tpm),
-        )
-        if limit
+        {
+            "unit": state.kind,
+            "limit": state.limit,
+            "remaining": state.remaining,
+            "reset_seconds": math.ceil(state.resets_in),
+        }
+        for state in limits.caller_limit_states(user_id, None)
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from datetime import timedelta
 
 import pytest
@@ -77,17 +78,47 @@ def test_a_user_finds_their_usage_from_the_chat(
     screenshot(page, "usage-page")
 
 
-def test_the_csv_link_names_this_months_records_of_the_user(
+def read_download(page, selector: str) -> tuple[str, list[dict[str, str]]]:
+    """Click a download link; the file's suggested name and its rows."""
+    with page.expect_download() as info:
+        page.click(selector)
+    download = info.value
+    with open(download.path(), encoding="utf-8") as file:
+        return download.suggested_filename, list(csv.DictReader(file))
+
+
+def test_the_csv_link_downloads_this_months_records_of_the_user(
     page, login, owner, traffic
 ):
     login(page, owner, next_path="/usage/")
 
-    link = page.locator("#download-csv")
-    href = link.get_attribute("href")
+    href = page.get_attribute("#download-csv", "href")
+    name, rows = read_download(page, "#download-csv")
 
     month = f"{timezone.now():%Y-%m}-01T00%3A00%3A00Z"
     assert href == f"/api/usage/records/?format=csv&since={month}"
-    assert link.get_attribute("download") is not None
+    assert name.endswith(".csv")
+    assert [(row["user"], row["model"]) for row in rows] == [
+        ("alice", "sim-large"),
+        ("alice", "sim-small"),
+        ("alice", "sim-small"),
+    ]
+    assert sum(int(row["prompt_tokens"]) for row in rows) == 360
+
+
+def test_staff_download_the_filtered_usage_records_from_the_admin(
+    page, login, staff, traffic
+):
+    login(page, staff, next_path="/admin/")
+    page.goto("/admin/gateway/usagerecord/?q=sim-small")
+
+    name, rows = read_download(page, "#usage-export-csv")
+
+    assert name.startswith("llmsite-usage-") and name.endswith(".csv")
+    assert [(row["user"], row["model"]) for row in rows] == [
+        ("alice", "sim-small"),
+        ("alice", "sim-small"),
+    ]
 
 
 def test_the_page_fits_a_phone_in_dark_mode_under_its_own_policy(
