@@ -149,3 +149,19 @@ def test_the_page_fits_a_phone_in_dark_mode_under_its_own_policy(
     # Chart labels in the page's light text, not Chart.js's default grey.
     assert label_colour == "rgb(230, 232, 235)"
     assert not [text for text in console if "Content Security Policy" in text]
+
+
+def test_staff_reach_the_dashboards_from_the_admin_index(
+    page, login, screenshot, staff, owner, traffic
+):
+    login(page, staff, next_path="/admin/")
+    screenshot(page, "admin-index-dashboards")
+
+    page.click("#dashboards >> text=Usage")
+    page.wait_for_url("**/admin/monitoring/endpointhealth/usage/")
+
+    page.goto(f"/admin/auth/user/{owner.pk}/change/")
+    page.click("#user-usage-page")
+    page.wait_for_url(f"**/usage/?user={owner.pk}")
+    assert page.locator("h1").inner_text() == "Usage of alice"
+    assert page.locator("#totals-today td").first.inner_text() == "3"
