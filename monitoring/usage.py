@@ -24,6 +24,9 @@ from monitoring import dashboard
 EXPORT_PATH = "/api/usage/records/"
 # A user with more API keys than this sees the budgets of the first ones.
 MAX_KEY_BUDGETS = 20
+# Model names come from callers (a rejected request names any model it
+# likes): past this many rows, the quietest are summed into one.
+MAX_MODEL_ROWS = 30
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def user_usage(
         "now": now,
         "periods": periods,
         "totals": by_model["totals"],
-        "models": by_model["rows"],
+        "models": _fold(by_model["rows"], MAX_MODEL_ROWS),
         "chart": {"tokens": {"model": tokens}, "requests": requests},
         "token_days": _day_rows(tokens),
         "request_hours": list(
@@ -145,6 +148,19 @@ def user_usage(
         "limits": rate_limits(user_id),
         "export_url": export_url(periods, None if own else user_id),
     }
+
+
+def _fold(rows: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
+    """The first `keep` - 1 rows, then the rest summed as "(n other models)"."""
+    if len(rows) <= keep:
+        return rows
+    rest = rows[keep - 1 :]
+    other: dict[str, Any] = {"key": f"({len(rest)} other models)"}
+    for period in ("today", "month"):
+        other[period] = {
+            field: sum(row[period][field] for row in rest) for field in rest[0][period]
+        }
+    return [*rows[: keep - 1], other]
 
 
 def _day_rows(tokens: dict[str, Any]) -> list[tuple[str, list[int], int]]:

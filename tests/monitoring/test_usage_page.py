@@ -337,3 +337,19 @@ def test_the_chat_page_links_to_the_usage_page(client, owner):
     page = client.get("/chat/").content.decode()
 
     assert re.search(r'<a href="/usage/"[^>]*id="usage-link">Usage</a>', page)
+
+
+def test_many_model_names_fold_into_one_row(client, owner, settings):
+    for i in range(40):
+        record(owner, NOW - timedelta(minutes=i), f"made-up-{i:02}", prompt_tokens=i)
+    client.force_login(owner)
+
+    page = client.get(URL).content.decode()
+
+    table = re.search(r'id="usage-models">(.*?)</table>', page, re.S).group(1)
+    names = re.findall(r'<th scope="row">([^<]+)</th>', table)
+    assert len(names) == 30
+    assert names[0] == "made-up-39" and names[-1] == "(11 other models)"
+    other = re.search(r"\(11 other models\)</th>(.*?)</tr>", table, re.S).group(1)
+    # Requests and tokens of the eleven quietest: prompts 0..10, 50 out each.
+    assert re.findall(r"\d+", other)[:2] == ["11", str(sum(range(11)) + 11 * 50)]
