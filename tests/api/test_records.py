@@ -642,3 +642,16 @@ def test_options_is_a_json_405_whatever_the_format(client, owner):
 
     assert response.status_code == 405
     assert response.json()["error"]["type"] == "method_not_allowed"
+
+
+def test_an_api_key_page_costs_one_query_for_the_key_and_one_for_the_page(
+    client, owner, owner_key, bearer, make_record, django_assert_num_queries
+):
+    for _ in range(30):
+        make_record(owner)
+    client.get(URL, headers=bearer)  # notes the key's use, once a minute
+
+    with django_assert_num_queries(2):
+        body = _json(client, "?page_size=30", **bearer)
+
+    assert len(body["results"]) == 30
