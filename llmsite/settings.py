@@ -492,6 +492,11 @@ API_PAGE_SIZE = _env_int("API_PAGE_SIZE", 100)
 API_MAX_PAGE_SIZE = _env_int("API_MAX_PAGE_SIZE", 1000)
 if not 0 < API_PAGE_SIZE <= API_MAX_PAGE_SIZE:
     raise ImproperlyConfigured("API_PAGE_SIZE must be between 1 and API_MAX_PAGE_SIZE")
+# How long the sums of closed hours (more than an hour old) of
+# /api/usage/rollups/ are kept in the cache; the open hours are always read.
+API_ROLLUP_CACHE_SECONDS = _env_float("API_ROLLUP_CACHE_SECONDS", 60.0)
+if API_ROLLUP_CACHE_SECONDS < 0:
+    raise ImproperlyConfigured("API_ROLLUP_CACHE_SECONDS must be 0 or more")
 
 REST_FRAMEWORK = {
     # The API key first: its authenticate_header makes DRF answer 401, not 403.
