@@ -84,10 +84,7 @@ def make_world(users: int, seed: int) -> list[tuple]:
     user_model = get_user_model()
     now = timezone.now()
     people = user_model.objects.bulk_create(
-        [
-            user_model(username=f"bench-user-{i:04d}", password="!")
-            for i in range(users)
-        ]
+        [user_model(username=f"bench-user-{i:04d}", password="!") for i in range(users)]
     )
     keys = ApiKey.objects.bulk_create(
         [
@@ -202,7 +199,8 @@ SELECT
     CASE r.status WHEN 'error' THEN 'The endpoint answered HTTP 503.'
                   WHEN 'rejected' THEN 'Too many requests this minute.' ELSE '' END,
     CASE WHEN r.status = 'rejected' THEN 0 WHEN r.hop THEN 2 ELSE 1 END,
-    CASE WHEN r.hop AND r.status <> 'rejected' THEN jsonb_build_array(jsonb_build_object(
+    CASE WHEN r.hop AND r.status <> 'rejected'
+    THEN jsonb_build_array(jsonb_build_object(
         'endpoint', c.primary_name, 'endpoint_id', c.primary_id,
         'reason', 'transient', 'to_endpoint', c.fallback_name,
         'error_type', 'timeout', 'status_code', NULL,
@@ -221,7 +219,8 @@ FROM (
         s.status, s.hop, s.estimated, s.streamed, s.u5,
         CASE WHEN s.status = 'rejected' THEN 0
              ELSE 20 + floor(power(random(), 3) * 6000)::int END AS prompt,
-        CASE WHEN s.status IN ('ok', 'cached') THEN 5 + floor(power(random(), 2) * 1500)::int
+        CASE WHEN s.status IN ('ok', 'cached')
+             THEN 5 + floor(power(random(), 2) * 1500)::int
              WHEN s.status = 'cancelled' THEN floor(random() * 200)::int
              ELSE 0 END AS completion,
         round((CASE s.status
@@ -333,9 +332,7 @@ def generate(records: int, users: int, days: float, chunk: int, seed: int) -> No
                 price_in numeric, price_out numeric)
             """
         )
-        with cursor.connection.cursor().copy(
-            "COPY bench_combo FROM STDIN"
-        ) as copy:
+        with cursor.connection.cursor().copy("COPY bench_combo FROM STDIN") as copy:
             for i, combo in enumerate(combos, start=1):
                 copy.write_row((i, *combo))
 
@@ -392,7 +389,9 @@ def generate(records: int, users: int, days: float, chunk: int, seed: int) -> No
         )
         with cursor.connection.cursor().copy("COPY bench_dims FROM STDIN") as copy:
             for u, k, m, e, en in dims:
-                copy.write_row((dims_hash(u, k, m, e, en), u or 0, k or 0, m, e or 0, en))
+                copy.write_row(
+                    (dims_hash(u, k, m, e, en), u or 0, k or 0, m, e or 0, en)
+                )
         cursor.execute("ANALYZE bench_agg")
         cursor.execute("ANALYZE bench_dims")
         cursor.execute(ROLLUP_SQL)
@@ -431,7 +430,9 @@ def verify() -> None:
     with connection.cursor() as cursor:
         cursor.execute(query)
         ours = cursor.fetchall()
-        cursor.execute("SELECT min(created_at), max(created_at) FROM gateway_usagerecord")
+        cursor.execute(
+            "SELECT min(created_at), max(created_at) FROM gateway_usagerecord"
+        )
         since, until = cursor.fetchone()
     t0 = time.perf_counter()
     rebuilt = rebuild_rollups(since, until)

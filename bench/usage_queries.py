@@ -1,0 +1,538 @@
+"""Usage pages and exports at 10M records: latency, query plans, export memory.
+
+Runs against a database filled by `bench/generate_usage.py` (DATABASE_URL, whose
+name must contain "bench"). A real web server (uvicorn, one process, in a
+subprocess on a free port) serves every request:
+
+- the staff dashboards (the admin's usage dashboard and status dashboard for
+  30 days), the user's usage page (`/usage/`, as the user with the most
+  traffic) and `/api/usage/rollups/` for 30 days, each requested `--runs`
+  times in a row after `--warmup` requests: median and p95 wall time as the
+  client sees it;
+- the same queries in-process: how many, their total SQL time, and
+  EXPLAIN (ANALYZE, BUFFERS) of the slowest ones (`--plans FILE`);
+- a CSV export of the newest `--export-rows` records through
+  `/api/usage/records/?format=csv&since=...&until=...` on a freshly started
+  server: rows/s, and the web process's peak memory (VmRSS sampled every
+  20 ms, and VmHWM).
+
+Pages that do not exist yet (their URL does not resolve) are reported as such.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/llmsite_bench \\
+    REDIS_URL=redis://127.0.0.1:6379/13 \\
+        .venv/bin/python bench/usage_queries.py [--runs 20 --plans /tmp/plans.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import cpu_model, percentile  # noqa: E402
+
+
+def check_database_url() -> str:
+    url = os.environ.get("DATABASE_URL", "")
+    parts = urlsplit(url)
+    if parts.scheme not in {"postgres", "postgresql", "pgsql"}:
+        sys.exit("refusing: DATABASE_URL must name a PostgreSQL benchmark database")
+    if "bench" not in parts.path:
+        sys.exit("refusing: the database name must contain 'bench'")
+    return url
+
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmsite.settings")
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def proc_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class Server:
+    """One uvicorn process serving the project on a free port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        argv = [
+            str(BIN / "uvicorn"),
+            "llmsite.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        self.child = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ))
+
+    def wait_ready(self) -> None:
+        import httpx
+
+        for _ in range(300):
+            if self.child.poll() is not None:
+                sys.exit(f"uvicorn exited with {self.child.returncode}")
+            try:
+                if httpx.get(self.base + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        sys.exit("uvicorn did not answer in 30 s")
+
+    def stop(self) -> None:
+        if self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+            try:
+                self.child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
+
+    def __enter__(self) -> Server:
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class Who:
+    """A caller: a session cookie (pages) or an API key (the API)."""
+
+    label: str
+    cookies: dict[str, str]
+    headers: dict[str, str]
+    user_id: int
+
+
+def callers() -> tuple[Who, Who]:
+    """The staff user, and the regular user with the most records in 30 days."""
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.db.models import Sum
+    from django.test import Client
+    from django.utils import timezone
+
+    from gateway.models import ApiKey, UsageRollup
+
+    if "testserver" not in settings.ALLOWED_HOSTS:
+        settings.ALLOWED_HOSTS.append("testserver")
+    user_model = get_user_model()
+    staff, _ = user_model.objects.get_or_create(
+        username="bench-staff", defaults={"is_staff": True, "is_superuser": True}
+    )
+    top = (
+        UsageRollup.objects.filter(
+            bucket__gte=timezone.now() - timedelta(days=30), user__isnull=False
+        )
+        .values("user_id")
+        .annotate(n=Sum("requests"))
+        .order_by("-n")
+        .first()
+    )
+    if top is None:
+        sys.exit("no usage in the last 30 days: run bench/generate_usage.py first")
+    heaviest = user_model.objects.get(pk=top["user_id"])
+    result = []
+    for user, label in ((staff, "staff"), (heaviest, "user with most traffic")):
+        client = Client()
+        client.force_login(user)
+        _key, raw = ApiKey.generate(user, "bench usage_queries")
+        result.append(
+            Who(
+                label,
+                {
+                    settings.SESSION_COOKIE_NAME: client.cookies[
+                        settings.SESSION_COOKIE_NAME
+                    ].value
+                },
+                {"Authorization": f"Bearer {raw}"},
+                user.pk,
+            )
+        )
+    return result[0], result[1]
+
+
+@dataclass
+class Target:
+    label: str
+    path: str | None  # None: the page does not exist on this branch
+    who: Who
+    api: bool  # authenticate with the API key rather than the session
+
+
+def targets(staff: Who, user: Who) -> list[Target]:
+    from django.urls import NoReverseMatch, Resolver404, resolve, reverse
+    from django.utils import timezone
+
+    def exists(path: str) -> str | None:
+        try:
+            resolve(path.split("?")[0])
+        except Resolver404:
+            return None
+        return path
+
+    def named(name: str, query: str = "") -> str | None:
+        try:
+            return reverse(name) + query
+        except NoReverseMatch:
+            return None
+
+    now = timezone.now()
+    window = urlencode(
+        {
+            "since": (now - timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "until": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    )
+    rollups = exists("/api/usage/rollups/")
+    return [
+        Target(
+            "admin usage dashboard, 30 d",
+            named("admin:monitoring_endpointhealth_usage", "?range=30d"),
+            staff,
+            False,
+        ),
+        Target(
+            "admin status dashboard, 30 d",
+            named("admin:monitoring_endpointhealth_changelist", "?range=30d"),
+            staff,
+            False,
+        ),
+        Target("usage page /usage/", exists("/usage/"), user, False),
+        Target(
+            "/api/usage/rollups/ 30 d hourly, user",
+            rollups and f"{rollups}?{window}",
+            user,
+            True,
+        ),
+        Target(
+            "/api/usage/rollups/ 30 d daily, user",
+            rollups and f"{rollups}?{window}&bucket=day",
+            user,
+            True,
+        ),
+        Target(
+            "/api/usage/rollups/ 30 d daily by model, staff",
+            rollups and f"{rollups}?{window}&bucket=day&group_by=model",
+            staff,
+            True,
+        ),
+        Target(
+            "/api/usage/rollups/ 30 d daily, staff",
+            rollups and f"{rollups}?{window}&bucket=day",
+            staff,
+            True,
+        ),
+    ]
+
+
+def timed_requests(base: str, target: Target, warmup: int, runs: int) -> list[float]:
+    import httpx
+
+    headers = target.who.headers if target.api else {}
+    cookies = {} if target.api else target.who.cookies
+    with httpx.Client(
+        base_url=base, headers=headers, cookies=cookies, timeout=120
+    ) as c:
+        times = []
+        for i in range(warmup + runs):
+            t0 = time.perf_counter()
+            response = c.get(target.path)
+            elapsed = time.perf_counter() - t0
+            if response.status_code != 200:
+                raise RuntimeError(
+                    f"{target.label}: HTTP {response.status_code} {response.text[:200]}"
+                )
+            if i >= warmup:
+                times.append(elapsed * 1000)
+    return times
+
+
+def captured(target: Target) -> list[dict[str, str]]:
+    """The SQL one request runs, in-process, with each statement's time."""
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    if target.api:
+        client = Client(headers=target.who.headers)
+    else:
+        client = Client()
+        for name, value in target.who.cookies.items():
+            client.cookies[name] = value
+    client.get(target.path)  # warm caches, as the timed runs are
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(target.path)
+        if response.streaming:
+            b"".join(response.streaming_content)
+    return list(queries.captured_queries)
+
+
+def explain(sql: str) -> str:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql)
+        return "\n".join(row[0] for row in cursor.fetchall())
+
+
+def export_window(rows: int) -> tuple[str, str, int]:
+    """since/until covering the newest `rows` records, and the exact count."""
+    from django.db import connection
+    from django.utils import timezone
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT created_at FROM gateway_usagerecord "
+            "ORDER BY created_at DESC OFFSET %s LIMIT 1",
+            [rows - 1],
+        )
+        (since,) = cursor.fetchone()
+        until = timezone.now() + timedelta(minutes=1)
+        cursor.execute(
+            "SELECT count(*) FROM gateway_usagerecord "
+            "WHERE created_at >= %s AND created_at < %s",
+            [since, until],
+        )
+        (count,) = cursor.fetchone()
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
+    return since.strftime(fmt), until.strftime(fmt), count
+
+
+def measure_export(staff: Who, rows: int) -> dict[str, float] | None:
+    import httpx
+    from django.urls import Resolver404, resolve
+
+    try:
+        resolve("/api/usage/records/")
+    except Resolver404:
+        return None
+    since, until, expected = export_window(rows)
+    path = "/api/usage/records/?" + urlencode(
+        {"format": "csv", "since": since, "until": until}
+    )
+    with Server() as server:
+        pid = server.child.pid
+        # One small request first, so the baseline includes a loaded app.
+        httpx.get(
+            server.base + "/api/usage/records/?page_size=1",
+            headers=staff.headers,
+            timeout=30,
+        ).raise_for_status()
+        base_rss = proc_kib(pid, "VmRSS")
+        peak = [base_rss]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                try:
+                    peak[0] = max(peak[0], proc_kib(pid, "VmRSS"))
+                except OSError:
+                    return
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        lines = 0
+        first_byte = None
+        t0 = time.perf_counter()
+        with httpx.stream(
+            "GET", server.base + path, headers=staff.headers, timeout=600
+        ) as response:
+            if response.status_code != 200:
+                response.read()
+                raise RuntimeError(
+                    f"export: HTTP {response.status_code} {response.text[:300]}"
+                )
+            for chunk in response.iter_bytes():
+                if first_byte is None:
+                    first_byte = time.perf_counter() - t0
+                lines += chunk.count(b"\n")
+        elapsed = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        hwm = proc_kib(pid, "VmHWM")
+    exported = lines - 1  # the header row
+    if exported != expected:
+        print(f"WARNING: exported {exported:,} rows, the window holds {expected:,}")
+    return {
+        "rows": exported,
+        "seconds": elapsed,
+        "first_byte_ms": (first_byte or 0) * 1000,
+        "rows_per_s": exported / elapsed,
+        "base_mib": base_rss / 1024,
+        "peak_mib": peak[0] / 1024,
+        "hwm_mib": hwm / 1024,
+    }
+
+
+def dashboard_functions(runs: int) -> list[tuple[str, float, float]]:
+    """The dashboard's query functions alone, 30 days: no HTTP, no template."""
+    from django.utils import timezone
+
+    from monitoring import dashboard
+
+    now = timezone.now()
+    span = dashboard.parse_range({"range": "30d"}, now)
+    calls = {
+        "requests_per_hour (by day)": lambda: dashboard.requests_per_hour(span),
+        **{
+            f"tokens_per_day by {by}": (
+                lambda by=by: dashboard.tokens_per_day(span, by)
+            )
+            for by in dashboard.TOKEN_DIMENSIONS
+        },
+        "usage_totals": lambda: dashboard.usage_totals(span),
+        "budget_use": lambda: dashboard.budget_use(now),
+    }
+    rows = []
+    for name, call in calls.items():
+        call()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1000)
+        rows.append((name, statistics.median(times), percentile(times, 95)))
+    return rows
+
+
+def machine() -> str:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        (pg,) = cursor.fetchone()
+        cursor.execute(
+            "SELECT (SELECT count(*) FROM gateway_usagerecord), "
+            "(SELECT count(*) FROM gateway_usagerollup), "
+            "(SELECT count(*) FROM gateway_usagerollup "
+            " WHERE bucket >= now() - interval '30 days')"
+        )
+        records, rollups, recent = cursor.fetchone()
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    return (
+        f"{os.cpu_count()} CPUs ({cpu_model()}), {mem:.0f} GiB, PostgreSQL {pg}; "
+        f"{records:,} usage records, {rollups:,} rollup rows "
+        f"({recent:,} in the last 30 days)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--export-rows", type=int, default=1_000_000)
+    parser.add_argument("--no-export", action="store_true")
+    parser.add_argument("--plans", help="write EXPLAIN ANALYZE of slow queries here")
+    parser.add_argument(
+        "--only", help="measure only targets whose label contains this text"
+    )
+    args = parser.parse_args()
+    if args.runs < 1 or args.warmup < 0 or args.export_rows < 1:
+        parser.error("--runs and --export-rows must be positive")
+    check_database_url()
+    import django
+
+    django.setup()
+
+    print(machine())
+    print(f"load average at start: {loadavg()}")
+    staff, user = callers()
+    chosen = [t for t in targets(staff, user) if not args.only or args.only in t.label]
+    plans: list[str] = []
+    rows = []
+    with Server() as server:
+        for target in chosen:
+            if target.path is None:
+                rows.append(f"| {target.label} | not on this branch | | | |")
+                continue
+            times = timed_requests(server.base, target, args.warmup, args.runs)
+            queries = captured(target)
+            sql_ms = sum(float(q["time"]) * 1000 for q in queries)
+            rows.append(
+                f"| {target.label} | {statistics.median(times):.1f} ms "
+                f"| {percentile(times, 95):.1f} ms | {len(queries)} "
+                f"| {sql_ms:.1f} ms |"
+            )
+            print(rows[-1], flush=True)
+            slowest = sorted(queries, key=lambda q: -float(q["time"]))[:3]
+            for q in slowest:
+                plans.append(
+                    f"## {target.label}: {float(q['time']) * 1000:.1f} ms\n"
+                    f"{q['sql']}\n\n{explain(q['sql'])}\n"
+                )
+    print(f"load average after the pages: {loadavg()}")
+    print()
+    print(f"GET over HTTP, one uvicorn process, {args.runs} runs after {args.warmup}:")
+    print("| page | median | p95 | queries | SQL time (one in-process run) |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+    if not args.only:
+        print()
+        print("dashboard query functions in-process, 30 days:")
+        print("| function | median | p95 |")
+        print("|---|---|---|")
+        for name, median, p95 in dashboard_functions(args.runs):
+            print(f"| {name} | {median:.1f} ms | {p95:.1f} ms |")
+
+    if not args.no_export:
+        print()
+        print(f"load average before the export: {loadavg()}")
+        result = measure_export(staff, args.export_rows)
+        if result is None:
+            print("CSV export: /api/usage/records/ is not on this branch")
+        else:
+            print(
+                f"CSV export of {result['rows']:,} rows: {result['seconds']:.1f} s, "
+                f"{result['rows_per_s']:,.0f} rows/s, first byte "
+                f"{result['first_byte_ms']:.0f} ms; web process RSS "
+                f"{result['base_mib']:.0f} MiB before, peak sampled "
+                f"{result['peak_mib']:.0f} MiB, VmHWM {result['hwm_mib']:.0f} MiB"
+            )
+        print(f"load average after the export: {loadavg()}")
+
+    if args.plans:
+        Path(args.plans).write_text("\n".join(plans))
+        print(f"query plans written to {args.plans}")
+
+
+if __name__ == "__main__":
+    main()
