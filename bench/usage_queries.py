@@ -259,6 +259,12 @@ def targets(staff: Who, user: Who) -> list[Target]:
             staff,
             True,
         ),
+        Target(
+            "/api/usage/rollups/ 30 d hourly, staff",
+            rollups and f"{rollups}?{window}",
+            staff,
+            True,
+        ),
     ]
 
 

@@ -154,6 +154,8 @@ class Limit:
     # "requests" or "tokens", and whose: "your account", "this API key", ...
     unit: str
     holder: str
+    # Whose limit, for programs: "user", "key" or "endpoint".
+    scope: str = ""
 
     @property
     def increment(self) -> float:
@@ -190,6 +192,37 @@ class Decision:
 ALLOWED = Decision(allowed=True)
 
 
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """What is left of one per-minute limit at one instant.
+
+    `remaining` is how many more units (requests or tokens) would be admitted
+    now; `resets_in` is the seconds until the limit is whole again (its full
+    allowance free), which is what OpenAI's x-ratelimit-reset-* headers say.
+    Once something is left, the next unit always fits at once; when nothing
+    is, one more unit fits after resets_in - (limit - 1) * 60 / limit seconds.
+    """
+
+    scope: str  # "user", "key" or "endpoint"
+    kind: str  # "requests" or "tokens"
+    limit: int  # per minute
+    remaining: int  # never negative
+    resets_in: float  # seconds, never negative
+
+
+# Float noise allowed when a counter is compared with the window: the stored
+# timestamps are rounded to microseconds, and sums of 60 / limit are inexact.
+_SLACK = 1e-6
+
+
+def state_of(limit: Limit, tat: float | None, now: float) -> LimitState:
+    """The state of a counter whose theoretical arrival time is `tat` (None: idle)."""
+    used = 0.0 if tat is None else max(0.0, tat - now)
+    free = (PERIOD - used + _SLACK) * limit.per_minute / PERIOD
+    remaining = min(limit.per_minute, max(0, math.floor(free)))
+    return LimitState(limit.scope, limit.unit, limit.per_minute, remaining, used)
+
+
 class _LocalCounters:
     """GCRA on any Django cache, made atomic by a lock: right for one process."""
 
@@ -213,6 +246,10 @@ class _LocalCounters:
             for key, tat in updates.items():
                 self.cache.set(key, tat, math.ceil(tat - now) + 1)
             return -1, 0.0
+
+    def peek(self, keys: Sequence[str]) -> list[float | None]:
+        stored = self.cache.get_many(keys)
+        return [None if key not in stored else float(stored[key]) for key in keys]
 
     def adjust(self, changes: Sequence[tuple[str, float]], now: float) -> None:
         with self.lock:
@@ -275,6 +312,7 @@ class _RedisCounters:
         # One client on the pool of Django's cache, kept: Django builds a new
         # redis.Redis per call, which costs more than the round trip itself.
         client = cache._cache.get_client(write=True)
+        self._client = client
         self._acquire = client.register_script(_ACQUIRE_LUA)
         self._adjust = client.register_script(_ADJUST_LUA)
 
@@ -283,6 +321,12 @@ class _RedisCounters:
         args = [repr(now), repr(PERIOD), *(repr(limit.increment) for limit in limits)]
         index, wait = self._acquire(keys=keys, args=args)
         return int(index) - 1, float(wait)
+
+    def peek(self, keys: Sequence[str]) -> list[float | None]:
+        # The scripts store plain numbers, which Django's cache would not
+        # unpickle: read them raw, all in one MGET.
+        values = self._client.mget([self.cache.make_key(key) for key in keys])
+        return [None if value is None else float(value) for value in values]
 
     def adjust(self, changes: Sequence[tuple[str, float]], now: float) -> None:
         keys = [self.cache.make_key(key) for key, _ in changes]
@@ -349,6 +393,7 @@ def caller_token_limits(
                 tokens,
                 "tokens",
                 "your account",
+                "user",
             )
         )
     if api_key_id is not None:
@@ -359,6 +404,7 @@ def caller_token_limits(
                 tokens,
                 "tokens",
                 "this API key",
+                "key",
             )
         )
     return found
@@ -377,6 +423,7 @@ def caller_request_limits(
                 1,
                 "requests",
                 "your account",
+                "user",
             )
         )
     if api_key_id is not None:
@@ -387,9 +434,50 @@ def caller_request_limits(
                 1,
                 "requests",
                 "this API key",
+                "key",
             )
         )
     return found
+
+
+def _caller_counters(
+    user_id: int | None, api_key_id: int | None, policy: CallerLimits
+) -> list[Limit]:
+    """Every counter of a caller that has a limit: requests, then tokens."""
+    return [
+        limit
+        for limit in caller_request_limits(user_id, api_key_id, policy)
+        + caller_token_limits(user_id, api_key_id, policy, 0)
+        if limit.per_minute > 0
+    ]
+
+
+def _read_states(counters: Sequence[Limit], now: float | None) -> list[LimitState]:
+    if not counters:
+        return []
+    tats = _counters().peek([limit.key for limit in counters])
+    at = time.time() if now is None else now
+    return [state_of(limit, tat, at) for limit, tat in zip(counters, tats, strict=True)]
+
+
+def caller_limit_states(
+    user_id: int | None, api_key_id: int | None, now: float | None = None
+) -> list[LimitState]:
+    """What is left of every per-minute limit of a caller; reads, never counts.
+
+    One state per limit that applies (none when none does): requests, then
+    tokens; the user's before the key's. One cache round trip for them all.
+    """
+    policy = caller_limits(user_id, api_key_id)
+    return _read_states(_caller_counters(user_id, api_key_id, policy), now)
+
+
+async def acaller_limit_states(
+    user_id: int | None, api_key_id: int | None, now: float | None = None
+) -> list[LimitState]:
+    """`caller_limit_states` from async code."""
+    policy = await acaller_limits(user_id, api_key_id)
+    return _read_states(_caller_counters(user_id, api_key_id, policy), now)
 
 
 async def check_caller(
@@ -446,6 +534,7 @@ def endpoint_limits(endpoint: Any, tokens: int) -> list[Limit]:
                 1,
                 "requests",
                 holder,
+                "endpoint",
             )
         )
     if endpoint.tpm_limit:
@@ -456,6 +545,7 @@ def endpoint_limits(endpoint: Any, tokens: int) -> list[Limit]:
                 tokens,
                 "tokens",
                 holder,
+                "endpoint",
             )
         )
     return found

@@ -106,9 +106,14 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "gateway",
     "chat",
     "monitoring",
+    "api",
     "llmsite",
 ]
 
@@ -280,7 +285,7 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         name: {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False}
-        for name in ("llmsite", "gateway", "chat", "monitoring")
+        for name in ("llmsite", "gateway", "chat", "monitoring", "api")
     },
 }
 
@@ -478,3 +483,47 @@ SERVER_EMAIL = DEFAULT_FROM_EMAIL
 
 # /metrics answers a request with "Authorization: Bearer <token>" or a staff login.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
+# --- REST API (/api/) -------------------------------------------------------
+
+# Rows per page of /api/usage/records/ when the caller names none, and the most
+# a caller may ask for; CSV and JSON Lines exports are not paged.
+API_PAGE_SIZE = _env_int("API_PAGE_SIZE", 100)
+API_MAX_PAGE_SIZE = _env_int("API_MAX_PAGE_SIZE", 1000)
+if not 0 < API_PAGE_SIZE <= API_MAX_PAGE_SIZE:
+    raise ImproperlyConfigured("API_PAGE_SIZE must be between 1 and API_MAX_PAGE_SIZE")
+
+REST_FRAMEWORK = {
+    # The API key first: its authenticate_header makes DRF answer 401, not 403.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "api.authentication.ApiKeyAuthentication",
+        "api.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON only: no browsable API (it would render forms and extra queries).
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "api.renderers.StrictContentNegotiation",
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_THROTTLE_CLASSES": [],
+    "EXCEPTION_HANDLER": "api.exceptions.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "api.schema.AutoSchema",
+    "DATETIME_FORMAT": "iso-8601",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "llmsite API",
+    "DESCRIPTION": (
+        "Usage records, rollups, budgets and endpoint status. Sign in with the "
+        "browser session or send a personal API key as `Authorization: Bearer "
+        'llms-...`. Errors: `{"error": {"message", "type", "code", '
+        '"param"}}`.'
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": "/api/",
+}

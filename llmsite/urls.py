@@ -29,6 +29,8 @@ urlpatterns = [
     path("chat/", include("chat.urls")),
     # The OpenAI-compatible API for programs (personal API keys).
     path("v1/", include("gateway.urls")),
+    # The REST API: usage records, rollups, budgets, endpoint status.
+    path("api/", include("api.urls")),
     path("admin/", admin.site.urls),
     # /healthz, /readyz and /metrics for load balancers and Prometheus.
     path("", include("monitoring.urls")),

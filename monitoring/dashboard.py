@@ -12,13 +12,24 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
-from django.db.models import Count, ExpressionWrapper, F, FloatField, Q, Sum
+from django.db.models import (
+    Count,
+    ExpressionWrapper,
+    F,
+    FloatField,
+    Q,
+    QuerySet,
+    Sum,
+)
 from django.db.models.functions import Cast, Trunc, TruncDay
 from django.utils import timezone
 
+from gateway.breaker import BreakerState
+from gateway.breaker import state as breaker_state
 from gateway.models import (
     BudgetCounter,
     BudgetPeriod,
+    Endpoint,
     EndpointStatus,
     UsageRollup,
 )
@@ -221,11 +232,23 @@ def probe_series(endpoint_ids: Iterable[int], span: DateRange) -> dict[str, Any]
 # --- Usage ------------------------------------------------------------------------
 
 
-def requests_per_hour(span: DateRange) -> dict[str, Any]:
+def _rollups(span: DateRange, user_id: int | None) -> QuerySet[UsageRollup]:
+    """The hourly usage rows of a range, of one user when given.
+
+    With a user, (user, bucket) is the index read; without, the unique
+    (bucket, dimensions) one.
+    """
+    rows = UsageRollup.objects.filter(bucket__gte=span.start, bucket__lt=span.end)
+    if user_id is not None:
+        rows = rows.filter(user_id=user_id)
+    return rows
+
+
+def requests_per_hour(span: DateRange, user_id: int | None = None) -> dict[str, Any]:
     """Requests and errors per hour (per day over two weeks), from the rollup."""
     kind = "hour" if span.span <= timedelta(days=14) else "day"
     rows = (
-        UsageRollup.objects.filter(bucket__gte=span.start, bucket__lt=span.end)
+        _rollups(span, user_id)
         .annotate(at=Trunc("bucket", kind))
         .values("at")
         .annotate(requests=Sum("requests"), errors=Sum("errors"))
@@ -262,11 +285,13 @@ TOKEN_DIMENSIONS = {
 }
 
 
-def tokens_per_day(span: DateRange, by: str) -> dict[str, Any]:
+def tokens_per_day(
+    span: DateRange, by: str, user_id: int | None = None
+) -> dict[str, Any]:
     """Tokens per day split by model, endpoint or user: the top few and "other"."""
     column = TOKEN_DIMENSIONS[by]
     rows = list(
-        UsageRollup.objects.filter(bucket__gte=span.start, bucket__lt=span.end)
+        _rollups(span, user_id)
         .annotate(day=TruncDay("bucket"), key=F(column))
         .values("day", "key")
         .annotate(tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
@@ -341,14 +366,138 @@ def budget_use(now: datetime | None = None, limit: int = 40) -> list[dict[str, A
     ]
 
 
-def usage_totals(span: DateRange) -> dict[str, Any]:
+def usage_totals(span: DateRange, user_id: int | None = None) -> dict[str, Any]:
     """Totals over the range for the summary line above the charts."""
-    totals = UsageRollup.objects.filter(
-        bucket__gte=span.start, bucket__lt=span.end
-    ).aggregate(
+    totals = _rollups(span, user_id).aggregate(
         requests=Sum("requests"),
         errors=Sum("errors"),
         prompt=Sum("prompt_tokens"),
         completion=Sum("completion_tokens"),
     )
     return {key: value or 0 for key, value in totals.items()}
+
+
+# --- Overall status ---------------------------------------------------------------
+
+OVERALL_OK = "ok"
+OVERALL_DEGRADED = "degraded"
+OVERALL_DOWN = "down"
+
+
+@dataclass(frozen=True)
+class EndpointHealth:
+    """One enabled endpoint as a status page shows it."""
+
+    endpoint: Endpoint
+    circuit: str
+    uptime: Mapping[str, float | None]
+
+    @property
+    def available(self) -> bool:
+        """Whether it can take a request now: circuit not open, not known down."""
+        return (
+            self.circuit != BreakerState.OPEN
+            and self.endpoint.status != EndpointStatus.DISCONNECTED
+        )
+
+
+@dataclass(frozen=True)
+class Overview:
+    """Every enabled endpoint's health and the deployment's overall status."""
+
+    status: str
+    endpoints: list[EndpointHealth]
+
+    @property
+    def available(self) -> list[str]:
+        return [health.endpoint.name for health in self.endpoints if health.available]
+
+
+def endpoint_overview(now: datetime | None = None) -> Overview:
+    """Health, uptime and circuit of every enabled endpoint, in two queries.
+
+    Overall: "ok" when every enabled endpoint is connected with its circuit
+    closed, "down" when none can take a request, "degraded" in between.
+    """
+    now = now or timezone.now()
+    endpoints = list(Endpoint.objects.filter(enabled=True).order_by("priority", "name"))
+    windows = uptime([e.pk for e in endpoints], now)
+    rows = [
+        # The breaker reads only disabled_until, which the row carries.
+        EndpointHealth(e, str(breaker_state(e, now)), windows[e.pk])  # type: ignore[arg-type]
+        for e in endpoints
+    ]
+    if rows and all(
+        h.endpoint.status == EndpointStatus.CONNECTED
+        and h.circuit == BreakerState.CLOSED
+        for h in rows
+    ):
+        overall = OVERALL_OK
+    elif any(h.available for h in rows):
+        overall = OVERALL_DEGRADED
+    else:
+        overall = OVERALL_DOWN
+    return Overview(overall, rows)
+USAGE_FIELDS = {
+    "requests": "requests",
+    "errors": "errors",
+    "prompt": "prompt_tokens",
+    "completion": "completion_tokens",
+}
+
+
+def usage_by(
+    periods: Mapping[str, DateRange], by: str = "model", user_id: int | None = None
+) -> dict[str, Any]:
+    """Requests, errors and tokens per model (endpoint, user) over several ranges.
+
+    One query over the union of the ranges, each summed under its own name:
+    "today" and "this month" cost one pass over the month's rows. Returns the
+    totals per range and the rows, busiest (in the longest range) first.
+    """
+    names = list(periods)
+    if not names:
+        return {"totals": {}, "rows": []}
+    union = DateRange(
+        min(p.start for p in periods.values()),
+        max(p.end for p in periods.values()),
+        "union",
+    )
+    aggregates: dict[str, Any] = {}
+    for name, span in periods.items():
+        within = Q(bucket__gte=span.start, bucket__lt=span.end)
+        for key, column in USAGE_FIELDS.items():
+            aggregates[f"{name}_{key}"] = Sum(column, filter=within)
+    rows = (
+        _rollups(union, user_id)
+        .annotate(key=F(TOKEN_DIMENSIONS[by]))
+        .values("key")
+        .annotate(**aggregates)
+        .order_by()
+    )
+    merged: dict[str, dict[str, dict[str, int]]] = {}
+    for row in rows:
+        label = _dimension_label(row["key"], by)
+        entry = merged.setdefault(
+            label, {name: dict.fromkeys(USAGE_FIELDS, 0) for name in names}
+        )
+        for name in names:
+            for key in USAGE_FIELDS:
+                entry[name][key] += row[f"{name}_{key}"] or 0
+    for entry in merged.values():
+        for counts in entry.values():
+            counts["tokens"] = counts["prompt"] + counts["completion"]
+    totals = {name: dict.fromkeys([*USAGE_FIELDS, "tokens"], 0) for name in names}
+    for entry in merged.values():
+        for name, counts in entry.items():
+            for key, value in counts.items():
+                totals[name][key] += value
+    longest = max(names, key=lambda name: periods[name].span)
+    ordered = sorted(
+        merged.items(),
+        key=lambda item: (-item[1][longest]["tokens"], -item[1][longest]["requests"]),
+    )
+    return {
+        "totals": totals,
+        "rows": [{"key": key, **counts} for key, counts in ordered],
+    }

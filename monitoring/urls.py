@@ -1,4 +1,4 @@
-"""Health and metrics of the gateway, at the root of the site."""
+"""Health and metrics of the gateway, and each user's usage page, at the root."""
 
 from __future__ import annotations
 
@@ -12,4 +12,5 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.prometheus_metrics, name="metrics"),
+    path("usage/", views.usage_page, name="usage"),
 ]

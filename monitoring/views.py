@@ -1,4 +1,4 @@
-"""Health of the gateway itself: liveness, readiness and Prometheus metrics."""
+"""Health of the gateway (liveness, readiness, metrics) and each user's usage page."""
 
 from __future__ import annotations
 
@@ -6,18 +6,46 @@ import asyncio
 import hmac
 import logging
 import uuid
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
+from django.contrib.auth import get_user_model
+from django.contrib.auth.decorators import login_required
 from django.core.cache import cache
+from django.core.exceptions import PermissionDenied
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBadRequest,
+    JsonResponse,
+)
+from django.shortcuts import get_object_or_404, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from monitoring import conf, metrics
+from monitoring import conf, metrics, usage
 
 logger = logging.getLogger(__name__)
+
+# The chat page's policy: scripts, styles and data from this site only.
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "font-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+# User ids in ?user= are digits; anything longer is not one.
+MAX_ID_DIGITS = 18
 
 # Each readiness check gets this long; a load balancer polls every few seconds.
 CHECK_SECONDS = 2.0
@@ -105,3 +133,40 @@ def prometheus_metrics(request: HttpRequest) -> HttpResponse:
         response["WWW-Authenticate"] = 'Bearer realm="metrics"'
         return response
     return HttpResponse(metrics.render(), content_type=metrics.CONTENT_TYPE)
+
+
+def may_see_everyones_usage(user: Any) -> bool:
+    """Staff who may read usage records in the admin may see any user's page."""
+    return bool(
+        user.is_active and user.is_staff and user.has_perm("gateway.view_usagerecord")
+    )
+
+
+@never_cache
+@login_required
+@require_GET
+def usage_page(request: HttpRequest) -> HttpResponse:
+    """The signed-in user's usage: today, this month, budgets, limits.
+
+    Staff see any user's with ?user=<id>; anyone else asking for another
+    user's page is refused.
+    """
+    raw = request.GET.get("user", "")
+    subject = request.user
+    if raw:
+        if not raw.isdigit() or len(raw) > MAX_ID_DIGITS:
+            return HttpResponseBadRequest("user must be a user id.")
+        if int(raw) != request.user.pk:
+            if not may_see_everyones_usage(request.user):
+                raise PermissionDenied
+            subject = get_object_or_404(get_user_model(), pk=int(raw))
+    own = subject.pk == request.user.pk
+    context = {
+        **usage.user_usage(subject.pk, own=own),
+        "subject": subject,
+        "own": own,
+    }
+    response = render(request, "monitoring/usage_page.html", context)
+    response["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response["Referrer-Policy"] = "same-origin"
+    return response

@@ -30,6 +30,8 @@ from gateway.accounting.budgets import (
     acaller_budgets,
     aendpoint_budgets,
     areserve,
+    budget_ref,
+    budget_states,
     budget_status,
     caller_budgets,
     endpoint_budgets,
@@ -41,7 +43,10 @@ from gateway.accounting.budgets import (
     settlements_for,
 )
 from gateway.accounting.rollups import (
+    ROLLUP_BUCKETS,
+    ROLLUP_GROUPS,
     Rebuilt,
+    RollupQuery,
     atokens_used_today,
     dimensions_hash,
     hour_of,
@@ -51,6 +56,7 @@ from gateway.accounting.rollups import (
     prune_usage,
     rebuild_rollups,
     tokens_used_today,
+    usage_rollups,
 )
 from gateway.accounting.sweeper import sweep_abandoned
 from gateway.accounting.usage import (
@@ -71,6 +77,8 @@ from gateway.accounting.usage import (
 
 __all__ = [
     "MAX_BATCH",
+    "ROLLUP_BUCKETS",
+    "ROLLUP_GROUPS",
     "BudgetExhausted",
     "BudgetRef",
     "BudgetState",
@@ -78,6 +86,7 @@ __all__ = [
     "HoldRequest",
     "Rebuilt",
     "Reservation",
+    "RollupQuery",
     "Settlement",
     "UsageEntry",
     "Written",
@@ -88,6 +97,8 @@ __all__ = [
     "arecord_usage",
     "areserve",
     "atokens_used_today",
+    "budget_ref",
+    "budget_states",
     "budget_status",
     "caller_budgets",
     "close_writer",
@@ -112,6 +123,7 @@ __all__ = [
     "submit_usage",
     "sweep_abandoned",
     "tokens_used_today",
+    "usage_rollups",
     "write_delay",
     "write_usage",
 ]

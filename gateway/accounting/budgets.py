@@ -679,12 +679,19 @@ class BudgetState:
     used: int
     reserved: int
     resets_at: datetime
+    period_start: datetime | None = None
+    warning_percent: int | None = None
 
     @property
     def remaining(self) -> int | None:
         if self.token_limit is None:
             return None
         return max(0, self.token_limit - self.used - self.reserved)
+
+    @property
+    def exhausted(self) -> bool:
+        """No room left for another request until the period resets."""
+        return self.remaining == 0
 
     @property
     def percent_used(self) -> float | None:
@@ -711,19 +718,26 @@ def budget_status(
     user_id: int | None, api_key_id: int | None = None, now: datetime | None = None
 ) -> list[BudgetState]:
     """The budgets that apply to a user (and API key) in their current periods."""
+    return budget_states(caller_budgets(user_id, api_key_id), now)
+
+
+def budget_states(
+    refs: Sequence[BudgetRef], now: datetime | None = None
+) -> list[BudgetState]:
+    """Each budget's use in its current period, in one query (none if no refs)."""
     now = now or timezone.now()
-    refs = caller_budgets(user_id, api_key_id)
     if not refs:
         return []
     bounds = {ref.id: period_bounds(ref.period, now) for ref in refs}
-    match = Q(pk__in=[])
-    for ref in refs:
-        match |= Q(budget_id=ref.id, period_start=bounds[ref.id][0])
+    # Two IN lists (at most three period starts) rather than one OR per budget:
+    # a page of a thousand budgets is still one short query.
     counters = {
         budget_id: (used, reserved)
-        for budget_id, used, reserved in BudgetCounter.objects.filter(
-            match
-        ).values_list("budget_id", "used_tokens", "reserved_tokens")
+        for budget_id, start, used, reserved in BudgetCounter.objects.filter(
+            budget_id__in=list(bounds),
+            period_start__in={start for start, _ in bounds.values()},
+        ).values_list("budget_id", "period_start", "used_tokens", "reserved_tokens")
+        if start == bounds[budget_id][0]
     }
     return [
         BudgetState(
@@ -734,9 +748,24 @@ def budget_status(
             ref.token_limit,
             *counters.get(ref.id, (0, 0)),
             resets_at=bounds[ref.id][1],
+            period_start=bounds[ref.id][0],
+            warning_percent=ref.warning_percent,
         )
         for ref in refs
     ]
+
+
+def budget_ref(budget: Budget) -> BudgetRef:
+    """The snapshot of a loaded Budget (select_related its endpoint)."""
+    return BudgetRef(
+        budget.pk,
+        budget.scope,
+        budget.period,
+        budget.token_limit,
+        budget.warning_percent,
+        budget.endpoint_id,
+        budget.endpoint.name if budget.endpoint_id else "",
+    )
 
 
 abudget_status = sync_to_async(budget_status)

@@ -17,7 +17,7 @@ from django.db import (
     transaction,
 )
 from django.db.models import Count, F, Func, IntegerField, Q, Sum
-from django.db.models.functions import Coalesce, TruncHour
+from django.db.models.functions import Coalesce, Trunc, TruncHour
 from django.utils import timezone
 
 from gateway.accounting.budgets import _q, period_bounds
@@ -175,6 +175,126 @@ def tokens_used_today(
 
 
 atokens_used_today = sync_to_async(tokens_used_today)
+
+
+# --- Reading ------------------------------------------------------------------
+
+# The dimensions usage can be grouped by: their id column and their name column.
+ROLLUP_GROUPS: dict[str, tuple[str, str]] = {
+    "model": ("model_name", "model_name"),
+    "endpoint": ("endpoint_id", "endpoint_name"),
+    "user": ("user_id", "user__username"),
+    "key": ("api_key_id", "api_key__name"),
+}
+ROLLUP_BUCKETS = ("hour", "day")
+
+
+@dataclass(frozen=True, slots=True)
+class RollupQuery:
+    """Which rollups to sum: a time range, a bucket size, groups and filters."""
+
+    since: datetime
+    until: datetime
+    bucket: str = "hour"
+    group_by: tuple[str, ...] = ()
+    user_id: int | None = None
+    api_key_id: int | None = None
+    model_name: str | None = None
+    endpoint: str | None = None
+    # Read at most this many rows (None: all).
+    limit: int | None = None
+
+
+def usage_rollups(query: RollupQuery) -> list[dict[str, Any]]:
+    """Usage summed per hour or day (UTC) and per group, in one query.
+
+    The range covers whole hours: [hour of since, until). A user filter uses
+    the (user, bucket) index, a key filter the (api_key, bucket) one, and no
+    filter the (bucket, dimensions) unique index.
+    """
+    if query.bucket not in ROLLUP_BUCKETS:
+        raise ValueError(f"unknown bucket {query.bucket!r}")
+    rows = UsageRollup.objects.filter(
+        bucket__gte=hour_of(query.since), bucket__lt=query.until
+    )
+    if query.user_id is not None:
+        rows = rows.filter(user_id=query.user_id)
+    if query.api_key_id is not None:
+        rows = rows.filter(api_key_id=query.api_key_id)
+    if query.model_name is not None:
+        rows = rows.filter(model_name=query.model_name)
+    if query.endpoint is not None:
+        # An endpoint's name, or its id.
+        match = Q(endpoint_name=query.endpoint)
+        if (
+            query.endpoint.isascii()
+            and query.endpoint.isdigit()
+            and len(query.endpoint) < 19
+        ):
+            match |= Q(endpoint_id=int(query.endpoint))
+        rows = rows.filter(match)
+    columns: list[str] = []
+    for group in query.group_by:
+        for column in ROLLUP_GROUPS[group]:
+            if column not in columns:
+                columns.append(column)
+    start = (
+        F("bucket") if query.bucket == "hour" else Trunc("bucket", "day", tzinfo=UTC)
+    )
+    aggregated = (
+        rows.annotate(start=start)
+        .values("start", *columns)
+        .annotate(
+            requests=Sum("requests"),
+            errors=Sum("errors"),
+            cancelled=Sum("cancelled"),
+            rejected=Sum("rejected"),
+            cached=Sum("cached"),
+            estimated=Sum("estimated"),
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+            cost_micros=Sum("cost_micros"),
+            latency_us_sum=Sum("latency_us_sum"),
+            latency_count=Sum("latency_count"),
+            ttft_us_sum=Sum("ttft_us_sum"),
+            ttft_count=Sum("ttft_count"),
+        )
+        .order_by("start", *columns)
+    )
+    if query.limit is not None:
+        aggregated = aggregated[: query.limit]
+    result = []
+    for row in aggregated:
+        item: dict[str, Any] = {"start": row["start"]}
+        for group in query.group_by:
+            id_column, name_column = ROLLUP_GROUPS[group]
+            if id_column != name_column:
+                item[f"{group}_id"] = row[id_column]
+            # "" for a deleted user or key, or no endpoint (a rejected request).
+            item[group] = row[name_column] or ""
+        for name in (
+            "requests",
+            "errors",
+            "cancelled",
+            "rejected",
+            "cached",
+            "estimated",
+            "prompt_tokens",
+            "completion_tokens",
+        ):
+            item[name] = int(row[name] or 0)
+        item["total_tokens"] = item["prompt_tokens"] + item["completion_tokens"]
+        item["cost"] = Decimal(int(row["cost_micros"] or 0)) / 1_000_000
+        item["mean_latency_ms"] = _mean_ms(row["latency_us_sum"], row["latency_count"])
+        item["mean_ttft_ms"] = _mean_ms(row["ttft_us_sum"], row["ttft_count"])
+        result.append(item)
+    return result
+
+
+def _mean_ms(total_us: int | None, count: int | None) -> float | None:
+    if not count:
+        return None
+    return round(int(total_us or 0) / int(count) / 1000, 3)
 
 
 # --- Rebuild and retention ----------------------------------------------------

@@ -151,6 +151,12 @@
 
   function draw() {
     if (typeof window.Chart === "undefined") return;
+    // Text in the page's own colour, so labels stay readable in dark themes;
+    // a page may name a grid colour that works on both.
+    const styles = getComputedStyle(document.body);
+    window.Chart.defaults.color = styles.color;
+    const grid = styles.getPropertyValue("--chart-grid").trim();
+    if (grid) window.Chart.defaults.borderColor = grid;
     const cache = {};
     document.querySelectorAll("canvas[data-chart]").forEach((canvas) => {
       const source = canvas.dataset.source;

@@ -272,3 +272,121 @@ def test_limits_hold_across_two_processes_sharing_redis(tmp_path):
 
     # 40 attempts in the same instant from two processes: one allowance of 5.
     assert sum(counts) == 5
+
+
+# --- What is left -------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "redis"])
+def backend(request, settings):
+    """The counters on local memory, then on Redis when there is one."""
+    if request.param == "local":
+        location = {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "limit-states",
+        }
+    else:
+        if not os.environ.get("REDIS_URL"):
+            pytest.skip("needs REDIS_URL")
+        location = {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": os.environ["REDIS_URL"],
+            "KEY_PREFIX": "limit-states-test",
+        }
+    settings.CACHES = {**settings.CACHES, "limits": location}
+    settings.RATE_LIMIT_CACHE = "limits"
+    from django.core.cache import caches
+
+    caches["limits"].clear()
+    yield request.param
+    caches["limits"].clear()
+
+
+def state(scope, kind, limit, remaining, resets_in):
+    return limits.LimitState(scope, kind, limit, remaining, pytest.approx(resets_in))
+
+
+@pytest.mark.django_db
+def test_an_idle_caller_has_every_limit_whole(backend, owner, frozen):
+    assert limits.caller_limit_states(owner.pk, None) == [
+        state("user", "requests", 5, 5, 0.0)
+    ]
+
+
+@pytest.mark.django_db
+def test_what_is_left_counts_down_with_each_request(backend, owner, frozen):
+    assert admitted(owner.pk, times=2) == 2
+
+    # Two of five used: each frees its slot 12 s after the previous one.
+    assert limits.caller_limit_states(owner.pk, None) == [
+        state("user", "requests", 5, 3, 24.0)
+    ]
+    frozen.shift(12)
+    assert limits.caller_limit_states(owner.pk, None) == [
+        state("user", "requests", 5, 4, 12.0)
+    ]
+
+
+@pytest.mark.django_db
+def test_reading_what_is_left_counts_nothing(backend, owner, frozen):
+    for _ in range(20):
+        limits.caller_limit_states(owner.pk, None)
+
+    assert admitted(owner.pk, times=6) == 5
+    assert limits.caller_limit_states(owner.pk, None) == [
+        state("user", "requests", 5, 0, 60.0)
+    ]
+
+
+@pytest.mark.django_db
+def test_a_caller_without_limits_has_no_states(backend, owner, frozen, settings):
+    settings.RATE_LIMIT_RPM = 0
+
+    assert limits.caller_limit_states(owner.pk, None) == []
+    assert limits.caller_limit_states(None, None) == []
+
+
+@pytest.mark.django_db
+def test_a_keys_states_cover_the_user_and_the_key_requests_then_tokens(
+    backend, owner, frozen, settings
+):
+    settings.RATE_LIMIT_TPM = 1000
+    key, _ = ApiKey.generate(owner, "script")
+    key.rpm_limit = 3
+    key.tpm_limit = 600
+    key.save()
+    limits._caller_limits.clear()
+
+    assert admitted(owner.pk, key.pk, tokens=150) == 1
+
+    assert limits.caller_limit_states(owner.pk, key.pk) == [
+        state("user", "requests", 5, 4, 12.0),
+        state("key", "requests", 3, 2, 20.0),
+        state("user", "tokens", 1000, 850, 9.0),
+        state("key", "tokens", 600, 450, 15.0),
+    ]
+
+
+async def test_the_async_twin_sees_settled_tokens(backend, db, owner, frozen, settings):
+    settings.RATE_LIMIT_TPM = 1000
+    limits._caller_limits.clear()
+
+    assert (await limits.check_caller(owner.pk, None, 100)).allowed
+    await limits.settle_caller(owner.pk, None, charged=100, used=1000)
+
+    assert await limits.acaller_limit_states(owner.pk, None) == [
+        state("user", "requests", 5, 4, 12.0),
+        state("user", "tokens", 1000, 0, 60.0),
+    ]
+
+
+@pytest.mark.django_db
+def test_states_can_be_read_for_a_given_instant(backend, owner, frozen):
+    import time
+
+    assert admitted(owner.pk, times=5) == 5
+
+    later = time.time() + 30
+    assert limits.caller_limit_states(owner.pk, None, now=later) == [
+        state("user", "requests", 5, 2, 30.0)
+    ]

@@ -1,0 +1,302 @@
+"""Usage records as CSV or JSON Lines, streamed with flat memory.
+
+One place shapes a record for every consumer: the REST API's JSON pages and
+exports (api.views.records) and the admin's "Download CSV". Rows come from
+`values_list(...).iterator()` (a server-side cursor on PostgreSQL, chunked
+reads on SQLite), never model instances, and leave in ~64 KiB chunks.
+
+Under ASGI, Django's StreamingHttpResponse reads a *sync* iterator to the end
+into a list before sending anything (django.http.response, `__aiter__`), so
+an ASGI response must get `aiter_chunks(...)`: it pulls one chunk at a time
+through `sync_to_async`, whose per-call cost (~0.1 ms) is spread over the
+hundreds of rows of a chunk. A WSGI response (and Django's test client) takes
+the sync iterator as it is.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from collections.abc import AsyncIterator, Iterable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.db.models import QuerySet
+
+# (column name, ORM path). The order is the CSV's column order.
+_SOURCE: tuple[tuple[str, str], ...] = (
+    ("request_id", "request_id"),
+    ("created_at", "created_at"),
+    ("user", "user__username"),
+    ("api_key", "api_key__name"),
+    ("source", "source"),
+    ("model", "model_name"),
+    ("endpoint", "endpoint_name"),
+    ("upstream_model", "upstream_model"),
+    ("fallback_hops", "fallback_hops"),
+    ("status", "status"),
+    ("prompt_tokens", "prompt_tokens"),
+    ("completion_tokens", "completion_tokens"),
+    ("estimated", "tokens_estimated"),
+    ("latency_ms", "latency_ms"),
+    ("ttft_ms", "ttft_ms"),
+    ("cost", "cost"),
+    ("error_type", "error_type"),
+    ("attempts", "attempts"),
+    ("conversation_id", "conversation_id"),
+)
+FIELDS: tuple[str, ...] = tuple(path for _, path in _SOURCE)
+
+# Output columns: fallback_hops becomes a count and the path of endpoints that
+# failed over; total_tokens is added after the two counts.
+COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "created_at",
+    "user",
+    "api_key",
+    "source",
+    "model",
+    "endpoint",
+    "upstream_model",
+    "fallback_hops",
+    "fallback_path",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "estimated",
+    "latency_ms",
+    "ttft_ms",
+    "cost",
+    "error_type",
+    "attempts",
+    "conversation_id",
+)
+
+CHUNK_BYTES = 64 * 1024
+DB_CHUNK_ROWS = 2000
+# Rows shaped per csv.writerows call: large enough to amortise the call.
+_BATCH_ROWS = 256
+
+# A spreadsheet runs a cell starting with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def columns() -> tuple[str, ...]:
+    """The header row, in column order."""
+    return COLUMNS
+
+
+def rows(queryset: QuerySet) -> Iterator[tuple[Any, ...]]:
+    """The queryset's records as raw tuples in FIELDS order, read in chunks."""
+    return queryset.values_list(*FIELDS).iterator(chunk_size=DB_CHUNK_ROWS)
+
+
+def _timestamp(value: datetime) -> str:
+    # The same text DRF writes for a UTC time, so CSV and JSON agree.
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def _path(hops: Any) -> list[str]:
+    if not isinstance(hops, list):
+        return []
+    return [str(hop.get("endpoint", "")) for hop in hops if isinstance(hop, dict)]
+
+
+def _cost(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def record(row: tuple[Any, ...]) -> dict[str, Any]:
+    """One raw row as the JSON object of the API and of JSON Lines."""
+    (
+        request_id,
+        created_at,
+        user,
+        api_key,
+        source,
+        model,
+        endpoint,
+        upstream_model,
+        hops,
+        status,
+        prompt,
+        completion,
+        estimated,
+        latency,
+        ttft,
+        cost,
+        error_type,
+        attempts,
+        conversation,
+    ) = row
+    path = _path(hops)
+    return {
+        "request_id": str(request_id),
+        "created_at": _timestamp(created_at),
+        "user": user,
+        "api_key": api_key,
+        "source": source,
+        "model": model,
+        "endpoint": endpoint,
+        "upstream_model": upstream_model,
+        "fallback_hops": len(path),
+        "fallback_path": path,
+        "status": status,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "estimated": estimated,
+        "latency_ms": latency,
+        "ttft_ms": ttft,
+        "cost": _cost(cost),
+        "error_type": error_type,
+        "attempts": attempts,
+        "conversation_id": None if conversation is None else str(conversation),
+    }
+
+
+def _cell(text: str | None) -> str:
+    """A text cell a spreadsheet shows as text, never runs as a formula."""
+    if not text:
+        return ""
+    if text.startswith(_FORMULA_START):
+        return "'" + text
+    return text
+
+
+def _csv_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    (
+        request_id,
+        created_at,
+        user,
+        api_key,
+        source,
+        model,
+        endpoint,
+        upstream_model,
+        hops,
+        status,
+        prompt,
+        completion,
+        estimated,
+        latency,
+        ttft,
+        cost,
+        error_type,
+        attempts,
+        conversation,
+    ) = row
+    path = _path(hops) if hops else []
+    return (
+        request_id,
+        _timestamp(created_at),
+        _cell(user),
+        _cell(api_key),
+        source,
+        _cell(model),
+        _cell(endpoint),
+        _cell(upstream_model),
+        len(path),
+        _cell(" > ".join(path)),
+        status,
+        prompt,
+        completion,
+        prompt + completion,
+        "true" if estimated else "false",
+        latency,
+        ttft,
+        cost,
+        _cell(error_type),
+        attempts,
+        conversation,
+    )
+
+
+def _batches(items: Iterator[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
+    while batch := list(itertools.islice(items, _BATCH_ROWS)):
+        yield batch
+
+
+def iter_csv(queryset: QuerySet, *, header: bool = True) -> Iterator[bytes]:
+    """The queryset's records as CSV (UTF-8, header first) in ~64 KiB chunks."""
+    return csv_chunks(rows(queryset), header=header)
+
+
+def csv_chunks(
+    raw: Iterable[tuple[Any, ...]], *, header: bool = True
+) -> Iterator[bytes]:
+    """Raw FIELDS-ordered rows as CSV chunks."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    if header:
+        writer.writerow(COLUMNS)
+    for batch in _batches(iter(raw)):
+        writer.writerows(map(_csv_row, batch))
+        if buffer.tell() >= CHUNK_BYTES:
+            yield buffer.getvalue().encode()
+            buffer.seek(0)
+            buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue().encode()
+
+
+def iter_jsonl(queryset: QuerySet) -> Iterator[bytes]:
+    """The queryset's records as JSON Lines (one object a line) in ~64 KiB chunks."""
+    return jsonl_chunks(rows(queryset))
+
+
+def jsonl_chunks(raw: Iterable[tuple[Any, ...]]) -> Iterator[bytes]:
+    """Raw FIELDS-ordered rows as JSON Lines chunks."""
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    parts: list[str] = []
+    size = 0
+    for row in raw:
+        line = encode(record(row))
+        parts.append(line)
+        size += len(line) + 1
+        if size >= CHUNK_BYTES:
+            parts.append("")
+            yield "\n".join(parts).encode()
+            parts.clear()
+            size = 0
+    if parts:
+        parts.append("")
+        yield "\n".join(parts).encode()
+
+
+def _next(chunks: Iterator[bytes]) -> bytes | None:
+    return next(chunks, None)
+
+
+async def aiter_chunks(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """A sync chunk iterator for an ASGI response, one chunk per thread hop.
+
+    Every step runs in the request's one sync thread (thread_sensitive), which
+    holds the database connection and the server-side cursor; a client that
+    goes away closes the iterator, and with it the cursor.
+    """
+    step = sync_to_async(_next, thread_sensitive=True)
+    try:
+        while (chunk := await step(chunks)) is not None:
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await sync_to_async(close, thread_sensitive=True)()
+
+
+def filename(since: datetime | None, until: datetime | None, extension: str) -> str:
+    """A download's file name naming its time range, e.g. for Content-Disposition."""
+
+    def stamp(value: datetime | None, default: str) -> str:
+        if value is None:
+            return default
+        return value.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+    return f"llmsite-usage-{stamp(since, 'start')}-{stamp(until, 'now')}.{extension}"
