@@ -202,10 +202,11 @@ def targets(staff: Who, user: Who) -> list[Target]:
 
     def exists(path: str) -> str | None:
         try:
-            resolve(path.split("?")[0])
+            match = resolve(path.split("?")[0])
         except Resolver404:
             return None
-        return path
+        # A catch-all (the API's JSON 404) has no name.
+        return path if match.url_name else None
 
     def named(name: str, query: str = "") -> str | None:
         try:
@@ -346,7 +347,8 @@ def measure_export(staff: Who, rows: int) -> dict[str, float] | None:
     from django.urls import Resolver404, resolve
 
     try:
-        resolve("/api/usage/records/")
+        if not resolve("/api/usage/records/").url_name:
+            return None
     except Resolver404:
         return None
     since, until, expected = export_window(rows)
