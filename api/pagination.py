@@ -31,7 +31,7 @@ class TimeCursorPagination(CursorPagination):
 
     def get_page_size(self, request: Request) -> int:
         raw = request.query_params.get(self.page_size_query_param)
-        if raw is None:
+        if not raw:  # absent or empty, as every filter: the default
             return settings.API_PAGE_SIZE
         if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
             raise ParamError("page_size", "page_size must be a whole number.")

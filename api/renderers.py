@@ -52,7 +52,7 @@ class StrictContentNegotiation(DefaultContentNegotiation):
         fmt = format_suffix or request.query_params.get(
             self.settings.URL_FORMAT_OVERRIDE
         )
-        if fmt is not None and not any(r.format == fmt for r in renderers):
+        if fmt and not any(r.format == fmt for r in renderers):
             known = sorted({r.format for r in renderers})
             raise ParamError(
                 "format",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import admin
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.handlers.asgi import ASGIRequest
 from django.core.paginator import Paginator
 from django.db import connections
 from django.http import (
@@ -23,7 +25,7 @@ from django.utils.cache import add_never_cache_headers
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
-from gateway import crypto
+from gateway import crypto, usage_export
 from gateway.models import (
     ApiKey,
     Budget,
@@ -36,7 +38,6 @@ from gateway.models import (
     UserLimits,
     clean_extra_headers,
 )
-from gateway.usage_export import iter_csv
 
 STATUS_COLOURS = {
     EndpointStatus.CONNECTED: "#1a7f37",
@@ -574,14 +575,14 @@ class UsageRecordAdmin(admin.ModelAdmin):
                 f"admin:{self.opts.app_label}_{self.opts.model_name}_changelist"
             )
             return HttpResponseRedirect(f"{url}?e=1")
-        rows = changelist.get_queryset(request)
-        response = StreamingHttpResponse(
-            iter_csv(rows), content_type="text/csv; charset=utf-8"
-        )
-        stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
-        response["Content-Disposition"] = (
-            f'attachment; filename="usage-records-{stamp}.csv"'
-        )
+        body: Any = usage_export.iter_csv(changelist.get_queryset(request))
+        if isinstance(request, ASGIRequest):
+            # Django would read a sync iterator to its end before sending.
+            body = usage_export.aiter_chunks(body)
+        response = StreamingHttpResponse(body, content_type="text/csv; charset=utf-8")
+        name = usage_export.filename(None, timezone.now(), "csv")
+        response["Content-Disposition"] = f'attachment; filename="{name}"'
+        response["X-Content-Type-Options"] = "nosniff"
         add_never_cache_headers(response)
         return response
 

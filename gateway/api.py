@@ -9,6 +9,10 @@ so the official SDKs raise their usual exceptions. A streamed request is read
 up to its first token before the response starts: a refusal then still gets
 its own status code (429, 404, ...) and the headers can say which endpoint
 answered; an error after that ends the stream with an error event.
+
+Answers and refusals carry OpenAI's x-ratelimit-{limit,remaining,reset}-
+{requests,tokens} headers for the tightest of the caller's per-minute limits,
+from the counts the pipeline makes anyway (no extra cache round trip).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,8 +39,8 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from gateway import inbound, service, wire
-from gateway.limits import LocalTTLCache
+from gateway import inbound, limits, service, wire
+from gateway.limits import LimitState, LocalTTLCache
 from gateway.models import ApiKey, ModelRoute, UsageSource
 from gateway.service import Caller, Delta, Done, Fallback, RejectCode, Rejected
 
@@ -106,6 +110,60 @@ def _rejected_response(rejected: Rejected) -> JsonResponse:
     if rejected.retry_after is not None:
         response["Retry-After"] = str(max(1, math.ceil(rejected.retry_after)))
     return response
+
+
+# --- Rate-limit headers -----------------------------------------------------------
+
+
+def reset_duration(seconds: float) -> str:
+    """A duration the way OpenAI writes its resets: 20ms, 1s, 6m0s, 1h0m0s."""
+    millis = max(0, round(seconds * 1000))
+    if millis < 1000:
+        return f"{millis}ms" if millis else "0s"
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    whole, fraction = divmod(millis, 1000)
+    text = f"{whole}.{fraction:03d}".rstrip("0") if fraction else str(whole)
+    if hours:
+        return f"{hours}h{minutes}m{text}s"
+    if minutes:
+        return f"{minutes}m{text}s"
+    return f"{text}s"
+
+
+def rate_limit_headers(states: Iterable[LimitState]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the tightest of each kind of limit.
+
+    A key's request may be held by the user's limit and the key's own; the one
+    with the least left is the one a program must pace itself by.
+    """
+    states = list(states)
+    headers = {}
+    for kind in ("requests", "tokens"):
+        applying = [state for state in states if state.kind == kind]
+        if not applying:
+            continue
+        tightest = min(applying, key=lambda state: (state.remaining, -state.resets_in))
+        headers[f"x-ratelimit-limit-{kind}"] = str(tightest.limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(tightest.remaining)
+        headers[f"x-ratelimit-reset-{kind}"] = reset_duration(tightest.resets_in)
+    return headers
+
+
+class _LimitStates:
+    """What the pipeline last learned of each of the caller's limits."""
+
+    def __init__(self) -> None:
+        self.states: dict[tuple[str, str], LimitState] = {}
+
+    def __call__(self, states: Sequence[LimitState]) -> None:
+        for state in states:
+            self.states[(state.scope, state.kind)] = state
+
+    def apply(self, response: HttpResponse) -> HttpResponse:
+        for name, value in rate_limit_headers(self.states.values()).items():
+            response[name] = value
+        return response
 
 
 class BadRequest(Exception):
@@ -469,7 +527,8 @@ async def _event_stream(
 @require_GET
 async def list_models(request: HttpRequest) -> HttpResponse:
     """The public model names a key may ask for."""
-    if await authenticate(request) is None:
+    owner = await authenticate(request)
+    if owner is None:
         return _unauthorized()
     names = (
         ModelRoute.objects.filter(enabled=True, endpoint__enabled=True)
@@ -481,7 +540,11 @@ async def list_models(request: HttpRequest) -> HttpResponse:
         {"id": name, "object": "model", "created": 0, "owned_by": "llmsite"}
         async for name in names
     ]
-    return JsonResponse({"object": "list", "data": data})
+    response = JsonResponse({"object": "list", "data": data})
+    # Listing models counts against nothing: the headers only read.
+    states = _LimitStates()
+    states(await limits.acaller_limit_states(owner.user_id, owner.api_key_id))
+    return states.apply(response)
 
 
 @csrf_exempt
@@ -497,11 +560,13 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         return error_response(413, "The request body is too large.")
     except BadRequest as exc:
         return error_response(400, exc.message, param=exc.param)
+    states = _LimitStates()
     caller = Caller(
         user_id=owner.user_id,
         api_key_id=owner.api_key_id,
         source=UsageSource.API,
         request_id=uuid.uuid4(),
+        on_limits=states,
     )
     created = int(time.time())
     if not chat.stream:
@@ -510,11 +575,11 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
                 caller, chat.model, chat.messages, chat.params
             )
         except Rejected as rejected:
-            return _rejected_response(rejected)
+            return states.apply(_rejected_response(rejected))
         response = JsonResponse(completion_body(done, chat.model, created))
         _routing_headers(response, done.endpoint, len(done.hops), done.cached)
-        return response
-    return await _stream(caller, chat, created)
+        return states.apply(response)
+    return states.apply(await _stream(caller, chat, created))
 
 
 async def _stream(caller: Caller, chat: ChatRequest, created: int) -> HttpResponse:

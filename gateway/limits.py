@@ -172,6 +172,20 @@ class Decision:
     # Seconds until the request would fit; None when it never can (it is
     # larger than the whole per-minute allowance).
     retry_after: float | None = None
+    # The counters checked (and watched) and their arrival times once this
+    # was decided, at `at`: `states` turns them into what is left, only for
+    # the callers that ask (most do not, and it costs microseconds each).
+    counters: tuple[Limit, ...] = ()
+    tats: tuple[float, ...] = ()
+    at: float = 0.0
+
+    @property
+    def states(self) -> tuple[LimitState, ...]:
+        """What is left of each counter checked; empty when none was."""
+        return tuple(
+            state_of(limit, tat, self.at)
+            for limit, tat in zip(self.counters, self.tats, strict=True)
+        )
 
     @property
     def message(self) -> str:
@@ -210,9 +224,9 @@ class LimitState:
     resets_in: float  # seconds, never negative
 
 
-# Float noise allowed when a counter is compared with the window: the stored
-# timestamps are rounded to microseconds, and sums of 60 / limit are inexact.
-_SLACK = 1e-6
+# Float noise allowed when a counter is compared with the window: timestamps
+# near 1.8e9 s are exact only to 2.4e-7 s, and sums of 60 / limit are inexact.
+_SLACK = 1e-4
 
 
 def state_of(limit: Limit, tat: float | None, now: float) -> LimitState:
@@ -230,22 +244,27 @@ class _LocalCounters:
         self.cache = cache
         self.lock = threading.Lock()
 
-    def acquire(self, limits: Sequence[Limit], now: float) -> tuple[int, float]:
+    def acquire(
+        self, limits: Sequence[Limit], watched: Sequence[Limit], now: float
+    ) -> tuple[int, float, list[float]]:
         with self.lock:
-            stored = self.cache.get_many([limit.key for limit in limits])
-            updates: dict[str, float] = {}
+            keys = [limit.key for limit in [*limits, *watched]]
+            stored = self.cache.get_many(keys)
+            tats = [max(float(stored.get(key, now)), now) for key in keys]
+            after = [
+                tat + limit.increment
+                for tat, limit in zip(tats[: len(limits)], limits, strict=True)
+            ]
             worst, worst_wait = -1, 0.0
-            for index, limit in enumerate(limits):
-                tat = max(float(stored.get(limit.key, now)), now) + limit.increment
+            for index, tat in enumerate(after):
                 wait = tat - PERIOD - now
-                if wait > worst_wait:
+                if wait > _SLACK and wait > worst_wait:
                     worst, worst_wait = index, wait
-                updates[limit.key] = tat
             if worst >= 0:
-                return worst, worst_wait
-            for key, tat in updates.items():
-                self.cache.set(key, tat, math.ceil(tat - now) + 1)
-            return -1, 0.0
+                return worst, worst_wait, tats
+            for limit, tat in zip(limits, after, strict=True):
+                self.cache.set(limit.key, tat, math.ceil(tat - now) + 1)
+            return -1, 0.0, after + tats[len(limits) :]
 
     def peek(self, keys: Sequence[str]) -> list[float | None]:
         stored = self.cache.get_many(keys)
@@ -262,28 +281,39 @@ class _LocalCounters:
                     self.cache.set(key, tat, math.ceil(tat - now) + 1)
 
 
-# KEYS: the counters. ARGV: now, then each counter's increment (seconds).
-# Returns {index of the refusing counter (1-based) or 0, seconds to wait}.
+# KEYS: the counters to charge, then those only to read. ARGV: now, period,
+# slack, how many to charge, then each charged counter's increment (seconds).
+# Returns {index of the refusing counter (1-based) or 0, seconds to wait, then
+# every counter's arrival time as it stands afterwards}, which tell what is
+# left of each limit without a second round trip.
 # Numbers go back as strings: Redis would truncate a Lua number to an integer.
 _ACQUIRE_LUA = """
 local now = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
+local slack = tonumber(ARGV[3])
+local charged = tonumber(ARGV[4])
 local worst, worst_wait = 0, 0
-local tats = {}
+local tats, after = {}, {}
 for i, key in ipairs(KEYS) do
     local tat = tonumber(redis.call('GET', key)) or now
     if tat < now then tat = now end
-    tat = tat + tonumber(ARGV[i + 2])
     tats[i] = tat
-    local wait = tat - period - now
-    if wait > worst_wait then worst, worst_wait = i, wait end
+    if i <= charged then
+        after[i] = tat + tonumber(ARGV[i + 4])
+        local wait = after[i] - period - now
+        if wait > slack and wait > worst_wait then worst, worst_wait = i, wait end
+    end
 end
-if worst > 0 then return {worst, tostring(worst_wait)} end
-for i, key in ipairs(KEYS) do
-    redis.call('SET', key, string.format('%.6f', tats[i]),
-               'PX', math.ceil((tats[i] - now) * 1000) + 1000)
+if worst == 0 then
+    for i = 1, charged do
+        tats[i] = after[i]
+        redis.call('SET', KEYS[i], string.format('%.17g', after[i]),
+                   'PX', math.ceil((after[i] - now) * 1000) + 1000)
+    end
 end
-return {0, '0'}
+local reply = {worst, tostring(worst_wait)}
+for i = 1, #KEYS do reply[i + 2] = string.format('%.17g', tats[i]) end
+return reply
 """
 
 # KEYS: the counters. ARGV: now, then each counter's change in seconds.
@@ -296,7 +326,7 @@ for i, key in ipairs(KEYS) do
     if tat <= now then
         redis.call('DEL', key)
     else
-        redis.call('SET', key, string.format('%.6f', tat),
+        redis.call('SET', key, string.format('%.17g', tat),
                    'PX', math.ceil((tat - now) * 1000) + 1000)
     end
 end
@@ -316,11 +346,19 @@ class _RedisCounters:
         self._acquire = client.register_script(_ACQUIRE_LUA)
         self._adjust = client.register_script(_ADJUST_LUA)
 
-    def acquire(self, limits: Sequence[Limit], now: float) -> tuple[int, float]:
-        keys = [self.cache.make_key(limit.key) for limit in limits]
-        args = [repr(now), repr(PERIOD), *(repr(limit.increment) for limit in limits)]
-        index, wait = self._acquire(keys=keys, args=args)
-        return int(index) - 1, float(wait)
+    def acquire(
+        self, limits: Sequence[Limit], watched: Sequence[Limit], now: float
+    ) -> tuple[int, float, list[float]]:
+        keys = [self.cache.make_key(limit.key) for limit in [*limits, *watched]]
+        args = [
+            repr(now),
+            repr(PERIOD),
+            repr(_SLACK),
+            str(len(limits)),
+            *(repr(limit.increment) for limit in limits),
+        ]
+        index, wait, *tats = self._acquire(keys=keys, args=args)
+        return int(index) - 1, float(wait), [float(tat) for tat in tats]
 
     def peek(self, keys: Sequence[str]) -> list[float | None]:
         # The scripts store plain numbers, which Django's cache would not
@@ -352,18 +390,37 @@ def _reset_backend(*, setting: str, **kwargs: Any) -> None:
         _caller_limits.clear()
 
 
-def acquire(limits: Sequence[Limit], now: float | None = None) -> Decision:
-    """Charge every limit, or none of them when one would be exceeded."""
+def acquire(
+    limits: Sequence[Limit],
+    now: float | None = None,
+    *,
+    watch: Sequence[Limit] = (),
+) -> Decision:
+    """Charge every limit, or none of them when one would be exceeded.
+
+    The decision's `states` say what is left of each limit afterwards, and of
+    the `watch` limits, read in the same round trip and never charged.
+    """
     limits = [limit for limit in limits if limit.per_minute > 0 and limit.cost > 0]
     if not limits:
         return ALLOWED
     for limit in limits:
         if limit.cost > limit.per_minute:
             return Decision(allowed=False, limit=limit, retry_after=None)
-    index, wait = _counters().acquire(limits, time.time() if now is None else now)
+    watched = [limit for limit in watch if limit.per_minute > 0]
+    at = time.time() if now is None else now
+    index, wait, tats = _counters().acquire(limits, watched, at)
+    counters, seen = (*limits, *watched), tuple(tats)
     if index < 0:
-        return ALLOWED
-    return Decision(allowed=False, limit=limits[index], retry_after=wait)
+        return Decision(allowed=True, counters=counters, tats=seen, at=at)
+    return Decision(
+        allowed=False,
+        limit=limits[index],
+        retry_after=wait,
+        counters=counters,
+        tats=seen,
+        at=at,
+    )
 
 
 def adjust(changes: Sequence[tuple[Limit, int]], now: float | None = None) -> None:
@@ -494,9 +551,16 @@ async def check_caller(
 async def check_caller_requests(
     user_id: int | None, api_key_id: int | None
 ) -> Decision:
-    """Count one request against a caller's requests per minute."""
+    """Count one request against a caller's requests per minute.
+
+    Its states also tell what is left of the caller's tokens per minute, read
+    in the same round trip, so a refusal can report them too.
+    """
     limits = await acaller_limits(user_id, api_key_id)
-    return acquire(caller_request_limits(user_id, api_key_id, limits))
+    return acquire(
+        caller_request_limits(user_id, api_key_id, limits),
+        watch=caller_token_limits(user_id, api_key_id, limits, 0),
+    )
 
 
 async def check_caller_tokens(

@@ -108,6 +108,12 @@ class Caller:
     on_admitted: Callable[[], Awaitable[None]] | None = field(
         default=None, compare=False, repr=False
     )
+    # Called with what is left of the caller's rate limits each time they are
+    # counted (requests, then tokens), refused or not: /v1 turns it into
+    # OpenAI's x-ratelimit-* headers at no extra cache round trip.
+    on_limits: Callable[[Sequence[limits.LimitState]], None] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 class RejectCode(StrEnum):
@@ -375,6 +381,8 @@ class _Request:
         """Before the router: requests per minute, and the model's routes."""
         caller = self.caller
         decision = await limits.check_caller_requests(caller.user_id, caller.api_key_id)
+        if caller.on_limits is not None and decision.counters:
+            caller.on_limits(decision.states)
         if not decision.allowed:
             raise _Refused(
                 RejectCode.RATE_LIMITED, decision.message, decision.retry_after
@@ -409,6 +417,8 @@ class _Request:
         decision = await limits.check_caller_tokens(
             caller.user_id, caller.api_key_id, prompt
         )
+        if caller.on_limits is not None and decision.counters:
+            caller.on_limits(decision.states)
         if not decision.allowed:
             raise _Refused(
                 RejectCode.RATE_LIMITED, decision.message, decision.retry_after

@@ -506,6 +506,9 @@ REST_FRAMEWORK = {
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "api.renderers.StrictContentNegotiation",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_THROTTLE_CLASSES": [],
+    # No OPTIONS metadata: the schema describes the API, and a metadata answer
+    # would be rendered by whatever format was negotiated (CSV).
+    "DEFAULT_METADATA_CLASS": None,
     "EXCEPTION_HANDLER": "api.exceptions.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "api.schema.AutoSchema",
     "DATETIME_FORMAT": "iso-8601",

@@ -7,6 +7,7 @@ indexed queries whatever the size of the usage table.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,7 +15,7 @@ from urllib.parse import urlencode
 
 from django.utils import timezone
 
-from gateway import accounting
+from gateway import accounting, limits
 from gateway.accounting.budgets import format_reset, period_bounds
 from gateway.models import Budget, BudgetPeriod, BudgetScope
 from monitoring import dashboard
@@ -23,6 +24,9 @@ from monitoring import dashboard
 EXPORT_PATH = "/api/usage/records/"
 # A user with more API keys than this sees the budgets of the first ones.
 MAX_KEY_BUDGETS = 20
+# Model names come from callers (a rejected request names any model it
+# likes): past this many rows, the quietest are summed into one.
+MAX_MODEL_ROWS = 30
 
 
 @dataclass(frozen=True)
@@ -91,28 +95,15 @@ def _budget_label(scope: str, key_name: str, own: bool) -> str:
 
 
 def rate_limits(user_id: int) -> list[dict[str, Any]]:
-    """The user's requests and tokens per minute, with what is left when known."""
-    from gateway import limits
-
-    states = getattr(limits, "caller_limit_states", None)
-    if states is not None:
-        return [
-            {
-                "unit": state.kind,
-                "limit": state.limit,
-                "remaining": state.remaining,
-                "reset_seconds": round(state.resets_in),
-            }
-            for state in states(user_id, None)
-        ]
-    configured = limits.caller_limits(user_id, None)
+    """What is left this minute of the account's requests and tokens limits."""
     return [
-        {"unit": unit, "limit": limit, "remaining": None, "reset_seconds": None}
-        for unit, limit in (
-            ("requests", configured.user_rpm),
-            ("tokens", configured.user_tpm),
-        )
-        if limit
+        {
+            "unit": state.kind,
+            "limit": state.limit,
+            "remaining": state.remaining,
+            "reset_seconds": math.ceil(state.resets_in),
+        }
+        for state in limits.caller_limit_states(user_id, None)
     ]
 
 
@@ -142,7 +133,7 @@ def user_usage(
         "now": now,
         "periods": periods,
         "totals": by_model["totals"],
-        "models": by_model["rows"],
+        "models": _fold(by_model["rows"], MAX_MODEL_ROWS),
         "chart": {"tokens": {"model": tokens}, "requests": requests},
         "token_days": _day_rows(tokens),
         "request_hours": list(
@@ -157,6 +148,19 @@ def user_usage(
         "limits": rate_limits(user_id),
         "export_url": export_url(periods, None if own else user_id),
     }
+
+
+def _fold(rows: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
+    """The first `keep` - 1 rows, then the rest summed as "(n other models)"."""
+    if len(rows) <= keep:
+        return rows
+    rest = rows[keep - 1 :]
+    other: dict[str, Any] = {"key": f"({len(rest)} other models)"}
+    for period in ("today", "month"):
+        other[period] = {
+            field: sum(row[period][field] for row in rest) for field in rest[0][period]
+        }
+    return [*rows[: keep - 1], other]
 
 
 def _day_rows(tokens: dict[str, Any]) -> list[tuple[str, list[int], int]]:

@@ -6,12 +6,14 @@ from typing import Any
 
 from django.db.models import Q, QuerySet
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
-from rest_framework.generics import ListAPIView
+from rest_framework import mixins, serializers
+from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from api.exceptions import ParamError
+from api.views.base import ApiView
 from api.views.caller import Caller, caller_of
 from gateway.accounting import BudgetState, budget_ref, budget_states
 from gateway.models import Budget, BudgetScope
@@ -41,9 +43,36 @@ class BudgetSerializer(serializers.Serializer):
 
 
 class BudgetPagination(PageNumberPagination):
+    """Pages of budgets; a bad page or page size is a 400 naming it."""
+
     page_size = 100
     page_size_query_param = "page_size"
     max_page_size = 1000
+
+    def get_page_size(self, request: Request) -> int:
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is None:
+            return self.page_size
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+            raise ParamError("page_size", "page_size must be a whole number.")
+        size = int(raw)
+        if size < 1:
+            raise ParamError("page_size", "page_size must be at least 1.", "min_value")
+        if size > self.max_page_size:
+            raise ParamError(
+                "page_size",
+                f"page_size must be at most {self.max_page_size}.",
+                "max_value",
+            )
+        return size
+
+    def paginate_queryset(
+        self, queryset: Any, request: Request, view: Any = None
+    ) -> list | None:
+        try:
+            return super().paginate_queryset(queryset, request, view)
+        except NotFound as exc:
+            raise ParamError("page", "No such page.") from exc
 
 
 def visible_budgets(caller: Caller) -> QuerySet[Budget]:
@@ -92,11 +121,12 @@ def budget_row(budget: Budget, state: BudgetState) -> dict[str, Any]:
     }
 
 
-class BudgetsView(ListAPIView):
+class BudgetsView(mixins.ListModelMixin, ApiView):
     """Every budget the caller may see, with what is used and left this period."""
 
     serializer_class = BudgetSerializer
     pagination_class = BudgetPagination
+    allowed_params = frozenset({"page"})
     filter_backends: list = []
 
     def get_queryset(self) -> QuerySet[Budget]:
@@ -110,6 +140,9 @@ class BudgetsView(ListAPIView):
         operation_id="budgets_list",
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return self.list(request, *args, **kwargs)
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         budgets = list(self.paginate_queryset(self.get_queryset()) or [])
         # One query for the counters of the whole page.
         states = budget_states([budget_ref(b) for b in budgets])

@@ -8,8 +8,8 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
+from api.views.base import ApiView
 from api.views.caller import caller_of
 from gateway.breaker import BreakerState
 from gateway.models import EndpointStatus
@@ -121,8 +121,11 @@ def endpoint_row(health: EndpointHealth, *, operator: bool) -> dict[str, Any]:
     return row
 
 
-class EndpointsView(APIView):
+class EndpointsView(ApiView):
     """Endpoint health, uptime and circuit state, and the overall status."""
+
+    pagination_class = None
+    filter_backends: list = []
 
     @extend_schema(
         responses={200: EndpointsSerializer},

@@ -9,8 +9,8 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
+from api.views.base import ApiView
 from api.views.caller import caller_of
 from gateway.accounting import BudgetState, budget_status
 from gateway.limits import LimitState, caller_limit_states
@@ -122,8 +122,11 @@ def my_budget_row(state: BudgetState) -> dict[str, Any]:
     }
 
 
-class MeView(APIView):
+class MeView(ApiView):
     """The caller, their per-minute limits and budgets, and what is left of each."""
+
+    pagination_class = None
+    filter_backends: list = []
 
     @extend_schema(
         responses={200: MeSerializer},

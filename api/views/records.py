@@ -12,7 +12,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 
-from api.filters import UsageRecordFilter
+from api.filters import MAX_ID, UsageRecordFilter
 from api.pagination import TimeCursorPagination
 from api.permissions import scope_to_caller
 from api.renderers import CSVRenderer, JSONLinesRenderer, NDJSONRenderer
@@ -47,6 +47,39 @@ class UsageRecordList(ApiView):
     @extend_schema(
         operation_id="usage_records_list",
         parameters=[
+            OpenApiParameter(
+                "api_key",
+                {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                description="An API key's id.",
+            ),
+            OpenApiParameter(
+                "page_size",
+                {"type": "integer", "minimum": 1, "maximum": 1000},
+                description="Rows per page; 100 when not given (API_PAGE_SIZE).",
+            ),
+            OpenApiParameter(
+                "cursor",
+                {"type": "string", "maxLength": 1000},
+                description="The `next` or `previous` link's cursor, as given.",
+            ),
+            OpenApiParameter(
+                "user",
+                {"type": "string", "maxLength": 150},
+                description=(
+                    "A user's id or username. Staff: anyone's; others: only "
+                    "their own (else 403)."
+                ),
+            ),
+            OpenApiParameter(
+                "model",
+                {"type": "string", "maxLength": 200},
+                description="The model name asked for.",
+            ),
+            OpenApiParameter(
+                "endpoint",
+                {"type": "string", "maxLength": 100},
+                description="The id or name of the endpoint that answered.",
+            ),
             OpenApiParameter(
                 "format",
                 OpenApiTypes.STR,

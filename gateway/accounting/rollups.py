@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.core.cache import cache
 from django.db import (
     connection,
     transaction,
@@ -205,18 +206,71 @@ class RollupQuery:
     limit: int | None = None
 
 
-def usage_rollups(query: RollupQuery) -> list[dict[str, Any]]:
-    """Usage summed per hour or day (UTC) and per group, in one query.
+# A closed hour's rollups stop changing once its last records are written: the
+# group commit takes milliseconds, so one hour of margin is plenty for all but
+# a swept request (whose record may land later; a cache holds it back at most
+# its own lifetime).
+CLOSED_MARGIN = timedelta(hours=1)
+
+_Key = tuple[Any, ...]
+_Sums = list[tuple[_Key, tuple[int, ...]]]
+
+
+def usage_rollups(
+    query: RollupQuery, *, cache_seconds: int = 0, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Usage summed per hour or day (UTC) and per group, in one or two queries.
 
     The range covers whole hours: [hour of since, until). A user filter uses
     the (user, bucket) index, a key filter the (api_key, bucket) one, and no
-    filter the (bucket, dimensions) unique index.
+    filter the (bucket, dimensions) unique index. With `cache_seconds`, the
+    sums of closed hours (older than CLOSED_MARGIN) are kept in the cache
+    that long and only the recent hours are read: a month of every user's
+    rollups is a few million rows to sum, the last hours a few thousand.
     """
     if query.bucket not in ROLLUP_BUCKETS:
         raise ValueError(f"unknown bucket {query.bucket!r}")
-    rows = UsageRollup.objects.filter(
-        bucket__gte=hour_of(query.since), bucket__lt=query.until
-    )
+    columns: list[str] = []
+    for group in query.group_by:
+        for column in ROLLUP_GROUPS[group]:
+            if column not in columns:
+                columns.append(column)
+    since = hour_of(query.since)
+    boundary = hour_of(now or timezone.now()) - CLOSED_MARGIN
+    if cache_seconds > 0 and since < boundary < query.until:
+        # Not `until`: the closed part ends at the boundary whatever it is.
+        identity = (
+            query.bucket,
+            query.group_by,
+            query.user_id,
+            query.api_key_id,
+            query.model_name,
+            query.endpoint,
+            query.limit,
+            since,
+            boundary,
+        )
+        digest = hashlib.sha1(repr(identity).encode(), usedforsecurity=False)
+        key = f"rollups:{digest.hexdigest()}"
+        closed: _Sums | None = cache.get(key)
+        if closed is None:
+            closed = _sums(query, since, boundary, columns)
+            cache.set(key, closed, cache_seconds)
+        sums = _merge(closed, _sums(query, boundary, query.until, columns))
+    else:
+        sums = _sums(query, since, query.until, columns)
+    if query.limit is not None:
+        sums = sums[: query.limit]
+    return [
+        _rollup_item(key, counters, query.group_by, columns) for key, counters in sums
+    ]
+
+
+def _sums(
+    query: RollupQuery, since: datetime, until: datetime, columns: list[str]
+) -> _Sums:
+    """The counters of [since, until) summed per bucket and group: one query."""
+    rows = UsageRollup.objects.filter(bucket__gte=since, bucket__lt=until)
     if query.user_id is not None:
         rows = rows.filter(user_id=query.user_id)
     if query.api_key_id is not None:
@@ -233,62 +287,64 @@ def usage_rollups(query: RollupQuery) -> list[dict[str, Any]]:
         ):
             match |= Q(endpoint_id=int(query.endpoint))
         rows = rows.filter(match)
-    columns: list[str] = []
-    for group in query.group_by:
-        for column in ROLLUP_GROUPS[group]:
-            if column not in columns:
-                columns.append(column)
     start = (
         F("bucket") if query.bucket == "hour" else Trunc("bucket", "day", tzinfo=UTC)
     )
     aggregated = (
         rows.annotate(start=start)
         .values("start", *columns)
-        .annotate(
-            requests=Sum("requests"),
-            errors=Sum("errors"),
-            cancelled=Sum("cancelled"),
-            rejected=Sum("rejected"),
-            cached=Sum("cached"),
-            estimated=Sum("estimated"),
-            prompt_tokens=Sum("prompt_tokens"),
-            completion_tokens=Sum("completion_tokens"),
-            cost_micros=Sum("cost_micros"),
-            latency_us_sum=Sum("latency_us_sum"),
-            latency_count=Sum("latency_count"),
-            ttft_us_sum=Sum("ttft_us_sum"),
-            ttft_count=Sum("ttft_count"),
-        )
-        .order_by("start", *columns)
+        .annotate(**{name: Sum(name) for name in _ROLLUP_COUNTERS})
+        .order_by()
     )
     if query.limit is not None:
         aggregated = aggregated[: query.limit]
-    result = []
-    for row in aggregated:
-        item: dict[str, Any] = {"start": row["start"]}
-        for group in query.group_by:
-            id_column, name_column = ROLLUP_GROUPS[group]
-            if id_column != name_column:
-                item[f"{group}_id"] = row[id_column]
-            # "" for a deleted user or key, or no endpoint (a rejected request).
-            item[group] = row[name_column] or ""
-        for name in (
-            "requests",
-            "errors",
-            "cancelled",
-            "rejected",
-            "cached",
-            "estimated",
-            "prompt_tokens",
-            "completion_tokens",
-        ):
-            item[name] = int(row[name] or 0)
-        item["total_tokens"] = item["prompt_tokens"] + item["completion_tokens"]
-        item["cost"] = Decimal(int(row["cost_micros"] or 0)) / 1_000_000
-        item["mean_latency_ms"] = _mean_ms(row["latency_us_sum"], row["latency_count"])
-        item["mean_ttft_ms"] = _mean_ms(row["ttft_us_sum"], row["ttft_count"])
-        result.append(item)
-    return result
+    sums = [
+        (
+            (row["start"], *(row[c] for c in columns)),
+            tuple(int(row[name] or 0) for name in _ROLLUP_COUNTERS),
+        )
+        for row in aggregated
+    ]
+    return sorted(sums, key=_order)
+
+
+def _order(item: tuple[_Key, tuple[int, ...]]) -> tuple:
+    # None (a deleted user, no endpoint) last, as PostgreSQL sorts it.
+    return tuple((value is None, value) for value in item[0])
+
+
+def _merge(first: _Sums, second: _Sums) -> _Sums:
+    """Two sets of sums added up where their bucket and group meet (a day)."""
+    merged = dict(first)
+    for key, counters in second:
+        known = merged.get(key)
+        merged[key] = (
+            counters
+            if known is None
+            else tuple(a + b for a, b in zip(known, counters, strict=True))
+        )
+    return sorted(merged.items(), key=_order)
+
+
+def _rollup_item(
+    key: _Key, counters: tuple[int, ...], groups: tuple[str, ...], columns: list[str]
+) -> dict[str, Any]:
+    row = dict(zip(_ROLLUP_COUNTERS, counters, strict=True))
+    values = dict(zip(columns, key[1:], strict=True))
+    item: dict[str, Any] = {"start": key[0]}
+    for group in groups:
+        id_column, name_column = ROLLUP_GROUPS[group]
+        if id_column != name_column:
+            item[f"{group}_id"] = values[id_column]
+        # "" for a deleted user or key, or no endpoint (a rejected request).
+        item[group] = values[name_column] or ""
+    for name in _ROLLUP_COUNTERS[:8]:  # requests ... completion_tokens
+        item[name] = row[name]
+    item["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
+    item["cost"] = Decimal(row["cost_micros"]) / 1_000_000
+    item["mean_latency_ms"] = _mean_ms(row["latency_us_sum"], row["latency_count"])
+    item["mean_ttft_ms"] = _mean_ms(row["ttft_us_sum"], row["ttft_count"])
+    return item
 
 
 def _mean_ms(total_us: int | None, count: int | None) -> float | None:

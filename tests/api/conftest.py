@@ -14,6 +14,12 @@ from gateway.models import ApiKey, Endpoint, UsageRecord
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
 
+@pytest.fixture(autouse=True)
+def _fast_passwords(settings) -> None:
+    """The personas' password hashing dominated these tests; it is not under test."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def endpoint(db) -> Endpoint:
     return Endpoint.objects.create(name="east", base_url="https://east.example.com/v1")

@@ -187,6 +187,26 @@ def test_pages_are_bounded_and_counted(staff, budgets):
     assert first["next"]
 
 
+def test_the_last_page_ends_the_list(staff, budgets):
+    last = session_client(staff).get(URL, {"page_size": 4, "page": 2}).json()
+    assert (len(last["results"]), last["next"]) == (2, None)
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"page": 9}, "page"),
+        ({"page": "x"}, "page"),
+        ({"page_size": 1001}, "page_size"),
+        ({"page_size": 0}, "page_size"),
+        ({"page_size": "1e3"}, "page_size"),
+        ({"scope": "user"}, "scope"),
+    ],
+)
+def test_bad_parameters_are_a_400_naming_them(owner, budgets, params, param):
+    assert_error(session_client(owner).get(URL, params), 400, param)
+
+
 def test_query_count_does_not_grow_with_budgets(
     staff, budgets, django_user_model, django_assert_max_num_queries
 ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -25,7 +26,9 @@ URL = "/api/usage/rollups/"
 
 
 @pytest.fixture(autouse=True)
-def _frozen():
+def _frozen(settings):
+    # Most tests write between requests: no sharing of closed hours there.
+    settings.API_ROLLUP_CACHE_SECONDS = 0
     with time_machine.travel(NOW, tick=False):
         yield
 
@@ -153,6 +156,8 @@ def test_hourly_rows_start_on_their_hour_and_carry_means(owner, traffic):
     rows = session_client(owner).get(URL, {"group_by": "model"}).json()["results"]
     hour = next(r for r in rows if r["model"] == "gpt-4o")
     assert hour["start"] == "2026-03-10T11:00:00Z"
+    assert set(hour) >= {"model", "requests", "total_tokens", "cost"}
+    assert "user" not in hour and "endpoint_id" not in hour
     assert hour["mean_latency_ms"] == 100.0
     assert hour["mean_ttft_ms"] == 20.0
     assert hour["cost"] == "0.001000"
@@ -179,7 +184,8 @@ def test_the_default_hourly_range_is_the_last_24_hours(staff, traffic):
         ({"model": "gpt-4o"}, 1),
         ({"endpoint": "backup"}, 1),
         ({"endpoint": "nowhere"}, 0),
-        ({"since": "2026-03-10T09:00:00Z", "until": "2026-03-10T12:00:00Z"}, 3),
+        ({"since": "2026-03-10T09:00:00Z", "until": "2026-03-10T12:00:00Z"}, 4),
+        ({"since": "2026-03-10T09:45:00Z", "until": "2026-03-10T11:00:00Z"}, 2),
     ],
 )
 def test_filters_narrow_the_rows(owner, traffic, params, expected):
@@ -240,7 +246,8 @@ def test_query_count_does_not_grow_with_rows(
         use(other_user, hours_ago=hours, endpoint=endpoints[hours % 2])
     with django_assert_max_num_queries(3):
         response = client.get(URL, {"group_by": "model,endpoint,user,key"})
-    assert len(response.json()["results"]) == 19
+    # Hour 1 has both endpoints: the first request and one of the loop.
+    assert len(response.json()["results"]) == 20
 
 
 def test_rows_are_bounded(staff, other_user, endpoints, monkeypatch):
@@ -256,3 +263,35 @@ def test_deleted_users_and_keys_leave_their_usage_unnamed(staff, other_user, tra
     other_user.delete()
     rows = session_client(staff).get(URL, {"group_by": "user"}).json()["results"]
     assert {row["user"] for row in rows} == {"alice", ""}
+
+
+def test_closed_hours_are_shared_briefly_and_recent_hours_are_live(
+    staff, other_user, traffic, settings
+):
+    settings.API_ROLLUP_CACHE_SECONDS = 60
+    client = session_client(staff)
+    assert totals(client.get(URL).json()["results"], "requests") == 7
+    use(other_user, hours_ago=3)  # an hour the cache already holds
+    use(other_user, hours_ago=0.25)  # the current hour, always read
+    assert totals(client.get(URL).json()["results"], "requests") == 8
+    # Once the next hour closes, the closed part is summed afresh. (Expiry
+    # after the 60 s is the cache's own: Redis keeps real time, not ours.)
+    with time_machine.travel(NOW + timedelta(hours=1), tick=False):
+        assert totals(client.get(URL).json()["results"], "requests") == 9
+
+
+@pytest.mark.parametrize("bucket", ["hour", "day"])
+def test_shared_and_fresh_sums_are_the_same(staff, traffic, settings, bucket):
+    client = session_client(staff)
+    params = {"bucket": bucket, "group_by": "model,endpoint,user,key"}
+    fresh = client.get(URL, params).json()
+    settings.API_ROLLUP_CACHE_SECONDS = 60
+    client.get(URL, params)
+    shared = client.get(URL, params).json()
+    assert shared == fresh
+    # A day that straddles the cached and the live hours is still one row.
+    starts = [
+        (r["start"], r["model"], r["endpoint"], r["user"], r["key"])
+        for r in shared["results"]
+    ]
+    assert len(starts) == len(set(starts))

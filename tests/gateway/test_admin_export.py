@@ -67,7 +67,7 @@ def test_the_csv_holds_every_filtered_row_not_one_page(admin_client, records):
     assert response.status_code == 200
     assert response["Content-Type"] == "text/csv; charset=utf-8"
     assert response["Content-Disposition"].startswith(
-        'attachment; filename="usage-records-'
+        'attachment; filename="llmsite-usage-'
     )
     rows = download(response)
     expected = [r for r in records if r.status == "ok" and r.model_name == "sim-large"]

@@ -390,3 +390,49 @@ def test_states_can_be_read_for_a_given_instant(backend, owner, frozen):
     assert limits.caller_limit_states(owner.pk, None, now=later) == [
         state("user", "requests", 5, 2, 30.0)
     ]
+
+
+async def test_a_counted_request_says_what_is_left_of_requests_and_tokens(
+    backend, db, owner, frozen, settings
+):
+    settings.RATE_LIMIT_TPM = 1000
+    limits._caller_limits.clear()
+    assert (await limits.check_caller_tokens(owner.pk, None, 400)).allowed
+
+    first = await limits.check_caller_requests(owner.pk, None)
+    second = await limits.check_caller_requests(owner.pk, None)
+
+    # The tokens are read in the same round trip, not charged.
+    assert first.states == (
+        state("user", "requests", 5, 4, 12.0),
+        state("user", "tokens", 1000, 600, 24.0),
+    )
+    assert second.states[0] == state("user", "requests", 5, 3, 24.0)
+    assert second.states[1] == first.states[1]
+
+
+@pytest.mark.django_db
+def test_a_refusal_says_what_is_left_without_charging_it(backend, owner, frozen):
+    key, _ = ApiKey.generate(owner, "script")
+    key.rpm_limit = 1
+    key.save()
+    policy = limits.caller_limits(owner.pk, key.pk)
+    counters = limits.caller_request_limits(owner.pk, key.pk, policy)
+
+    assert limits.acquire(counters).allowed
+    refused = limits.acquire(counters)
+
+    assert not refused.allowed
+    assert refused.states == (
+        state("user", "requests", 5, 4, 12.0),
+        state("key", "requests", 1, 0, 60.0),
+    )
+
+
+@pytest.mark.django_db
+def test_a_request_that_fits_exactly_is_not_refused_by_rounding(backend, owner, frozen):
+    # 60 / 7 s per request: seven of them add up to the minute only roughly.
+    UserLimits.objects.create(user=owner, rpm_limit=7)
+
+    assert admitted(owner.pk, times=8) == 7
+    assert limits.caller_limit_states(owner.pk, None)[0].remaining == 0

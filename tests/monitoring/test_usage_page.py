@@ -8,10 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
+from asgiref.sync import async_to_sync
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from gateway import accounting
+from gateway import accounting, limits
 from gateway.accounting import UsageEntry
 from gateway.models import ApiKey, Budget, BudgetCounter, UserLimits
 
@@ -193,20 +194,39 @@ def test_every_budget_that_applies_is_shown_with_what_is_left(
     assert "bobs-key" not in page
 
 
-def test_the_rate_limits_of_the_account_are_shown(client, owner, settings):
+def test_what_is_left_of_the_rate_limits_this_minute_is_shown(
+    client, owner, other_user, settings
+):
     settings.RATE_LIMIT_RPM = 30
-    settings.RATE_LIMIT_TPM = 0
+    settings.RATE_LIMIT_TPM = 1000
     UserLimits.objects.create(user=owner, rpm_limit=12)
+    # One request of 200 prompt tokens, as the chat would admit it; and Bob's.
+    assert async_to_sync(limits.check_caller)(owner.pk, None, 200).allowed
+    assert async_to_sync(limits.check_caller)(other_user.pk, None, 500).allowed
     client.force_login(owner)
 
     page = client.get(URL).content.decode()
 
-    limits = re.search(
-        r'<ul class="usage-limits" id="usage-limits">(.*?)</ul>', page, re.S
-    ).group(1)
-    text = " ".join(re.sub(r"<[^>]+>", "", limits).split())
-    assert "12" in text and "requests" in text
-    assert "tokens" not in text  # no token limit applies
+    def line(unit: str) -> str:
+        item = re.search(rf'<li id="limit-{unit}">(.*?)</li>', page, re.S).group(1)
+        return re.sub(r"<[^>]+>", "", item)
+
+    assert line("requests") == (
+        "11 of 12 requests left this minute; all 12 again in 5 s"
+    )
+    assert (
+        line("tokens") == "800 of 1000 tokens left this minute; all 1000 again in 12 s"
+    )
+
+
+def test_no_limit_line_where_no_limit_applies(client, owner, settings):
+    settings.RATE_LIMIT_RPM = 0
+    settings.RATE_LIMIT_TPM = 0
+    client.force_login(owner)
+
+    page = client.get(URL).content.decode()
+
+    assert "No per-minute limit applies to you." in page
 
 
 def test_the_csv_link_asks_the_api_for_this_months_records(client, owner):
@@ -317,3 +337,19 @@ def test_the_chat_page_links_to_the_usage_page(client, owner):
     page = client.get("/chat/").content.decode()
 
     assert re.search(r'<a href="/usage/"[^>]*id="usage-link">Usage</a>', page)
+
+
+def test_many_model_names_fold_into_one_row(client, owner, settings):
+    for i in range(40):
+        record(owner, NOW - timedelta(minutes=i), f"made-up-{i:02}", prompt_tokens=i)
+    client.force_login(owner)
+
+    page = client.get(URL).content.decode()
+
+    table = re.search(r'id="usage-models">(.*?)</table>', page, re.S).group(1)
+    names = re.findall(r'<th scope="row">([^<]+)</th>', table)
+    assert len(names) == 30
+    assert names[0] == "made-up-39" and names[-1] == "(11 other models)"
+    other = re.search(r"\(11 other models\)</th>(.*?)</tr>", table, re.S).group(1)
+    # Requests and tokens of the eleven quietest: prompts 0..10, 50 out each.
+    assert re.findall(r"\d+", other)[:2] == ["11", str(sum(range(11)) + 11 * 50)]
