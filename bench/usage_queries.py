@@ -482,6 +482,69 @@ def dashboard_functions(runs: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+ONE_PASS_SQL = """
+SELECT date_trunc('day', bucket AT TIME ZONE 'UTC') AS day,
+       model_name, endpoint_name, user_id,
+       GROUPING(model_name, endpoint_name, user_id) AS level,
+       sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens)
+FROM {table}
+WHERE bucket >= %s AND bucket < %s
+GROUP BY GROUPING SETS ((1), (1, model_name), (1, endpoint_name), (1, user_id))
+"""
+
+
+def dashboard_sketches(runs: int) -> list[tuple[str, int, float, float]]:
+    """What the 30-day usage dashboard could cost: one pass, or daily rows.
+
+    Not the project's code: the series the dashboard draws (requests and
+    errors per day, tokens per day by model, endpoint and user, totals) in
+    one GROUPING SETS query, over the hourly rollups and over a daily table
+    built here as a temporary table.
+    """
+    from django.db import connection
+    from django.utils import timezone
+
+    now = timezone.now()
+    since = now - timedelta(days=30)
+    results = []
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS bench_daily")
+        cursor.execute(
+            "CREATE TEMP TABLE bench_daily AS "
+            "SELECT date_trunc('day', bucket AT TIME ZONE 'UTC') "
+            "AT TIME ZONE 'UTC' AS bucket, "
+            "user_id, api_key_id, model_name, endpoint_id, endpoint_name, "
+            "sum(requests) AS requests, sum(errors) AS errors, "
+            "sum(prompt_tokens) AS prompt_tokens, "
+            "sum(completion_tokens) AS completion_tokens "
+            "FROM gateway_usagerollup GROUP BY 1, 2, 3, 4, 5, 6"
+        )
+        cursor.execute("CREATE INDEX ON bench_daily (bucket)")
+        cursor.execute("ANALYZE bench_daily")
+        for label, table in (
+            ("hourly rollups, one GROUPING SETS query", "gateway_usagerollup"),
+            ("daily table, one GROUPING SETS query", "bench_daily"),
+        ):
+            cursor.execute(
+                f"SELECT count(*) FROM {table} WHERE bucket >= %s AND bucket < %s",
+                [since, now],
+            )
+            (count,) = cursor.fetchone()
+            sql = ONE_PASS_SQL.format(table=table)
+            cursor.execute(sql, [since, now])
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                cursor.execute(sql, [since, now])
+                cursor.fetchall()
+                times.append((time.perf_counter() - t0) * 1000)
+            results.append(
+                (label, count, statistics.median(times), percentile(times, 95))
+            )
+        cursor.execute("DROP TABLE bench_daily")
+    return results
+
+
 def machine() -> str:
     from django.db import connection
 
@@ -568,6 +631,13 @@ def main() -> None:
         print("|---|---|---|")
         for name, median, p95 in dashboard_functions(args.runs):
             print(f"| {name} | {median:.1f} ms | {p95:.1f} ms |")
+
+        print()
+        print("sketches of a faster usage dashboard, 30 days (not project code):")
+        print("| query | rows read | median | p95 |")
+        print("|---|---|---|---|")
+        for label, count, median, p95 in dashboard_sketches(args.runs):
+            print(f"| {label} | {count:,} | {median:.1f} ms | {p95:.1f} ms |")
 
     if not args.no_export:
         print()
