@@ -288,9 +288,43 @@ JOIN bench_dims AS d
 ORDER BY a.bucket, d.hash
 """
 
+PROBES_SQL = """
+INSERT INTO monitoring_proberesult
+    (endpoint_id, checked_at, status, latency_ms, http_status, error)
+SELECT e.id, t.at, p.status,
+       CASE WHEN p.status = 'disconnected' THEN NULL ELSE p.latency END,
+       CASE WHEN p.status = 'disconnected' THEN 503 ELSE 200 END,
+       CASE WHEN p.status = 'disconnected' THEN 'HTTP 503' ELSE '' END
+FROM gateway_endpoint AS e
+CROSS JOIN generate_series(%(now)s - make_interval(secs => %(seconds)s), %(now)s,
+                           make_interval(secs => e.probe_interval)) AS t(at)
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN u < 0.95 THEN 'connected' WHEN u < 0.98 THEN 'slow'
+                ELSE 'disconnected' END AS status,
+           CASE WHEN u < 0.95 THEN 40 + random() * 400
+                ELSE 500 + random() * 1500 END AS latency
+    FROM (SELECT random() + 0 * extract(epoch FROM t.at) AS u) AS x
+) AS p
+"""
+
+PROBE_ROLLUP_SQL = """
+INSERT INTO monitoring_proberollup
+    (endpoint_id, hour, probes, up, slow, latency_sum_ms, latency_count)
+SELECT endpoint_id,
+       date_trunc('hour', checked_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+       count(*), count(*) FILTER (WHERE status IN ('connected', 'slow')),
+       count(*) FILTER (WHERE status = 'slow'),
+       COALESCE(sum(latency_ms) FILTER (WHERE status IN ('connected', 'slow')), 0),
+       count(latency_ms) FILTER (WHERE status IN ('connected', 'slow'))
+FROM monitoring_proberesult
+GROUP BY 1, 2
+"""
+
+
 TABLES = (
     "auth_user, gateway_usagerollup, gateway_usagerecord, gateway_budgetcounter, "
-    "gateway_budget, gateway_modelroute, gateway_endpoint, gateway_apikey"
+    "gateway_budget, gateway_modelroute, gateway_endpoint, gateway_apikey, "
+    "monitoring_proberesult, monitoring_proberollup"
 )
 
 
@@ -402,9 +436,16 @@ def generate(records: int, users: int, days: float, chunk: int, seed: int) -> No
         rollups = cursor.rowcount
         rollup_time = time.perf_counter() - t0
         cursor.execute("DROP TABLE bench_agg, bench_dims, bench_combo")
+        # The status dashboard's data: every endpoint probed at its interval.
+        cursor.execute(PROBES_SQL, {"now": now, "seconds": days * 86400})
+        probes = cursor.rowcount
+        cursor.execute(PROBE_ROLLUP_SQL)
+        print(f"  {probes:,} probe results and their hourly rollups", flush=True)
         t0 = time.perf_counter()
         cursor.execute("VACUUM ANALYZE gateway_usagerecord")
         cursor.execute("VACUUM ANALYZE gateway_usagerollup")
+        cursor.execute("ANALYZE monitoring_proberesult")
+        cursor.execute("ANALYZE monitoring_proberollup")
         vacuum = time.perf_counter() - t0
         cursor.execute(
             "SELECT pg_size_pretty(pg_total_relation_size('gateway_usagerecord')), "
@@ -455,6 +496,27 @@ def verify() -> None:
             f"{differing} differ"
         )
     print(f"verified: the {len(ours):,} generated rollup rows equal the rebuilt ones")
+
+    from gateway.models import Endpoint
+    from monitoring.probes import refresh_rollups
+
+    probe_query = (
+        "SELECT endpoint_id, hour, probes, up, slow, "
+        "round(latency_sum_ms::numeric, 6), "
+        "latency_count FROM monitoring_proberollup ORDER BY 1, 2"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(probe_query)
+        ours = cursor.fetchall()
+        cursor.execute("SELECT min(checked_at) FROM monitoring_proberesult")
+        (oldest,) = cursor.fetchone()
+    refresh_rollups(list(Endpoint.objects.values_list("pk", flat=True)), oldest)
+    with connection.cursor() as cursor:
+        cursor.execute(probe_query)
+        theirs = cursor.fetchall()
+    if ours != theirs:
+        sys.exit(f"MISMATCH in probe rollups: {len(ours)} rows, {len(theirs)} rebuilt")
+    print(f"verified: the {len(ours):,} probe rollup rows equal refresh_rollups'")
 
 
 def main() -> None:
