@@ -4,8 +4,10 @@ A few hundred users with API keys, ~10 models routed to ~5 endpoints, and N
 usage records (default 10 million) spread over the last `--days` days: mostly
 successful requests, some errors, cancellations, rate-limit refusals and cache
 hits, a few percent with fallback hops. The hourly rollups are computed from
-those records in SQL, with the same arithmetic as `rebuild_rollups`
-(`--verify` checks that on the data just generated, so use it with a small N).
+those records in SQL, with the same arithmetic as `rebuild_rollups`. Every
+endpoint is also probed at its interval over the same days, with the hourly
+probe rollups. `--verify` checks both against the project's own rebuilds on
+the data just generated, so use it with a small N.
 
 Everything heavy runs inside PostgreSQL: records with one INSERT ... SELECT
 over generate_series per chunk, indexes dropped during the load and rebuilt
