@@ -168,13 +168,13 @@ class UsageRollupsView(ApiView):
         user_id = None if is_staff(request) else request.user.pk
         if "user" in data:
             value = data["user"]
-            if user_id is not None and value not in {
-                str(user_id),
-                request.user.get_username(),
-            }:
+            if user_id is None:
+                # An unknown user has no usage: -1 matches no row.
+                user_id = _user_id(value) or -1
+            elif value not in {str(user_id), request.user.get_username()}:
                 raise ParamForbidden("user", "You may only see your own usage.")
-            # An unknown user has no usage: -1 matches no row.
-            user_id = _user_id(value) or -1
+            # Naming themselves leaves a user's rows their own: no lookup, so a
+            # username that is another user's id can never widen them.
         results = usage_rollups(
             RollupQuery(
                 since=data["since"],

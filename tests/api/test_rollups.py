@@ -295,3 +295,12 @@ def test_shared_and_fresh_sums_are_the_same(staff, traffic, settings, bucket):
         for r in shared["results"]
     ]
     assert len(starts) == len(set(starts))
+
+
+def test_a_username_that_is_another_users_id_stays_ones_own(
+    django_user_model, other_user, traffic
+):
+    numeric = django_user_model.objects.create_user(str(other_user.pk))
+    use(numeric, prompt=1, completion=1)
+    rows = session_client(numeric).get(URL, {"user": str(other_user.pk)}).json()
+    assert totals(rows["results"], "total_tokens") == 2
