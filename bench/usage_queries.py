@@ -237,6 +237,18 @@ def targets(staff: Who, user: Who) -> list[Target]:
         ),
         Target("usage page /usage/", exists("/usage/"), user, False),
         Target(
+            "usage page of that user, as staff",
+            exists("/usage/") and f"/usage/?user={user.user_id}",
+            staff,
+            False,
+        ),
+        Target(
+            "admin usage records list (first page)",
+            named("admin:gateway_usagerecord_changelist"),
+            staff,
+            False,
+        ),
+        Target(
             "/api/usage/rollups/ 30 d hourly, user",
             rollups and f"{rollups}?{window}",
             user,
