@@ -4,17 +4,20 @@ Runs against a database filled by `bench/generate_usage.py` (DATABASE_URL, whose
 name must contain "bench"). A real web server (uvicorn, one process, in a
 subprocess on a free port) serves every request:
 
-- the staff dashboards (the admin's usage dashboard and status dashboard for
-  30 days), the user's usage page (`/usage/`, as the user with the most
-  traffic) and `/api/usage/rollups/` for 30 days, each requested `--runs`
-  times in a row after `--warmup` requests: median and p95 wall time as the
-  client sees it;
-- the same queries in-process: how many, their total SQL time, and
-  EXPLAIN (ANALYZE, BUFFERS) of the slowest ones (`--plans FILE`);
+- the staff pages (the admin's usage and status dashboards for 30 days, the
+  admin's usage records list), the usage page (`/usage/`, as the user with
+  the most traffic, and as staff looking at that user) and
+  `/api/usage/rollups/` for 30 days: the first request, then `--runs`
+  requests after `--warmup` more: median and p95 wall time as the client
+  sees it;
+- the same pages in-process: how many queries, their total SQL time, and
+  EXPLAIN (ANALYZE, BUFFERS) of the slowest ones (`--plans FILE`); the
+  dashboard's query functions alone; two sketches of a cheaper dashboard;
 - a CSV export of the newest `--export-rows` records through
   `/api/usage/records/?format=csv&since=...&until=...` on a freshly started
   server: rows/s, and the web process's peak memory (VmRSS sampled every
-  20 ms, and VmHWM).
+  20 ms, and VmHWM); beside it PostgreSQL's own COPY of the same rows (the
+  floor) and a sketch of a cheaper exporter.
 
 Pages that do not exist yet (their URL does not resolve) are reported as such.
 
