@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import django_filters
 from django import forms
 from django.db.models import Q, QuerySet
+from django_filters.fields import IsoDateTimeField
 
 from api.exceptions import ParamForbidden
 from api.permissions import is_staff
@@ -14,6 +16,7 @@ from gateway.models import UsageRecord, UsageSource, UsageStatus
 
 # Largest id PostgreSQL's bigint holds: a bigger one would raise in the query.
 MAX_ID = 2**63 - 1
+MAX_OFFSET = timedelta(hours=14)
 
 
 class StrictBooleanField(forms.Field):
@@ -31,6 +34,34 @@ class StrictBooleanField(forms.Field):
         if text in self.FALSE:
             return False
         raise forms.ValidationError("Use true or false.", code="invalid")
+
+
+class UtcDateTimeField(IsoDateTimeField):
+    """ISO 8601; no offset means UTC; the result is in UTC.
+
+    An offset beyond ±14:00 (none exists; PostgreSQL refuses past ±15:59), or
+    a time that leaves the years 1-9999 once in UTC, is an error, not a 500.
+    """
+
+    def clean(self, value: Any) -> datetime | None:
+        moment = super().clean(value)
+        if moment is None:
+            return None
+        offset = moment.utcoffset()
+        if offset is not None and abs(offset) > MAX_OFFSET:
+            raise forms.ValidationError(
+                "The UTC offset must be between -14:00 and +14:00.", code="invalid"
+            )
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError:
+            raise forms.ValidationError(
+                "The time is out of range.", code="invalid"
+            ) from None
+
+
+class UtcDateTimeFilter(django_filters.IsoDateTimeFilter):
+    field_class = UtcDateTimeField
 
 
 class BooleanFilter(django_filters.BooleanFilter):
@@ -75,12 +106,12 @@ def _id_or_name(value: str, id_field: str, name_field: str) -> Q:
 class UsageRecordFilter(django_filters.FilterSet):
     """Filters of /api/usage/records/ and its exports."""
 
-    since = django_filters.IsoDateTimeFilter(
+    since = UtcDateTimeFilter(
         field_name="created_at",
         lookup_expr="gte",
         label="Records at or after this time (ISO 8601; no offset means UTC).",
     )
-    until = django_filters.IsoDateTimeFilter(
+    until = UtcDateTimeFilter(
         field_name="created_at",
         lookup_expr="lt",
         label="Records before this time (ISO 8601; no offset means UTC).",

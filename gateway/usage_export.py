@@ -25,7 +25,8 @@ from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db.models import QuerySet
+from django.db import connections
+from django.db.models import F, Func, QuerySet, TextField
 
 # (column name, ORM path). The order is the CSV's column order.
 _SOURCE: tuple[tuple[str, str], ...] = (
@@ -105,7 +106,11 @@ def _timestamp(value: datetime) -> str:
 def _path(hops: Any) -> list[str]:
     if not isinstance(hops, list):
         return []
-    return [str(hop.get("endpoint", "")) for hop in hops if isinstance(hop, dict)]
+    return [
+        "" if hop.get("endpoint") is None else str(hop["endpoint"])
+        for hop in hops
+        if isinstance(hop, dict)
+    ]
 
 
 def _cost(value: Decimal | None) -> str | None:
@@ -224,7 +229,14 @@ def _batches(items: Iterator[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]
 
 
 def iter_csv(queryset: QuerySet, *, header: bool = True) -> Iterator[bytes]:
-    """The queryset's records as CSV (UTF-8, header first) in ~64 KiB chunks."""
+    """The queryset's records as CSV (UTF-8, header first) in ~64 KiB chunks.
+
+    On PostgreSQL the server writes the CSV itself (COPY ... TO STDOUT), the
+    same cells as csv_chunks but without a Python object per value: several
+    times the rows per second. Elsewhere csv_chunks shapes the rows.
+    """
+    if connections[queryset.db].vendor == "postgresql":
+        return _pg_copy_csv(queryset, header=header)
     return csv_chunks(rows(queryset), header=header)
 
 
@@ -233,7 +245,7 @@ def csv_chunks(
 ) -> Iterator[bytes]:
     """Raw FIELDS-ordered rows as CSV chunks."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer = csv.writer(buffer, lineterminator="\n")
     if header:
         writer.writerow(COLUMNS)
     for batch in _batches(iter(raw)):
@@ -300,3 +312,90 @@ def filename(since: datetime | None, until: datetime | None, extension: str) -> 
         return value.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
     return f"llmsite-usage-{stamp(since, 'start')}-{stamp(until, 'now')}.{extension}"
+
+
+# --- PostgreSQL: COPY ---------------------------------------------------------
+
+
+class _Sql(Func):
+    """One column expression of the COPY query (PostgreSQL only)."""
+
+    output_field = TextField()
+    # Only total_tokens takes two fields: prompt::bigint + completion.
+    arg_joiner = "::bigint + "
+
+    def __init__(self, template: str, *fields: str) -> None:
+        super().__init__(*(F(field) for field in fields), template=template)
+
+
+_X = "%(expressions)s"
+# A leading formula character gets an apostrophe, as _cell does; NULL is "".
+_DEFUSE = (
+    "CASE WHEN left({0}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r') "
+    "THEN '''' || {0} ELSE coalesce({0}, '') END"
+)
+# As isoformat(): microseconds only when there are some, and Z for UTC.
+_TIME = (
+    f"to_char({_X} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') || "
+    f"CASE WHEN date_trunc('second', {_X}) = {_X} THEN '' "
+    f"ELSE to_char({_X} AT TIME ZONE 'UTC', '.US') END || 'Z'"
+)
+# The hops that are objects, as _path reads them; most records have none.
+_HOPS = (
+    f"CASE WHEN {_X} = '[]'::jsonb THEN {{empty}} ELSE "
+    "(SELECT {select} FROM jsonb_array_elements(CASE WHEN "
+    f"jsonb_typeof({_X}) = 'array' THEN {_X} ELSE '[]'::jsonb "
+    "END) AS hop WHERE jsonb_typeof(hop) = 'object') END"
+)
+_HOP_PATH = _HOPS.format(
+    empty="''", select="string_agg(coalesce(hop->>'endpoint', ''), ' > ')"
+)
+_PG_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (f"{_X}::text", ("request_id",)),
+    (_TIME, ("created_at",)),
+    (_DEFUSE.format(_X), ("user__username",)),
+    (_DEFUSE.format(_X), ("api_key__name",)),
+    (_X, ("source",)),
+    (_DEFUSE.format(_X), ("model_name",)),
+    (_DEFUSE.format(_X), ("endpoint_name",)),
+    (_DEFUSE.format(_X), ("upstream_model",)),
+    (_HOPS.format(empty="0", select="count(*)"), ("fallback_hops",)),
+    (
+        "regexp_replace(coalesce(" + _HOP_PATH + ", ''), '^([-=+@\\t\\r])', '''\\1')",
+        ("fallback_hops",),
+    ),
+    (_X, ("status",)),
+    (_X, ("prompt_tokens",)),
+    (_X, ("completion_tokens",)),
+    # bigint: two int4 counts can overflow int4 together.
+    (_X, ("prompt_tokens", "completion_tokens")),
+    (f"CASE WHEN {_X} THEN 'true' ELSE 'false' END", ("tokens_estimated",)),
+    (_X, ("latency_ms",)),
+    (_X, ("ttft_ms",)),
+    (_X, ("cost",)),
+    (_DEFUSE.format(_X), ("error_type",)),
+    (_X, ("attempts",)),
+    (f"{_X}::text", ("conversation_id",)),
+)
+
+
+def _pg_copy_csv(queryset: QuerySet, *, header: bool) -> Iterator[bytes]:
+    columns = {
+        f"c{n}": _Sql(template, *fields)
+        for n, (template, fields) in enumerate(_PG_COLUMNS)
+    }
+    query = queryset.annotate(**columns).values_list(*columns)
+    sql, params = query.query.sql_with_params()
+    pending = bytearray()
+    if header:
+        pending += (",".join(COLUMNS) + "\n").encode()
+    with connections[queryset.db].cursor() as cursor:
+        copy_sql = f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)"
+        with cursor.cursor.copy(copy_sql, params or None) as copy:
+            for data in copy:
+                pending += data
+                if len(pending) >= CHUNK_BYTES:
+                    yield bytes(pending)
+                    pending.clear()
+    if pending:
+        yield bytes(pending)

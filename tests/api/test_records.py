@@ -371,6 +371,10 @@ def test_the_export_takes_the_same_filters(client, staff, varied):
         ("cursor=not-a-cursor", "cursor"),
         ("cursor=cD1ub3RhZGF0ZQ%3D%3D", "cursor"),  # p=notadate
         ("sinse=2026-11-02T09:00:00Z", "sinse"),
+        # Offsets no place has (PostgreSQL refuses them), and a time that
+        # leaves the calendar once in UTC.
+        ("since=0032-02-25T17:41:22-16:03", "since"),
+        ("until=0001-01-01T00:00:00%2B14:00", "until"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_parameter(client, staff, varied, query, param):
@@ -638,3 +642,16 @@ def test_options_is_a_json_405_whatever_the_format(client, owner):
 
     assert response.status_code == 405
     assert response.json()["error"]["type"] == "method_not_allowed"
+
+
+def test_an_api_key_page_costs_one_query_for_the_key_and_one_for_the_page(
+    client, owner, owner_key, bearer, make_record, django_assert_num_queries
+):
+    for _ in range(30):
+        make_record(owner)
+    client.get(URL, headers=bearer)  # notes the key's use, once a minute
+
+    with django_assert_num_queries(2):
+        body = _json(client, "?page_size=30", **bearer)
+
+    assert len(body["results"]) == 30

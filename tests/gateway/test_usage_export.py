@@ -11,10 +11,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import connection
 from django.test import AsyncClient
 
 from gateway import usage_export
 from gateway.models import UsageRecord
+from tests.gateway.usage_support import close_thread_connections
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
@@ -160,3 +162,43 @@ async def test_under_asgi_the_export_streams_from_an_async_iterator(django_user_
         body = b"".join([chunk async for chunk in response.streaming_content])
 
     assert len(body.decode().splitlines()) == 501
+    close_thread_connections()
+
+
+def _cells(text: str) -> list[list[object]]:
+    """CSV cells, numbers as floats: PostgreSQL writes 95.0 as 95."""
+
+    def value(cell: str) -> object:
+        try:
+            return float(cell)
+        except ValueError:
+            return cell
+
+    return [[value(cell) for cell in row] for row in csv.reader(io.StringIO(text))]
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="the COPY path runs on PostgreSQL"
+)
+@pytest.mark.django_db
+def test_postgresqls_copy_writes_the_cells_python_writes(django_user_model):
+    user = django_user_model.objects.create(username="-dash")
+    hostile = [
+        {"model_name": '=cmd|"/c calc"!A1', "upstream_model": "a,b\nc"},
+        {"model_name": "tab", "error_type": "\tboom", "latency_ms": 95.0},
+        {"fallback_hops": [{"endpoint": None}, "junk", {"endpoint": "@west"}]},
+        {"fallback_hops": {"not": "a list"}, "cost": None, "latency_ms": None},
+        {"fallback_hops": [{"endpoint": "+x"}], "user": user},
+        {"prompt_tokens": 2**31 - 1, "completion_tokens": 2**31 - 1},
+        {"created_at": T0.replace(microsecond=0), "cost": Decimal("12345678.000001")},
+    ]
+    for n, fields in enumerate(hostile):
+        fields.setdefault("created_at", T0 + timedelta(seconds=n, microseconds=n))
+        UsageRecord.objects.create(**{"model_name": "m", "status": "ok", **fields})
+    queryset = UsageRecord.objects.order_by("created_at", "id")
+
+    copied = b"".join(usage_export.iter_csv(queryset)).decode()
+    shaped = b"".join(usage_export.csv_chunks(usage_export.rows(queryset))).decode()
+
+    assert _cells(copied) == _cells(shaped)
+    assert len(_cells(copied)) == len(hostile) + 1
