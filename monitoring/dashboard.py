@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db.models import (
     Count,
     ExpressionWrapper,
@@ -281,7 +282,10 @@ def _steps(span: DateRange, kind: str) -> list[datetime]:
 TOKEN_DIMENSIONS = {
     "model": "model_name",
     "endpoint": "endpoint_name",
-    "user": "user__username",
+    # Grouped by id and named afterwards: grouping by the joined username
+    # sorts every rollup row of the range (a 30-day dashboard at 10M records
+    # spilled to disk for a second).
+    "user": "user_id",
 }
 
 
@@ -297,15 +301,16 @@ def tokens_per_day(
         .annotate(tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
         .order_by("day")
     )
+    labels = _dimension_labels({row["key"] for row in rows}, by)
     totals: dict[str, int] = defaultdict(int)
     for row in rows:
-        totals[_dimension_label(row["key"], by)] += row["tokens"] or 0
+        totals[labels[row["key"]]] += row["tokens"] or 0
     top = [k for k, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:TOP_SERIES]]
     days = _steps(span, "day") if rows else []
     index = {day: i for i, day in enumerate(days)}
     series: dict[str, list[int]] = {key: [0] * len(days) for key in top}
     for row in rows:
-        key = _dimension_label(row["key"], by)
+        key = labels[row["key"]]
         if key not in series:
             key = "other"
             series.setdefault(key, [0] * len(days))
@@ -317,6 +322,18 @@ def _dimension_label(value: Any, by: str) -> str:
     if value in (None, ""):
         return {"user": "(API only / deleted)", "endpoint": "(none)"}.get(by, "(none)")
     return str(value)
+
+
+def _dimension_labels(keys: set[Any], by: str) -> dict[Any, str]:
+    """What a chart calls each grouped value; user ids become names, in one query."""
+    if by != "user":
+        return {key: _dimension_label(key, by) for key in keys}
+    names = dict(
+        get_user_model()
+        .objects.filter(pk__in=[key for key in keys if key is not None])
+        .values_list("pk", "username")
+    )
+    return {key: _dimension_label(names.get(key), by) for key in keys}
 
 
 def period_start(period: str, now: datetime) -> datetime:
@@ -477,9 +494,11 @@ def usage_by(
         .annotate(**aggregates)
         .order_by()
     )
+    rows = list(rows)
+    labels = _dimension_labels({row["key"] for row in rows}, by)
     merged: dict[str, dict[str, dict[str, int]]] = {}
     for row in rows:
-        label = _dimension_label(row["key"], by)
+        label = labels[row["key"]]
         entry = merged.setdefault(
             label, {name: dict.fromkeys(USAGE_FIELDS, 0) for name in names}
         )
