@@ -21,24 +21,7 @@ from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.generation import registry
 from chat.models import Conversation
-
-# Model output is rendered as HTML in this page. The sanitizer is the first
-# line of defence; this policy is the second: no inline script, no plugin, no
-# remote image or style, whatever slips through.
-CONTENT_SECURITY_POLICY = "; ".join(
-    [
-        "default-src 'self'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self' data:",
-        "connect-src 'self'",
-        "font-src 'self'",
-        "object-src 'none'",
-        "base-uri 'none'",
-        "form-action 'self'",
-        "frame-ancestors 'none'",
-    ]
-)
+from llmsite.pages import with_policy
 
 ERROR_STATUS = {"not_found": 404, "too_large": 400, "invalid": 400}
 
@@ -61,17 +44,11 @@ def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str
     }
 
 
-def _with_policy(response: HttpResponse) -> HttpResponse:
-    response["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    response["Referrer-Policy"] = "same-origin"
-    return response
-
-
 @login_required
 @require_GET
 def chat_page(request: HttpRequest) -> HttpResponse:
     """The chat page, on a new conversation."""
-    return _with_policy(render(request, "chat/page.html", _page_context(request, None)))
+    return with_policy(render(request, "chat/page.html", _page_context(request, None)))
 
 
 @login_required
@@ -81,7 +58,7 @@ def conversation_page(request: HttpRequest, conversation_id: uuid.UUID) -> HttpR
     if not Conversation.objects.filter(id=conversation_id, user=request.user).exists():
         raise Http404("No such conversation.")
     context = _page_context(request, str(conversation_id))
-    return _with_policy(render(request, "chat/page.html", context))
+    return with_policy(render(request, "chat/page.html", context))
 
 
 def _api_error(exc: ChatError) -> JsonResponse:

@@ -25,25 +25,11 @@ from django.shortcuts import get_object_or_404, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from llmsite.pages import with_policy
 from monitoring import conf, metrics, usage
 
 logger = logging.getLogger(__name__)
 
-# The chat page's policy: scripts, styles and data from this site only.
-CONTENT_SECURITY_POLICY = "; ".join(
-    [
-        "default-src 'self'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self' data:",
-        "connect-src 'self'",
-        "font-src 'self'",
-        "object-src 'none'",
-        "base-uri 'none'",
-        "form-action 'self'",
-        "frame-ancestors 'none'",
-    ]
-)
 # User ids in ?user= are digits; anything longer is not one.
 MAX_ID_DIGITS = 18
 
@@ -166,7 +152,4 @@ def usage_page(request: HttpRequest) -> HttpResponse:
         "subject": subject,
         "own": own,
     }
-    response = render(request, "monitoring/usage_page.html", context)
-    response["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    response["Referrer-Policy"] = "same-origin"
-    return response
+    return with_policy(render(request, "monitoring/usage_page.html", context))
