@@ -11,6 +11,23 @@ from rest_framework.request import Request
 from api.exceptions import ParamError
 
 
+def page_size(request: Request, default: int, maximum: int) -> int:
+    """The ``page_size`` asked for; absent or empty (as every filter): `default`."""
+    raw = request.query_params.get("page_size")
+    if not raw:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise ParamError("page_size", "page_size must be a whole number.")
+    size = int(raw)
+    if size < 1:
+        raise ParamError("page_size", "page_size must be at least 1.", "min_value")
+    if size > maximum:
+        raise ParamError(
+            "page_size", f"page_size must be at most {maximum}.", "max_value"
+        )
+    return size
+
+
 class TimeCursorPagination(CursorPagination):
     """Oldest first by (created_at, id); rows added later land on later pages.
 
@@ -30,21 +47,7 @@ class TimeCursorPagination(CursorPagination):
         self.max_page_size = settings.API_MAX_PAGE_SIZE
 
     def get_page_size(self, request: Request) -> int:
-        raw = request.query_params.get(self.page_size_query_param)
-        if not raw:  # absent or empty, as every filter: the default
-            return settings.API_PAGE_SIZE
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
-            raise ParamError("page_size", "page_size must be a whole number.")
-        size = int(raw)
-        if size < 1:
-            raise ParamError("page_size", "page_size must be at least 1.", "min_value")
-        if size > self.max_page_size:
-            raise ParamError(
-                "page_size",
-                f"page_size must be at most {self.max_page_size}.",
-                "max_value",
-            )
-        return size
+        return page_size(request, settings.API_PAGE_SIZE, self.max_page_size)
 
     def decode_cursor(self, request: Request) -> Cursor | None:
         raw = request.query_params.get(self.cursor_query_param)

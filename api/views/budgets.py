@@ -13,6 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from api.exceptions import ParamError
+from api.pagination import page_size
 from api.views.base import ApiView
 from api.views.caller import Caller, caller_of
 from gateway.accounting import BudgetState, budget_ref, budget_states
@@ -50,21 +51,7 @@ class BudgetPagination(PageNumberPagination):
     max_page_size = 1000
 
     def get_page_size(self, request: Request) -> int:
-        raw = request.query_params.get(self.page_size_query_param)
-        if raw is None:
-            return self.page_size
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
-            raise ParamError("page_size", "page_size must be a whole number.")
-        size = int(raw)
-        if size < 1:
-            raise ParamError("page_size", "page_size must be at least 1.", "min_value")
-        if size > self.max_page_size:
-            raise ParamError(
-                "page_size",
-                f"page_size must be at most {self.max_page_size}.",
-                "max_value",
-            )
-        return size
+        return page_size(request, self.page_size, self.max_page_size)
 
     def paginate_queryset(
         self, queryset: Any, request: Request, view: Any = None
