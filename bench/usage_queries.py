@@ -194,7 +194,7 @@ def callers() -> tuple[Who, Who]:
 @dataclass
 class Target:
     label: str
-    path: str | None  # None: the page does not exist on this branch
+    path: str | None  # None: the page does not exist in this version
     who: Who
     api: bool  # authenticate with the API key rather than the session
 
@@ -672,7 +672,7 @@ def main() -> None:
     with Server() as server:
         for target in chosen:
             if target.path is None:
-                rows.append(f"| {target.label} | not on this branch | | | | |")
+                rows.append(f"| {target.label} | not in this version | | | | |")
                 continue
             first, times = timed_requests(server.base, target, args.warmup, args.runs)
             queries = captured(target)
@@ -723,7 +723,7 @@ def main() -> None:
         print(f"load average before the export: {loadavg()}")
         result = measure_export(staff, args.export_rows)
         if result is None:
-            print("CSV export: /api/usage/records/ is not on this branch")
+            print("CSV export: /api/usage/records/ is not in this version")
         else:
             print(
                 f"CSV export of {result['rows']:,} rows: {result['seconds']:.1f} s, "
