@@ -175,52 +175,26 @@ def _cell(text: str | None) -> str:
     return text
 
 
+# Text cells a caller or an upstream may have written: defused for spreadsheets.
+_TEXT_CELLS = (
+    "user",
+    "api_key",
+    "model",
+    "endpoint",
+    "upstream_model",
+    "fallback_path",
+    "error_type",
+)
+
+
 def _csv_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    (
-        request_id,
-        created_at,
-        user,
-        api_key,
-        source,
-        model,
-        endpoint,
-        upstream_model,
-        hops,
-        status,
-        prompt,
-        completion,
-        estimated,
-        latency,
-        ttft,
-        cost,
-        error_type,
-        attempts,
-        conversation,
-    ) = row
-    path = _path(hops) if hops else []
-    return (
-        request_id,
-        _timestamp(created_at),
-        _cell(user),
-        _cell(api_key),
-        source,
-        _cell(model),
-        _cell(endpoint),
-        _cell(upstream_model),
-        len(path),
-        _cell(" > ".join(path)),
-        status,
-        prompt,
-        completion,
-        prompt + completion,
-        "true" if estimated else "false",
-        latency,
-        ttft,
-        cost,
-        _cell(error_type),
-        attempts,
-        conversation,
-    )
+    """One raw row as CSV cells: the JSON record, flattened and defused."""
+    item = record(row)
+    item["fallback_path"] = " > ".join(item["fallback_path"])
+    item["estimated"] = "true" if item["estimated"] else "false"
+    for name in _TEXT_CELLS:
+        item[name] = _cell(item[name])
+    return tuple(item[name] for name in COLUMNS)
 
 
 def _batches(items: Iterator[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
