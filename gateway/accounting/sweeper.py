@@ -27,7 +27,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from gateway.accounting import owners
-from gateway.accounting.budgets import BudgetRef, Settlement, _settle
+from gateway.accounting.budgets import Settlement, _settle, budget_ref
 from gateway.accounting.usage import (
     UsageEntry,
     _drop_missing_references,
@@ -93,7 +93,7 @@ def _sweep_one(request_id: uuid.UUID, due: Q, now: datetime) -> bool:
     with transaction.atomic():
         holds = list(
             BudgetHold.objects.filter(due, request_id=request_id).select_related(
-                "counter__budget"
+                "counter__budget__endpoint"
             )
         )
         if not holds:
@@ -151,14 +151,6 @@ def _settlements(holds: list[BudgetHold], prompt: int) -> list[Settlement]:
         counters[hold.counter_id] = hold.counter
     settlements = []
     for counter_id, tokens in reserved.items():
-        budget = counters[counter_id].budget
-        ref = BudgetRef(
-            budget.pk,
-            budget.scope,
-            budget.period,
-            budget.token_limit,
-            budget.warning_percent,
-            budget.endpoint_id,
-        )
+        ref = budget_ref(counters[counter_id].budget)
         settlements.append(Settlement(counter_id, ref, tokens, min(prompt, tokens)))
     return settlements
