@@ -88,14 +88,13 @@ def _holder(budget: Budget) -> str:
     return "everyone"
 
 
-def budget_row(budget: Budget, state: BudgetState) -> dict[str, Any]:
-    """One budget and its state, as the API shows it."""
+def state_row(state: BudgetState) -> dict[str, Any]:
+    """A budget's state this period, as the API shows it (budgets and me)."""
     return {
-        "id": budget.pk,
-        "name": budget.name,
-        "scope": budget.scope,
-        "holder": _holder(budget),
-        "period": budget.period,
+        "id": state.budget_id,
+        "scope": state.scope,
+        "holder": state.holder,
+        "period": state.period,
         "period_start": state.period_start,
         "resets_at": state.resets_at,
         "limit": state.token_limit,
@@ -103,8 +102,17 @@ def budget_row(budget: Budget, state: BudgetState) -> dict[str, Any]:
         "reserved": state.reserved,
         "left": state.remaining,
         "percent_used": state.percent_used,
-        "warning_percent": budget.warning_percent,
         "exhausted": state.exhausted,
+    }
+
+
+def budget_row(budget: Budget, state: BudgetState) -> dict[str, Any]:
+    """One budget and its state, named as staff and its holder know it."""
+    return {
+        **state_row(state),
+        "name": budget.name,
+        "holder": _holder(budget),
+        "warning_percent": budget.warning_percent,
     }
 
 

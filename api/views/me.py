@@ -11,8 +11,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from api.views.base import ApiView
+from api.views.budgets import state_row
 from api.views.caller import caller_of
-from gateway.accounting import BudgetState, budget_status
+from gateway.accounting import budget_status
 from gateway.limits import LimitState, caller_limit_states
 
 KINDS = ("requests", "tokens")
@@ -105,23 +106,6 @@ def rate_limits(states: list[LimitState]) -> dict[str, Any]:
     return body
 
 
-def my_budget_row(state: BudgetState) -> dict[str, Any]:
-    return {
-        "id": state.budget_id,
-        "scope": state.scope,
-        "holder": state.holder,
-        "period": state.period,
-        "period_start": state.period_start,
-        "resets_at": state.resets_at,
-        "limit": state.token_limit,
-        "used": state.used,
-        "reserved": state.reserved,
-        "left": state.remaining,
-        "percent_used": state.percent_used,
-        "exhausted": state.exhausted,
-    }
-
-
 class MeView(ApiView):
     """The caller, their per-minute limits and budgets, and what is left of each."""
 
@@ -154,7 +138,7 @@ class MeView(ApiView):
                 )
             ),
             "budgets": [
-                my_budget_row(s)
+                state_row(s)
                 for s in budget_status(caller.user_id, caller.api_key_id, now)
             ],
         }
