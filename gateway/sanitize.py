@@ -7,12 +7,12 @@ or `clean_identifier`, in this order:
 
 1. decode bytes as UTF-8, replacing what is not;
 2. drop what a PostgreSQL text column or a terminal cannot take: NUL and the
-   other C0/C1 control characters, lone surrogates, bidi overrides and
-   zero-width characters (other whitespace becomes a space);
+   other C0/C1 control characters but tab, CR and LF, lone surrogates, bidi
+   overrides and zero-width characters;
 3. replace the endpoint's secrets (the API key and every extra header value)
    with ``[redacted]``, after step 2 so that a key split by a NUL is found;
-4. collapse whitespace and only then cut to the length limit, so no part of a
-   secret can survive at the cut.
+4. collapse whitespace (tabs and line breaks become one space) and only then
+   cut to the length limit, so no part of a secret can survive at the cut.
 
 Answer text (`clean_content`) keeps its whitespace and only loses NUL and lone
 surrogates, which the database cannot store; it is bounded by the router's
@@ -34,11 +34,14 @@ MIN_SECRET_PART_CHARS = 8
 IDENTIFIER_CHARS = 200
 ELLIPSIS = "…"
 
-# Deleted outright: controls other than whitespace, lone surrogates, bidi
-# embeddings/overrides/isolates, zero-width characters and the BOM.
+# Deleted outright, before redaction, so a key interrupted by one is whole
+# again: every control character but tab, line feed and carriage return (the
+# others str.split() takes for whitespace, \x0b, \x0c, \x1c-\x1f and \x85,
+# included), lone surrogates, bidi embeddings/overrides/isolates, zero-width
+# and invisible formatting characters and the BOM.
 _UNSAFE = re.compile(
-    "[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f"
-    "\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+    "\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff\ud800-\udfff]"
 )
 # What a database text column cannot hold, and nothing else.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")

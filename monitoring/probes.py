@@ -23,11 +23,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,7 +38,7 @@ from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from gateway import breaker
+from gateway import breaker, sanitize
 from gateway.client import (
     APIClientError,
     ClientPools,
@@ -65,30 +64,16 @@ PROBE_PROMPT = [{"role": "user", "content": "ping"}]
 
 # --- Text from upstreams ------------------------------------------------------------
 
-# Deleted, not replaced, so a key split by them is whole again for redaction:
-# C0 and C1 controls (NUL among them, which PostgreSQL refuses in text), and
-# zero-width and bidirectional formatting that could disguise text in a page.
-_INVISIBLE = re.compile(
-    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]"
-)
 
-
-def storable_text(
-    text: object, limit: int, *, redact: Callable[[str], str] | None = None
-) -> str:
+def storable_text(text: object, limit: int, *, secrets: Iterable[str] = ()) -> str:
     """Text from an upstream made safe to store, log and show, at most `limit` long.
 
-    Lone surrogates become "?", control and invisible formatting characters
-    are dropped, whitespace runs become one space, secrets are redacted
-    before the cut (so no prefix of one survives it), then it is cut.
+    The gateway's cleaner (gateway.sanitize.clean_text: controls and invisible
+    formatting dropped, secrets redacted before the cut), with a lone
+    surrogate shown as "?" so the stored error still says something was there.
     """
     text = str(text).encode("utf-8", "replace").decode("utf-8")
-    text = " ".join(_INVISIBLE.sub("", text).split())
-    if redact is not None:
-        text = redact(text)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text
+    return sanitize.clean_text(text, secrets=secrets, limit=limit)
 
 
 def storable_status(value: object) -> int | None:
@@ -292,8 +277,8 @@ class _SharedTransport(httpx.AsyncBaseTransport):
 
 def _error_text(target: Target, exc: BaseException) -> str:
     text = exc.message if isinstance(exc, APIClientError) else str(exc)
-    redact = target.config.redact if target.config is not None else None
-    return storable_text(text, ERROR_CHARS, redact=redact)
+    secrets = target.config.secrets if target.config is not None else ()
+    return storable_text(text, ERROR_CHARS, secrets=secrets)
 
 
 async def probe(

@@ -29,6 +29,15 @@ def test_a_key_split_by_control_characters_is_still_found():
     )
 
 
+def test_a_key_split_by_a_control_that_split_takes_for_space_is_redacted():
+    for control in ("\x0b", "\x0c", "\x1c", "\x1f", "\x85"):
+        text = f"echo: {KEY[:12]}{control}{KEY[12:]} done"
+
+        assert sanitize.clean_text(text, secrets=SECRETS, limit=500) == (
+            "echo: [redacted] done"
+        ), repr(control)
+
+
 def test_controls_surrogates_and_bidi_overrides_are_dropped_and_space_collapsed():
     text = "bad\x00 \x07request\r\n\t\u202eevil\ud800 \x85 end\x7f"
 

@@ -488,9 +488,7 @@ def test_text_is_redacted_before_it_is_cut():
     secret = "sk-" + "s" * 40
     text = "e" * 90 + secret
 
-    stored = probes.storable_text(
-        text, 100, redact=lambda t: t.replace(secret, "[redacted]")
-    )
+    stored = probes.storable_text(text, 100, secrets=(secret,))
 
     assert stored == "e" * 90 + "[redacted]"
     assert "sk-" not in stored
