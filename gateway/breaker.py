@@ -15,6 +15,11 @@ so the monitor, the admin and all web processes see one state.  Success costs
 no write unless the snapshot showed failures.  Only transient failures count:
 a request that is itself wrong says nothing about the endpoint.
 
+Opening (or re-opening) also brings the endpoint's next health probe forward
+to the end of the cooldown, in the same UPDATE, so whichever monitor is active
+tries the endpoint then and a recovered one is back without a live request
+paying for the trial (``monitoring.probes``).
+
 Opening and closing also move ``status`` to "disconnected" and back (the
 latter only from "disconnected", so a monitor's "slow" stands) and send
 `gateway.signals.endpoint_status_changed` once per transition.
@@ -28,7 +33,7 @@ from datetime import datetime, timedelta
 
 from asgiref.sync import sync_to_async
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Case, DateTimeField, F, Q, Value, When
 from django.utils import timezone
 
 from gateway.client import EndpointConfig
@@ -131,7 +136,9 @@ async def record_failure(
         opened = await Endpoint.objects.filter(
             id=endpoint_id, disabled_until=trial_until
         ).aupdate(
-            consecutive_failures=F("consecutive_failures") + 1, disabled_until=until
+            consecutive_failures=F("consecutive_failures") + 1,
+            disabled_until=until,
+            next_probe_at=probe_by(until),
         )
     else:
         await Endpoint.objects.filter(id=endpoint_id).aupdate(
@@ -144,7 +151,7 @@ async def record_failure(
                 id=endpoint_id, consecutive_failures__gte=max(1, threshold)
             )
             .filter(Q(disabled_until__isnull=True) | Q(disabled_until__lte=now))
-            .aupdate(disabled_until=until)
+            .aupdate(disabled_until=until, next_probe_at=probe_by(until))
         )
     if not opened:
         return False
@@ -153,6 +160,22 @@ async def record_failure(
     )
     await _set_status(endpoint_id, EndpointStatus.DISCONNECTED, "breaker_open", now)
     return True
+
+
+def probe_by(moment: datetime) -> Case:
+    """``next_probe_at`` moved to `moment` unless a probe is due sooner already.
+
+    An expression for an UPDATE, so the row's own value is compared, not a
+    snapshot's; an empty one means due now and stays so.
+    """
+    return Case(
+        When(
+            Q(next_probe_at__isnull=True) | Q(next_probe_at__lte=moment),
+            then=F("next_probe_at"),
+        ),
+        default=Value(moment),
+        output_field=DateTimeField(),
+    )
 
 
 async def reenable(

@@ -173,6 +173,53 @@ async def test_a_failed_trial_reopens_for_a_full_cooldown(frozen):
     assert endpoint.consecutive_failures == 4
 
 
+async def test_opening_brings_the_next_probe_forward_to_the_end_of_the_cooldown(
+    frozen,
+):
+    endpoint = await make_endpoint(next_probe_at=NOW + timedelta(seconds=300))
+    for _ in range(2):
+        await fail(endpoint)
+    await endpoint.arefresh_from_db()
+    # Counting failures alone moves nothing.
+    assert endpoint.next_probe_at == NOW + timedelta(seconds=300)
+
+    await fail(endpoint)
+
+    await endpoint.arefresh_from_db()
+    assert endpoint.disabled_until == NOW + timedelta(seconds=60)
+    assert endpoint.next_probe_at == endpoint.disabled_until
+
+
+@pytest.mark.parametrize("scheduled", [None, NOW, NOW + timedelta(seconds=10)])
+async def test_opening_keeps_a_probe_that_is_due_sooner(frozen, scheduled):
+    endpoint = await make_endpoint(next_probe_at=scheduled)
+
+    for _ in range(3):
+        await fail(endpoint)
+
+    await endpoint.arefresh_from_db()
+    assert endpoint.disabled_until == NOW + timedelta(seconds=60)
+    assert endpoint.next_probe_at == scheduled
+
+
+async def test_a_failed_trial_brings_the_next_probe_to_the_new_cooldowns_end(frozen):
+    endpoint = await make_endpoint(next_probe_at=NOW + timedelta(seconds=900))
+    for _ in range(3):
+        await fail(endpoint)
+    frozen.shift(61)
+    # The probe at the end of the cooldown was claimed for the usual interval.
+    await Endpoint.objects.filter(pk=endpoint.pk).aupdate(
+        next_probe_at=NOW + timedelta(seconds=61 + 300)
+    )
+    lease = await breaker.claim_trial(await snapshot(endpoint))
+
+    await fail(endpoint, trial_until=lease)
+
+    await endpoint.arefresh_from_db()
+    assert endpoint.disabled_until == NOW + timedelta(seconds=61 + 60)
+    assert endpoint.next_probe_at == endpoint.disabled_until
+
+
 async def test_a_success_resets_the_count_so_failures_must_be_consecutive(frozen):
     endpoint = await make_endpoint()
     await fail(endpoint)
