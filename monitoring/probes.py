@@ -14,6 +14,13 @@ A round is three steps, each usable on its own in tests:
    other endpoints their results, status changes and alerts.
 
 Endpoints the circuit breaker disabled are re-enabled when they probe healthy.
+Opening a circuit brings the endpoint's next probe forward to the end of its
+cooldown (`gateway.breaker`), and a failed probe of an open circuit keeps it
+there, so a recovered endpoint is back within a loop's sleep of the cooldown.
+A probe that finds the cooldown over claims the half-open trial first, so live
+requests skip the endpoint meanwhile instead of paying for the trial; if the
+probe fails, the circuit re-opens for another cooldown, which is also when
+the next probe comes.
 Every text a probe stores comes from an upstream that may be hostile: it is
 stripped of control characters, redacted and cut (`storable_text`) first.
 """
@@ -34,7 +41,7 @@ from typing import Any
 import httpx
 from asgiref.sync import sync_to_async
 from django.db import InterfaceError, OperationalError, transaction
-from django.db.models import Count, F, Q, Sum
+from django.db.models import Case, Count, DateTimeField, F, Q, Sum, Value, When
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
@@ -60,6 +67,8 @@ ERROR_CHARS = 500  # ProbeResult.error's max_length
 CLAIM_LIMIT = 5000
 CLAIM_CHUNK = 500
 PROBE_PROMPT = [{"role": "user", "content": "ping"}]
+# The soonest a failed probe of an open circuit is followed by the next one.
+REPROBE_GAP = timedelta(seconds=5)
 
 
 # --- Text from upstreams ------------------------------------------------------------
@@ -551,6 +560,25 @@ def _health_fields(
     }
 
 
+def _not_after_cooldown(next_at: datetime, now: datetime) -> Case:
+    """`next_at`, or the end of the row's open circuit if that comes sooner.
+
+    Read from the row, not the claimed snapshot: a circuit opened by a web
+    process while this probe ran has moved the probe forward, and this write
+    must not push it back to the probe interval. Never sooner than
+    REPROBE_GAP, so an endpoint with (almost) no cooldown is not probed in a
+    tight loop.
+    """
+    floor = min(next_at, now + REPROBE_GAP)
+    is_open = Q(disabled_until__gt=now)
+    return Case(
+        When(is_open & Q(disabled_until__lt=floor), then=Value(floor)),
+        When(is_open & Q(disabled_until__lt=next_at), then=F("disabled_until")),
+        default=Value(next_at),
+        output_field=DateTimeField(),
+    )
+
+
 def _apply(
     outcome: Outcome, thresholds: Thresholds, report: RecordReport, recheck: timedelta
 ) -> None:
@@ -567,11 +595,17 @@ def _apply(
             old, endpoint.probe_failures, outcome.status, thresholds
         )
         fields = _health_fields(outcome, failures, new, recheck)
+        written = dict(fields)
+        if outcome.status not in UP_STATUSES:
+            # A healthy probe closes the circuit (`reenable_healthy`).
+            written["next_probe_at"] = _not_after_cooldown(
+                fields["next_probe_at"], outcome.checked_at
+            )
         rows = Endpoint.objects.filter(pk=endpoint.pk, status=old)
         if new == old:
-            if rows.update(**fields):
+            if rows.update(**written):
                 return
-        elif rows.update(status=new, status_changed_at=outcome.checked_at, **fields):
+        elif rows.update(status=new, status_changed_at=outcome.checked_at, **written):
             break
         current = Endpoint.objects.filter(pk=endpoint.pk).values_list(
             "status", flat=True
@@ -609,6 +643,61 @@ def _apply(
     )
 
 
+async def claim_trials(
+    targets: list[Target], now: datetime | None = None
+) -> dict[int, datetime]:
+    """Claim the half-open trial of each target whose cooldown is over.
+
+    The probe then is the deployment's one trial of the endpoint: live
+    requests skip it while the probe runs rather than paying for a trial
+    themselves. A trial a live request claimed first is left to it. Returns
+    the lease of each trial claimed, by endpoint id.
+    """
+    now = now or timezone.now()
+    leases: dict[int, datetime] = {}
+    for target in targets:
+        config = target.config
+        if config is None or (
+            breaker.state(config, now) is not breaker.BreakerState.HALF_OPEN
+        ):
+            continue
+        lease = await breaker.claim_trial(config, now)
+        if lease is not None:
+            leases[target.id] = lease
+    return leases
+
+
+async def reopen_failed_trials(
+    outcomes: list[Outcome], leases: dict[int, datetime]
+) -> int:
+    """Re-open for another cooldown each circuit whose trial probe failed.
+
+    Run before `record`, so the health write sees the new cooldown and keeps
+    the next probe at its end: a dead endpoint is probed once per cooldown,
+    not once per loop. Returns how many circuits it re-opened.
+    """
+    reopened = 0
+    for outcome in outcomes:
+        lease = leases.get(outcome.target.id)
+        if lease is None or outcome.status in UP_STATUSES:
+            continue
+        endpoint = outcome.target.endpoint
+        try:
+            if await breaker.record_failure(
+                endpoint.pk,
+                threshold=endpoint.failure_threshold,
+                cooldown_seconds=endpoint.cooldown_seconds,
+                trial_until=lease,
+            ):
+                reopened += 1
+        except Exception:
+            # The lease runs out on its own and the circuit is half-open again.
+            logger.exception(
+                "Could not re-open the circuit of endpoint %s", endpoint.pk
+            )
+    return reopened
+
+
 async def reenable_healthy(report: RecordReport) -> int:
     """Close the breaker of endpoints that probed healthy; how many it closed."""
     closed = 0
@@ -632,6 +721,7 @@ class RoundReport:
     by_status: dict[str, int] = field(default_factory=dict)
     transitions: list[tuple[int, str, str]] = field(default_factory=list)
     reenabled: int = 0
+    reopened: int = 0
     seconds: float = 0.0
 
 
@@ -642,7 +732,9 @@ async def run_round(*, force: bool = False) -> RoundReport:
     targets = await sync_to_async(claim_due)(force=force)
     report = RoundReport(probed=len(targets))
     if targets:
+        leases = await claim_trials(targets)
         outcomes = await probe_all(targets, thresholds=thresholds)
+        report.reopened = await reopen_failed_trials(outcomes, leases)
         recorded = await sync_to_async(record)(outcomes, thresholds=thresholds)
         report.transitions = recorded.transitions
         report.reenabled = await reenable_healthy(recorded)

@@ -174,7 +174,11 @@ class Monitor:
                 await self._pause()
 
     async def _pause(self) -> None:
-        """Sleep while idle; wake at once on stop."""
+        """Sleep while idle; wake at once on stop.
+
+        Each wake costs one indexed query for due probes, so a probe the
+        breaker brought forward while the loop slept runs within one sleep.
+        """
         assert self._stopping is not None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=self.idle_seconds)

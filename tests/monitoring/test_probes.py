@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from unittest import mock
 
 import pytest
 import time_machine
@@ -16,7 +17,7 @@ from asgiref.sync import async_to_sync
 from django.db import connection
 from django.utils import timezone
 
-from gateway import crypto
+from gateway import breaker, crypto
 from gateway.models import Endpoint, EndpointStatus, ModelRoute, ProbeMode
 from gateway.signals import endpoint_status_changed
 from gateway.simulator import Behaviour
@@ -257,6 +258,136 @@ def test_a_failing_probe_leaves_the_breaker_alone(
     endpoint.refresh_from_db()
     assert endpoint.disabled_until == until
     assert endpoint.consecutive_failures == 3
+
+
+def circuit_after_a_round(endpoint: Endpoint) -> tuple[datetime, datetime]:
+    """Run one round at T0; the endpoint's disabled_until and next_probe_at after."""
+    with time_machine.travel(T0, tick=False):
+        run_round()
+    endpoint.refresh_from_db()
+    return endpoint.disabled_until, endpoint.next_probe_at
+
+
+def cooled_down(make_endpoint, **fields: Any) -> Endpoint:
+    """An endpoint whose circuit's cooldown ended at T0, its probe due then."""
+    return make_endpoint(
+        status=EndpointStatus.DISCONNECTED,
+        consecutive_failures=3,
+        disabled_until=T0,
+        next_probe_at=T0,
+        **fields,
+    )
+
+
+def test_a_failing_probe_of_an_open_circuit_comes_back_when_it_ends(
+    upstream, make_endpoint, fast_monitor
+):
+    endpoint = make_endpoint(
+        status=EndpointStatus.DISCONNECTED,
+        consecutive_failures=3,
+        disabled_until=T0 + timedelta(seconds=60),
+    )
+    upstream.set_behaviour(Behaviour(fault="drop"), prefix="e/1")
+
+    # Not the probe interval: the circuit's end is when the next probe counts.
+    assert circuit_after_a_round(endpoint) == (T0 + timedelta(seconds=60),) * 2
+
+
+def test_a_probe_after_the_cooldown_is_the_trial_and_a_failure_backs_off(
+    upstream, make_endpoint, fast_monitor
+):
+    endpoint = cooled_down(make_endpoint, cooldown_seconds=60)
+    upstream.set_behaviour(Behaviour(fault="status", fault_status=503), prefix="e/1")
+
+    with time_machine.travel(T0, tick=False) as clock:
+        report = run_round()
+        endpoint.refresh_from_db()
+        # Re-opened for another cooldown, and probed again when that ends.
+        assert (report.probed, report.reopened) == (1, 1)
+        assert endpoint.disabled_until == T0 + timedelta(seconds=60)
+        assert endpoint.next_probe_at == T0 + timedelta(seconds=60)
+        assert endpoint.consecutive_failures == 4
+
+        # Not a tight loop: nothing is due until the cooldown is over.
+        clock.shift(30)
+        assert run_round().probed == 0
+        clock.shift(30)
+        assert run_round().reopened == 1
+        endpoint.refresh_from_db()
+        assert endpoint.disabled_until == T0 + timedelta(seconds=120)
+        assert endpoint.next_probe_at == T0 + timedelta(seconds=120)
+
+        upstream.set_behaviour(Behaviour(), prefix="e/1")
+        clock.shift(60)
+        report = run_round()
+
+    endpoint.refresh_from_db()
+    assert (report.reenabled, report.reopened) == (1, 0)
+    assert (endpoint.disabled_until, endpoint.consecutive_failures) == (None, 0)
+    assert endpoint.status == EndpointStatus.CONNECTED
+    assert endpoint.next_probe_at == T0 + timedelta(seconds=120 + 300)
+    assert [r.path for r in upstream.requests] == ["/e/1/v1/models"] * 3
+
+
+def test_an_endpoint_without_a_cooldown_is_not_probed_in_a_tight_loop(
+    upstream, make_endpoint, fast_monitor
+):
+    endpoint = cooled_down(make_endpoint, cooldown_seconds=0)
+    upstream.set_behaviour(Behaviour(fault="drop"), prefix="e/1")
+
+    # The clock runs: the re-opened "cooldown" ends just after the probe began.
+    with time_machine.travel(T0, tick=True):
+        assert run_round().reopened == 1
+
+    endpoint.refresh_from_db()
+    checked_at = ProbeResult.objects.get().checked_at
+    assert endpoint.disabled_until > checked_at
+    assert endpoint.next_probe_at == checked_at + probes.REPROBE_GAP
+
+
+def test_a_trial_a_live_request_holds_is_left_to_it(
+    upstream, make_endpoint, fast_monitor
+):
+    endpoint = cooled_down(make_endpoint)
+    upstream.set_behaviour(Behaviour(fault="drop"), prefix="e/1")
+    lease = T0 + timedelta(seconds=20)
+    real_claim_trial = breaker.claim_trial
+
+    async def claimed_first(config, now=None):
+        # A web process takes the trial between the claim and the probe.
+        await Endpoint.objects.filter(pk=config.id).aupdate(disabled_until=lease)
+        return await real_claim_trial(config, now)
+
+    with (
+        mock.patch.object(breaker, "claim_trial", claimed_first),
+        time_machine.travel(T0, tick=False),
+    ):
+        report = run_round()
+
+    endpoint.refresh_from_db()
+    assert report.reopened == 0
+    assert (endpoint.disabled_until, endpoint.consecutive_failures) == (lease, 3)
+    # Looked at again when that trial's lease runs out.
+    assert endpoint.next_probe_at == lease
+
+
+def test_a_circuit_opened_while_a_probe_ran_keeps_its_earlier_probe(
+    upstream, make_endpoint, fast_monitor, monkeypatch
+):
+    endpoint = make_endpoint(
+        status=EndpointStatus.CONNECTED, failure_threshold=1, cooldown_seconds=60
+    )
+    upstream.set_behaviour(Behaviour(fault="drop"), prefix="e/1")
+    real_probe_all = probes.probe_all
+
+    async def opened_meanwhile(targets, **kwargs):
+        outcomes = await real_probe_all(targets, **kwargs)
+        await breaker.record_failure(endpoint.pk, threshold=1, cooldown_seconds=60)
+        return outcomes
+
+    monkeypatch.setattr(probes, "probe_all", opened_meanwhile)
+
+    assert circuit_after_a_round(endpoint) == (T0 + timedelta(seconds=60),) * 2
 
 
 def test_one_hanging_endpoint_does_not_delay_the_others(

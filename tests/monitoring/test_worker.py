@@ -19,15 +19,17 @@ from django.conf import settings as django_settings
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from gateway import accounting
+from gateway import accounting, client, router
 from gateway.models import (
     Budget,
     BudgetCounter,
     BudgetHold,
     BudgetScope,
     Endpoint,
+    ModelRoute,
     UsageRecord,
 )
+from gateway.simulator import Behaviour
 from monitoring import probes
 from monitoring.lease import Lease
 from monitoring.models import MonitorLease, ProbeResult
@@ -281,4 +283,63 @@ def test_the_running_monitor_sweeps_what_a_killed_process_held(owner, fast_monit
     async_to_sync(scenario)()
 
     assert BudgetCounter.objects.get(budget=budget).reserved_tokens == 0
+    assert BudgetHold.objects.count() == 0
+
+
+# --- Recovery after the breaker opened ----------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_opened_circuit_is_closed_by_a_probe_soon_after_its_cooldown(
+    upstream, make_endpoint, fast_monitor
+):
+    cooldown = 2
+    endpoint = make_endpoint(
+        failure_threshold=1,
+        cooldown_seconds=cooldown,
+        max_retries=1,
+        timeout=5,
+        # The next scheduled probe is far off: only the breaker brings it in.
+        next_probe_at=timezone.now() + timedelta(seconds=300),
+    )
+    ModelRoute.objects.create(
+        model_name="house-model", endpoint=endpoint, upstream_model="sim-small"
+    )
+    upstream.set_behaviour(Behaviour(fault="status", fault_status=503), prefix="e/1")
+    row = sync_to_async(lambda: Endpoint.objects.get(pk=endpoint.pk))
+
+    async def scenario() -> tuple[Endpoint, Endpoint]:
+        router.forget_routes()
+        messages = [{"role": "user", "content": "hello"}]
+        async with router.stream_chat("house-model", messages) as stream:
+            assert [e async for e in stream][-1].result.error is not None
+        opened = await row()
+        upstream.set_behaviour(Behaviour(), prefix="e/1")
+        monitor = Monitor()
+        task = asyncio.create_task(monitor.run())
+        try:
+            within = (opened.disabled_until - timezone.now()).total_seconds() + 5
+            async with asyncio.timeout(within):
+                # Written by the monitor's thread: there is no event to wait on.
+                while (await row()).disabled_until is not None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        finally:
+            monitor.stop()
+            await task
+            await client.aclose_all()
+            router.forget_routes()
+        return opened, await row()
+
+    opened, closed = async_to_sync(scenario)()
+
+    assert opened.disabled_until is not None
+    assert opened.next_probe_at == opened.disabled_until
+    assert (closed.consecutive_failures, closed.status) == (0, "connected")
+    # The one live request found it down; the probe alone brought it back,
+    # and the probe used up no one's budget or rate limit.
+    paths = [r.path for r in upstream.requests]
+    assert paths[0] == "/e/1/v1/chat/completions"
+    assert set(paths[1:]) == {"/e/1/v1/models"}
+    assert ProbeResult.objects.filter(status="connected").exists()
+    assert UsageRecord.objects.count() == 0
     assert BudgetHold.objects.count() == 0
