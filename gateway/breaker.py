@@ -74,11 +74,12 @@ def seconds_until_half_open(
 def trial_lease(config: EndpointConfig) -> timedelta:
     """How long a half-open trial keeps other processes away.
 
-    A trial is decided by its first chunk, so it needs at most the connect
-    timeout plus one read timeout.
+    A streamed trial is decided by its first chunk, so it needs at most the
+    connect timeout plus the first-token timeout.  (A plain trial may take
+    longer; past the lease, one more request may try the endpoint too.)
     """
     return timedelta(
-        seconds=config.connect_timeout + config.timeout + TRIAL_LEASE_MARGIN
+        seconds=config.connect_timeout + config.first_token_timeout + TRIAL_LEASE_MARGIN
     )
 
 

@@ -32,9 +32,12 @@ Bounds on what an upstream sends, each a setting (per stream):
   may arrive before the first chunk with content (role-only and empty chunks);
 - GATEWAY_MAX_STREAM_BYTES: the whole streamed body, a backstop for output
   that is not text (the router counts text tokens against max_tokens);
-- idle time: the endpoint's ``timeout`` counted from the last chunk with
-  content, so SSE comments and empty chunks do not keep a stream alive (time
-  the caller takes to consume a chunk is not the endpoint's and not counted);
+- time, per endpoint: ``connect_timeout`` to connect; ``first_token_timeout``
+  until a stream's first chunk with content; ``timeout`` between chunks with
+  content after it, so SSE comments and empty chunks do not keep a stream
+  alive (time the caller takes to consume a chunk is not the endpoint's and
+  not counted); ``request_timeout`` for a whole attempt (a plain answer, or a
+  whole stream).  Each raises `APITimeoutError`;
 - the caller's deadline (the router's GATEWAY_REQUEST_MAX_SECONDS).
 
 The time bounds are enforced by one timer per stream, re-armed only when it
@@ -225,10 +228,15 @@ class EndpointConfig:
     name: str
     base_url: str
     api_key: str = field(default="", repr=False)
-    timeout: float = 120.0
-    connect_timeout: float = 10.0
+    # Between chunks once a stream has begun (the Endpoint's `timeout`).
+    timeout: float = 60.0
+    connect_timeout: float = 5.0
+    first_token_timeout: float = 30.0
+    # One attempt in all: a plain answer, or a whole stream.
+    request_timeout: float = 120.0
     extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     max_retries: int = 3
+    retries_before_failover: int = 0
     backoff_multiplier: float = 2.0
     failure_threshold: int = 3
     cooldown_seconds: float = 60.0
@@ -240,6 +248,10 @@ class EndpointConfig:
     # Breaker state as loaded with the routes; the breaker itself is shared.
     consecutive_failures: int = 0
     disabled_until: datetime | None = None
+    # Rate-limit rest after a 429 (see gateway.router), and the last probe's
+    # latency, the router's guess of how fast this endpoint answers.
+    resting_until: datetime | None = None
+    last_latency_ms: float | None = None
     chat_url: str = field(init=False, repr=False)
     models_url: str = field(init=False, repr=False)
     # What the pooled clients depend on: a change builds new clients.
@@ -258,7 +270,7 @@ class EndpointConfig:
             (
                 base,
                 self.api_key,
-                self.timeout,
+                self.request_timeout,
                 self.connect_timeout,
                 self.extra_headers,
             ),
@@ -294,8 +306,11 @@ class EndpointConfig:
             api_key=api_key,
             timeout=float(endpoint.timeout),
             connect_timeout=float(endpoint.connect_timeout),
+            first_token_timeout=float(endpoint.first_token_timeout),
+            request_timeout=float(endpoint.request_timeout),
             extra_headers=tuple(sorted((str(k), str(v)) for k, v in headers.items())),
             max_retries=max(1, int(endpoint.max_retries)),
+            retries_before_failover=max(0, int(endpoint.retries_before_failover)),
             backoff_multiplier=float(endpoint.backoff_multiplier),
             failure_threshold=max(1, int(endpoint.failure_threshold)),
             cooldown_seconds=float(endpoint.cooldown_seconds),
@@ -306,6 +321,8 @@ class EndpointConfig:
             enabled=bool(endpoint.enabled),
             consecutive_failures=int(endpoint.consecutive_failures),
             disabled_until=endpoint.disabled_until,
+            resting_until=endpoint.resting_until,
+            last_latency_ms=endpoint.last_latency_ms,
         )
 
     def redact(self, text: str) -> str:
@@ -380,12 +397,12 @@ class EndpointPool:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.fingerprint = config.pool_fingerprint
-        timeout = httpx.Timeout(
-            config.timeout,
-            connect=config.connect_timeout,
-            # Waiting for a free connection is queueing, not a dead endpoint.
-            pool=config.timeout,
-        )
+        # httpx's read timeout restarts with every byte; the stricter stream
+        # timers (first token, between chunks) are `_Watchdog`'s.  A plain
+        # answer arrives in one piece at the end, so reads may take as long as
+        # the whole attempt.  Waiting for a free connection is queueing, not a
+        # dead endpoint.
+        timeout = httpx.Timeout(config.request_timeout, connect=config.connect_timeout)
         self.clients = [
             httpx.AsyncClient(
                 http2=True,
@@ -876,37 +893,58 @@ def deadline_error(config: EndpointConfig) -> APIDeadlineError:
 
 
 @contextlib.asynccontextmanager
-async def _until(config: EndpointConfig, deadline: float | None) -> AsyncIterator[None]:
-    """Run the block until `deadline` (time.monotonic()); None: no limit."""
-    if deadline is None:
+async def _until(
+    config: EndpointConfig, deadline: float | None, *, cap: float | None = None
+) -> AsyncIterator[None]:
+    """Run the block until `deadline` (time.monotonic()) or for `cap` seconds.
+
+    Reaching the deadline raises `APIDeadlineError` (the whole request is
+    over); reaching the cap first raises `APITimeoutError` (this attempt is).
+    """
+    capped = None if cap is None else time.monotonic() + cap
+    limit = (
+        deadline
+        if capped is None or (deadline is not None and deadline <= capped)
+        else capped
+    )
+    if limit is None:
         yield
         return
     try:
-        async with asyncio.timeout(deadline - time.monotonic()):
+        async with asyncio.timeout(limit - time.monotonic()):
             yield
     except TimeoutError:
-        raise deadline_error(config) from None
+        if limit == deadline:
+            raise deadline_error(config) from None
+        raise APITimeoutError(f"no answer within {cap:g} s", endpoint=config) from None
 
 
 class _Watchdog:
-    """Ends a stream's reads when content stops coming or the deadline passes.
+    """Ends a stream's reads when content is late or the time is up.
 
     httpx's read timeout restarts with every byte, so keep-alive comments or
-    empty chunks would hold a stream open for ever.  This timer counts from
-    the last chunk with content instead.  Content only stores a clock reading;
-    the one timer is re-armed when it fires early, and cancels the task only
-    while it waits in a read (`task` is set), like `asyncio.timeout` does.
+    empty chunks would hold a stream open for ever.  This timer counts in
+    content instead: the first must come within the endpoint's
+    ``first_token_timeout``, each next within its ``timeout`` of the last, and
+    the whole stream within its ``request_timeout`` (each an `APITimeoutError`,
+    which fails over); the caller's deadline ends the request
+    (`APIDeadlineError`).  Content only stores a clock reading; the one timer
+    is re-armed when it fires early, and cancels the task only while it waits
+    in a read (`task` is set), like `asyncio.timeout` does.
     """
 
     __slots__ = (
+        "attempt_limit",
         "cancelling",
         "config",
         "deadline",
         "expired",
         "fired",
+        "first_limit",
         "handle",
         "idle",
         "last_content",
+        "seen_content",
         "task",
     )
 
@@ -914,7 +952,11 @@ class _Watchdog:
         self.config = config
         self.idle = config.timeout
         self.deadline = deadline
-        self.last_content = time.monotonic()
+        now = time.monotonic()
+        self.last_content = now
+        self.seen_content = False
+        self.first_limit = now + config.first_token_timeout
+        self.attempt_limit = now + config.request_timeout
         # The task waiting in a read, while it waits.
         self.task: asyncio.Task[Any] | None = None
         self.expired: APIClientError | None = None
@@ -923,8 +965,20 @@ class _Watchdog:
         self.handle: asyncio.TimerHandle | None = None
         self._arm()
 
+    def content(self) -> None:
+        """A chunk with content arrived."""
+        self.last_content = time.monotonic()
+        if not self.seen_content:
+            self.seen_content = True
+            # The between-chunks limit may come before the first-token one
+            # the timer waits for: re-arm it, once per stream.
+            if self.handle is not None:
+                self.handle.cancel()
+                self._arm()
+
     def _limit(self) -> float:
-        limit = self.last_content + self.idle
+        first = self.last_content + self.idle if self.seen_content else self.first_limit
+        limit = min(first, self.attempt_limit)
         if self.deadline is not None and self.deadline < limit:
             return self.deadline
         return limit
@@ -941,15 +995,25 @@ class _Watchdog:
         task = self.task
         if self.deadline is not None and now >= self.deadline:
             self.expired = deadline_error(self.config)
+        elif now >= self.attempt_limit:
+            self.expired = APITimeoutError(
+                f"the answer took longer than {self.config.request_timeout:g} s",
+                endpoint=self.config,
+            )
         elif task is None:
             # Not waiting for the upstream: the caller is slow to take the
             # last chunk (a slow /v1 client), which is not the endpoint's fault.
             self.last_content = now
             self._arm()
             return
-        else:
+        elif self.seen_content:
             self.expired = APITimeoutError(
                 f"no content for {self.idle:g} s", endpoint=self.config
+            )
+        else:
+            self.expired = APITimeoutError(
+                f"no first token within {self.config.first_token_timeout:g} s",
+                endpoint=self.config,
             )
         self.handle = None
         if task is not None and not task.done():
@@ -1002,7 +1066,7 @@ async def _fetch(
     pool = (client_pools or pools).pool(config)
     client = pool.checkout()
     try:
-        async with _until(config, deadline):
+        async with _until(config, deadline, cap=config.request_timeout):
             request = client.build_request(method, url, content=content)
             response = await client.send(request, stream=True)
             try:
@@ -1132,6 +1196,9 @@ async def stream_completion(
         while True:
             if watchdog.expired is not None:
                 raise watchdog.expired
+            # Read by whichever task iterates now: a hedged attempt is opened
+            # by one task and read to its end by another.
+            task = asyncio.current_task()
             watchdog.task = task
             try:
                 raw = await iterator.__anext__()
@@ -1172,7 +1239,7 @@ async def stream_completion(
                 if event == b"error" or ("error" in chunk and not chunk.get("choices")):
                     raise _chunk_error(config, chunk.get("error", chunk))
                 if has_content(chunk):
-                    watchdog.last_content = time.monotonic()
+                    watchdog.content()
                     if not seen_content:
                         seen_content = True
                         byte_limit = limits.stream_bytes

@@ -93,19 +93,48 @@ class Endpoint(models.Model):
     priority = models.PositiveSmallIntegerField(
         default=100, help_text="Lower is tried first when routes tie."
     )
+    connect_timeout = models.FloatField(
+        default=5.0,
+        validators=[MinValueValidator(0.1)],
+        help_text="Seconds to open a connection.",
+    )
+    first_token_timeout = models.FloatField(
+        default=30.0,
+        validators=[MinValueValidator(0.1)],
+        help_text=(
+            "Seconds a stream may take to send its first content before the "
+            "request fails over. A hung endpoint costs at most this."
+        ),
+    )
     timeout = models.FloatField(
+        "between-chunks timeout",
+        default=60.0,
+        validators=[MinValueValidator(0.1)],
+        help_text="Seconds a stream may go without content once it has begun.",
+    )
+    request_timeout = models.FloatField(
         default=120.0,
         validators=[MinValueValidator(0.1)],
-        help_text="Seconds to wait for a response or for the next streamed chunk.",
+        help_text=(
+            "Seconds one attempt may take in all: a plain answer, or a whole stream."
+        ),
     )
-    connect_timeout = models.FloatField(
-        default=10.0, validators=[MinValueValidator(0.1)]
+    retries_before_failover = models.PositiveSmallIntegerField(
+        default=0,
+        validators=[MaxValueValidator(10)],
+        help_text=(
+            "Extra attempts on this endpoint before the next route is tried. "
+            "Usually 0: failing over is faster than backing off."
+        ),
     )
     max_retries = models.PositiveSmallIntegerField(
         "retry attempts",
         default=3,
         validators=[MinValueValidator(1), MaxValueValidator(10)],
-        help_text="Attempts per request on this endpoint before failing over.",
+        help_text=(
+            "Attempts, with exponential backoff, when no other route can take "
+            "the request."
+        ),
     )
     backoff_multiplier = models.FloatField(
         default=2.0, validators=[MinValueValidator(0)]
@@ -154,6 +183,10 @@ class Endpoint(models.Model):
         default=0, help_text="Failed probes in a row."
     )
     disabled_until = models.DateTimeField(null=True, blank=True)
+    # Set by a 429 whose Retry-After was worth failing over for: requests skip
+    # the endpoint until then without calling it. Not a failure: the breaker
+    # and the status stay as they are.
+    resting_until = models.DateTimeField(null=True, blank=True)
     last_checked_at = models.DateTimeField(null=True, blank=True)
     last_latency_ms = models.FloatField(null=True, blank=True)
     next_probe_at = models.DateTimeField(null=True, blank=True)
@@ -165,7 +198,10 @@ class Endpoint(models.Model):
         ordering = ["priority", "name"]
         constraints = [
             models.CheckConstraint(
-                condition=Q(timeout__gt=0) & Q(connect_timeout__gt=0),
+                condition=Q(timeout__gt=0)
+                & Q(connect_timeout__gt=0)
+                & Q(first_token_timeout__gt=0)
+                & Q(request_timeout__gt=0),
                 name="endpoint_timeouts_positive",
             ),
             models.CheckConstraint(
@@ -288,6 +324,17 @@ class ModelRoute(models.Model):
     )
     output_price_per_1k = models.DecimalField(
         max_digits=12, decimal_places=6, null=True, blank=True
+    )
+    hedge_after_ms = models.PositiveIntegerField(
+        "hedge after (ms)",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text=(
+            "Empty: off. After this many milliseconds without a first token "
+            "from this route, start the next route too and keep whichever "
+            "answers first. Both attempts are paid for."
+        ),
     )
 
     class Meta:
@@ -623,6 +670,8 @@ class UsageRecord(models.Model):
     error_message = models.CharField(max_length=500, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
     fallback_hops = models.JSONField(default=list, blank=True)
+    # Every attempt and skip of the request in order: endpoint, outcome, time.
+    trail = models.JSONField(default=list, blank=True)
     cost = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)
 
     class Meta:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -67,12 +68,17 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
-from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, stop_any
+from tenacity import AsyncRetrying, RetryCallState
 from tenacity.stop import stop_base
 
-from gateway import breaker, response_cache, sanitize, tokens
+from gateway import breaker, response_cache, resting, sanitize, tokens
 from gateway import client as upstream
-from gateway.client import APIClientError, APIDeadlineError, EndpointConfig
+from gateway.client import (
+    APIClientError,
+    APIDeadlineError,
+    APIRateLimitError,
+    EndpointConfig,
+)
 from gateway.context import (
     ContextMessage,
     ContextStatus,
@@ -126,6 +132,8 @@ class Route:
     endpoint: EndpointConfig
     input_price_per_1k: Decimal | None = None
     output_price_per_1k: Decimal | None = None
+    # Race the next route after this long without a first token (None: off).
+    hedge_after_ms: int | None = None
 
     @classmethod
     def from_model(cls, route: ModelRoute) -> Route:
@@ -140,6 +148,7 @@ class Route:
             endpoint=EndpointConfig.from_model(route.endpoint),
             input_price_per_1k=route.input_price_per_1k,
             output_price_per_1k=route.output_price_per_1k,
+            hedge_after_ms=route.hedge_after_ms,
         )
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal | None:
@@ -247,6 +256,54 @@ class Hop:
         }
 
 
+# What became of one attempt (or skip) in a request's trail.
+OK = "ok"
+FAILED = "failed"
+SKIPPED = "skipped"
+CANCELLED = "cancelled"
+HEDGE_LOST = "hedge_lost"
+# Not yet known: the attempt is streaming.
+OPEN = "open"
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One step of a request's trail: an attempt on an endpoint, or a skip.
+
+    Times are milliseconds from the start of the request.  A lost hedge keeps
+    the prompt tokens it was sent: the upstream may bill them.
+    """
+
+    endpoint: str
+    endpoint_id: int | None
+    started_ms: float
+    outcome: str = OPEN
+    duration_ms: float = 0.0
+    reason: str = ""
+    status_code: int | None = None
+    mid_stream: bool = False
+    prompt_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for UsageRecord.trail."""
+        data: dict[str, Any] = {
+            "endpoint": self.endpoint,
+            "endpoint_id": self.endpoint_id,
+            "outcome": self.outcome,
+            "started_ms": round(self.started_ms, 1),
+            "duration_ms": round(self.duration_ms, 1),
+        }
+        if self.reason:
+            data["reason"] = self.reason
+        if self.status_code is not None:
+            data["status_code"] = self.status_code
+        if self.mid_stream:
+            data["mid_stream"] = True
+        if self.prompt_tokens is not None:
+            data["prompt_tokens"] = self.prompt_tokens
+        return data
+
+
 @dataclass(frozen=True, slots=True)
 class Segment:
     """The part of an answer one route produced, and its tokens."""
@@ -321,6 +378,10 @@ class RouterResult:
     raw: dict[str, Any] | None = None
     # The gateway's own bound that ended the answer ("max_tokens"), if any.
     limit_reason: str | None = None
+    # Every attempt and skip, in order.
+    trail: list[Attempt] = field(default_factory=list)
+    # How old a cached (degraded-mode) answer is, in seconds.
+    cached_age_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -372,6 +433,41 @@ class Fallback:
     hop: Hop
 
 
+# Kinds of Status.
+FAILOVER = "failover"
+RETRY = "retry"
+RATE_LIMIT_WAIT = "rate_limit_wait"
+HEDGE = "hedge"
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What the call is doing while the answer waits: a live status line.
+
+    `text` is one sentence ready to show ("demo-primary failed (HTTP 503),
+    trying demo-fallback…"); the other fields say the same for programs.
+    """
+
+    kind: str
+    text: str
+    endpoint: str
+    to_endpoint: str | None = None
+    seconds: float | None = None
+    status_code: int | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "text": self.text,
+            "endpoint": self.endpoint,
+            "to_endpoint": self.to_endpoint,
+            "seconds": self.seconds,
+            "status_code": self.status_code,
+            "reason": self.reason,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Finished:
     """The last event: the complete result, successful or not."""
@@ -379,7 +475,7 @@ class Finished:
     result: RouterResult
 
 
-RouterEvent = Started | Delta | Fallback | Finished
+RouterEvent = Started | Delta | Fallback | Status | Finished
 
 
 # --- Retry policy -------------------------------------------------------------
@@ -433,10 +529,126 @@ class _Candidate:
     status: ContextStatus
     # The half-open lease this request holds, if it is the trial.
     trial: datetime | None
+    # Its place in the call's routes (a lost hedge is put back there).
+    index: int = 0
+    # The call's generation it was fitted for (see `_Call.continue_answer`).
+    generation: int = 0
     circuit_opened: bool = False
     # A request counts once against the breaker however often it retried, so
     # one bad minute of a flaky endpoint does not take it out for everyone.
     failure_counted: bool = False
+    # Attempts made on this route by this request, and how the last ended.
+    attempts: int = 0
+    error: APIClientError | None = None
+    # Whether it failed after sending text (its messages are stale then).
+    mid_stream: bool = False
+    # The route that gets the retries when no other route can answer.
+    last_resort: bool = False
+    # A wait to do (and say) before the next attempt.
+    wait: tuple[float, Status] | None = None
+    # The attempt in flight.
+    attempt: Attempt | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """A route that answered: its stream (and chunks read) or its body."""
+
+    candidate: _Candidate
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A route that gave up, and the error it ended with."""
+
+    candidate: _Candidate
+    error: APIClientError
+
+
+# How a hop's reason reads in a status line.
+_WHY = {
+    "timeout": "timed out",
+    "connection_error": "connection failed",
+    "server_error": "server error",
+    "rate_limited": "rate limited",
+    "malformed_response": "bad response",
+    "stream_limit": "sent too much",
+    "endpoint_rejected": "refused the request",
+    "request_deadline": "out of time",
+}
+_SKIPPED_BECAUSE = {
+    "circuit_open": "is down",
+    "circuit_half_open": "is being tested by another request",
+    "resting": "is rate limited",
+    "context_window_exceeded": "cannot fit the conversation",
+    "rate_limited_locally": "is at its rate limit",
+    "hedge_lost": "was slower",
+}
+# How fast a route is assumed to answer when its probes have not said.
+DEFAULT_EXPECTED_LATENCY = 1.0
+
+
+def _detail(reason: str, status_code: int | None) -> str:
+    if status_code:
+        return f"HTTP {status_code}"
+    return _WHY.get(reason, reason.replace("_", " "))
+
+
+def _whole_seconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
+def _failover_status(hop: Hop) -> Status:
+    """The status line of moving from a hop's endpoint to the next."""
+    to = hop.to_endpoint or ""
+    if hop.mid_stream:
+        text = (
+            f"{hop.endpoint} stopped mid-answer "
+            f"({_detail(hop.reason, hop.status_code)}), continuing on {to}…"
+        )
+    elif hop.reason in _SKIPPED_BECAUSE:
+        text = f"{hop.endpoint} {_SKIPPED_BECAUSE[hop.reason]}, trying {to}…"
+    else:
+        text = (
+            f"{hop.endpoint} failed ({_detail(hop.reason, hop.status_code)}), "
+            f"trying {to}…"
+        )
+    return Status(
+        FAILOVER,
+        text,
+        hop.endpoint,
+        to_endpoint=to,
+        status_code=hop.status_code,
+        reason=hop.reason,
+    )
+
+
+def _wait_status(name: str, error: APIClientError | None, seconds: float) -> Status:
+    """The status line of waiting before another attempt on an endpoint."""
+    whole = _whole_seconds(seconds)
+    if isinstance(error, APIRateLimitError) or error is None:
+        return Status(
+            RATE_LIMIT_WAIT,
+            f"waiting for {name}'s rate limit ({whole} s)…",
+            name,
+            seconds=seconds,
+            status_code=error.status_code if error is not None else None,
+            reason="rate_limited",
+        )
+    return Status(
+        RETRY,
+        f"{name} failed ({_detail(error.reason, error.status_code)}), "
+        f"retrying in {whole} s…",
+        name,
+        seconds=seconds,
+        status_code=error.status_code,
+        reason=error.reason,
+    )
+
+
+async def _no_sleep(seconds: float) -> None:
+    """Tenacity's sleep: the router waits itself, after saying so."""
 
 
 def _as_dict(message: Message) -> Mapping[str, Any]:
@@ -491,7 +703,14 @@ class _Call:
         # The route answering now, and what it has sent so far.
         self.current: _Candidate | None = None
         self.last_candidate: _Candidate | None = None
-        self.route_attempts = 0
+        # Routes tried, in order; routes skipped because they rest.
+        self.tried: list[_Candidate] = []
+        self.rested: list[Route] = []
+        # Bumped when a mid-stream failover changes the messages.
+        self.generation = 0
+        # Whether the retries of last resort were spent (once per generation).
+        self.resorted = False
+        self.trail: list[Attempt] = []
         self.parts: list[str] = []
         self.finish_reason: str | None = None
         self.usage: Any = None
@@ -527,6 +746,16 @@ class _Call:
             )
         return True
 
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def bounded_wait(self, seconds: float) -> float:
+        """A wait cut to the time the request has left."""
+        return min(self.seconds_left(), max(0.0, seconds))
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
     def ended_by(self, exc: APIClientError) -> bool:
         """Whether an error ends the whole call (no retry, no other route)."""
         if isinstance(exc, APIDeadlineError):
@@ -555,6 +784,17 @@ class _Call:
     ) -> None:
         """Note a hop; its destination is filled in when the next route starts."""
         config = route.endpoint
+        if not attempts:
+            # Attempts are in the trail already; a skip is its own entry.
+            self.trail.append(
+                Attempt(
+                    config.name,
+                    config.id,
+                    self.elapsed_ms(),
+                    outcome=SKIPPED,
+                    reason=reason,
+                )
+            )
         self.pending.append(
             Hop(
                 endpoint=config.name,
@@ -590,42 +830,125 @@ class _Call:
         while self.index < len(self.routes):
             if self.out_of_time():
                 return None
-            route = self.routes[self.index]
+            index = self.index
             self.index += 1
-            config = route.endpoint
-            now = timezone.now()
-            state = breaker.state(config, now)
-            if state is breaker.BreakerState.OPEN:
-                self.retry_hints.append(breaker.seconds_until_half_open(config, now))
-                self.skip(route, "circuit_open")
-                continue
-            try:
-                messages, status = fit_context(
-                    self.messages,
-                    model=route.upstream_model,
-                    context_window=route.context_window,
-                    max_output_tokens=route.max_output_tokens,
-                )
-            except ContextWindowExceeded as exc:
-                self.context_error = exc
-                self.skip(route, "context_window_exceeded")
-                continue
-            if self.admit is not None and not await self.admit(
-                config, status.tokens + self._output_tokens(route)
-            ):
-                self.skip(route, "rate_limited_locally")
-                continue
-            trial = None
-            if state is breaker.BreakerState.HALF_OPEN:
-                trial = await breaker.claim_trial(config, now)
-                # Whoever won, the snapshot's disabled_until is stale now.
-                forget_routes()
-                if trial is None:
-                    self.retry_hints.append(breaker.trial_lease(config).total_seconds())
-                    self.skip(route, "circuit_half_open")
-                    continue
-            return _Candidate(route, messages, status, trial)
+            candidate = await self.prepare(self.routes[index], index)
+            if candidate is not None:
+                return candidate
         return None
+
+    async def prepare(
+        self, route: Route, index: int, *, rest_over: bool = False
+    ) -> _Candidate | None:
+        """A candidate for a route, or None after noting why it is skipped.
+
+        `rest_over`: the caller waited out the route's rate-limit rest.
+        """
+        config = route.endpoint
+        now = timezone.now()
+        state = breaker.state(config, now)
+        if state is breaker.BreakerState.OPEN:
+            self.retry_hints.append(breaker.seconds_until_half_open(config, now))
+            self.skip(route, "circuit_open")
+            return None
+        if not rest_over and (left := resting.seconds_left(config, now)) > 0:
+            self.retry_hints.append(left)
+            self.rested.append(route)
+            self.skip(route, "resting")
+            return None
+        try:
+            messages, status = fit_context(
+                self.messages,
+                model=route.upstream_model,
+                context_window=route.context_window,
+                max_output_tokens=route.max_output_tokens,
+            )
+        except ContextWindowExceeded as exc:
+            self.context_error = exc
+            self.skip(route, "context_window_exceeded")
+            return None
+        if self.admit is not None and not await self.admit(
+            config, status.tokens + self._output_tokens(route)
+        ):
+            self.skip(route, "rate_limited_locally")
+            return None
+        trial = None
+        if state is breaker.BreakerState.HALF_OPEN:
+            trial = await breaker.claim_trial(config, now)
+            # Whoever won, the snapshot's disabled_until is stale now.
+            forget_routes()
+            if trial is None:
+                self.retry_hints.append(breaker.trial_lease(config).total_seconds())
+                self.skip(route, "circuit_half_open")
+                return None
+        return _Candidate(
+            route, messages, status, trial, index=index, generation=self.generation
+        )
+
+    async def last_resort(self) -> _Candidate | None:
+        """Once every route was tried: the one to spend the retries on, if any.
+
+        Failing over is faster than backing off, so routes get one attempt
+        (plus their own `retries_before_failover`) while another route can take
+        the request.  When none is left, the retries with exponential backoff
+        go to the last route that may still answer: the latest tried whose
+        error is worth another attempt, else a resting route whose rest ends
+        within GATEWAY_MAX_RETRY_AFTER.  Its first wait is set on it.
+        """
+        if self.resorted or self.out_of_time():
+            return None
+        self.resorted = True
+        policy = self.policy
+        for candidate in reversed(self.tried):
+            if candidate.generation != self.generation:
+                break
+            config = candidate.route.endpoint
+            error = candidate.error
+            if (
+                error is None
+                or candidate.trial is not None
+                or candidate.circuit_opened
+                or candidate.mid_stream
+                or candidate.attempts >= config.max_retries
+                or not policy.retryable(error)
+            ):
+                continue
+            candidate.last_resort = True
+            # Tried again, not left: its hop is noted again if it fails again.
+            self.pending = [
+                hop
+                for hop in self.pending
+                if hop.endpoint_id != config.id or hop.endpoint != config.name
+            ]
+            seconds = self.bounded_wait(policy.wait(config, candidate.attempts, error))
+            candidate.wait = (seconds, _wait_status(config.name, error, seconds))
+            return candidate
+        for route in self.rested:
+            left = resting.seconds_left(route.endpoint)
+            if left > policy.max_retry_after or left >= self.seconds_left():
+                continue
+            candidate = await self.prepare(
+                route, self.routes.index(route), rest_over=True
+            )
+            if candidate is not None:
+                candidate.last_resort = True
+                candidate.wait = (left, _wait_status(route.endpoint.name, None, left))
+                return candidate
+        return None
+
+    def next_route_latency(self, candidate: _Candidate) -> float:
+        """How soon the next usable route is expected to answer (inf: none)."""
+        now = timezone.now()
+        for route in self.routes[candidate.index + 1 :]:
+            config = route.endpoint
+            if breaker.state(config, now) is breaker.BreakerState.OPEN:
+                continue
+            if resting.seconds_left(config, now) > 0:
+                continue
+            if config.last_latency_ms is not None:
+                return config.last_latency_ms / 1000
+            return DEFAULT_EXPECTED_LATENCY
+        return math.inf
 
     def _output_tokens(self, route: Route) -> int:
         asked = self.params.get("max_completion_tokens") or self.params.get(
@@ -655,48 +978,136 @@ class _Call:
 
     # -- attempts
 
+    def attempts_allowed(
+        self, candidate: _Candidate, error: BaseException | None
+    ) -> int:
+        """How many attempts this route gets in all, after `error`."""
+        config = candidate.route.endpoint
+        if candidate.trial is not None:
+            return 1
+        if candidate.last_resort:
+            return config.max_retries
+        allowed = 1 + config.retries_before_failover
+        if (
+            isinstance(error, APIRateLimitError)
+            and error.retry_after is not None
+            and error.retry_after <= self.next_route_latency(candidate)
+        ):
+            # Waiting the rate limit out is quicker than the next route.
+            allowed = max(allowed, config.max_retries)
+        return allowed
+
     def retrying(self, candidate: _Candidate) -> AsyncRetrying:
-        """Tenacity for one route: a half-open trial gets a single attempt."""
+        """Tenacity for one route; it only decides, the caller waits (`wait`)."""
         config = candidate.route.endpoint
         policy = self.policy
 
+        def stop(state: RetryCallState) -> bool:
+            error = state.outcome.exception() if state.outcome else None
+            return (
+                candidate.attempts >= self.attempts_allowed(candidate, error)
+                # Once this request's failure opened the circuit, fail over now.
+                or candidate.circuit_opened
+                or self.out_of_time()
+            )
+
         def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            left = max(0.0, self.deadline - time.monotonic())
-            return min(left, policy.wait(config, state.attempt_number, exc))
+            error = state.outcome.exception() if state.outcome else None
+            return self.bounded_wait(policy.wait(config, candidate.attempts, error))
 
         def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
+            error = state.outcome.exception() if state.outcome else None
+            seconds = state.upcoming_sleep
+            assert isinstance(error, APIClientError)
+            candidate.wait = (seconds, _wait_status(config.name, error, seconds))
             logger.info(
                 "%s: retrying %s in %.1f s after %s",
                 self.model_name,
                 config.name,
-                state.upcoming_sleep,
-                exc,
+                seconds,
+                error,
             )
 
         return AsyncRetrying(
-            stop=stop_any(
-                stop_after_attempt(1 if candidate.trial else config.max_retries),
-                # Once this request's failure opened the circuit, fail over now.
-                _StopIf(lambda: candidate.circuit_opened),
-                _StopIf(self.out_of_time),
-            ),
+            stop=_StopIf(stop),
             wait=wait,
             retry=_RetryIf(policy.retryable),
-            sleep=policy.sleep,
+            sleep=_no_sleep,
             before_sleep=before_sleep,
             reraise=True,
         )
 
+    # -- the trail
+
+    def begin_attempt(self, candidate: _Candidate) -> Attempt:
+        """An attempt on a route starts: count it and put it on the trail."""
+        config = candidate.route.endpoint
+        self.attempts += 1
+        candidate.attempts += 1
+        self.last_candidate = candidate
+        if candidate.attempts == 1:
+            self.tried.append(candidate)
+        attempt = Attempt(config.name, config.id, self.elapsed_ms())
+        self.trail.append(attempt)
+        candidate.attempt = attempt
+        return attempt
+
+    def end_attempt(
+        self,
+        attempt: Attempt,
+        outcome: str,
+        error: BaseException | None = None,
+        *,
+        mid_stream: bool = False,
+    ) -> None:
+        """Say how an attempt ended (once; later calls change nothing)."""
+        if attempt.outcome != OPEN:
+            return
+        attempt.outcome = outcome
+        attempt.duration_ms = self.elapsed_ms() - attempt.started_ms
+        attempt.mid_stream = mid_stream
+        if isinstance(error, APIClientError):
+            attempt.reason = error.reason
+            attempt.status_code = error.status_code
+        elif error is not None and outcome == FAILED:
+            attempt.reason = type(error).__name__
+
+    def lost_hedge(self, candidate: _Candidate) -> None:
+        """A hedged attempt lost the race: it was cancelled, and cost a prompt."""
+        attempt = candidate.attempt
+        if attempt is not None and attempt.outcome in (OPEN, CANCELLED):
+            attempt.outcome = OPEN
+            self.end_attempt(attempt, HEDGE_LOST)
+            attempt.prompt_tokens = candidate.status.tokens
+
+    def close_trail(self, outcome: str) -> None:
+        """End the attempts still open when the call ends."""
+        for attempt in self.trail:
+            self.end_attempt(attempt, outcome)
+
     async def failed_attempt(self, candidate: _Candidate, exc: BaseException) -> None:
-        """Count a failed request (once, at its first failed attempt) on the breaker."""
+        """Note a failed attempt: on the trail, on the breaker, as a rest."""
+        attempt = candidate.attempt
+        if attempt is not None:
+            cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+            self.end_attempt(attempt, CANCELLED if cancelled else FAILED, exc)
         if not isinstance(exc, APIClientError):
             return
+        candidate.error = exc
         if exc.retry_after is not None:
             self.retry_hints.append(exc.retry_after)
         config = candidate.route.endpoint
         if exc.permanent or config.id is None:
+            return
+        if isinstance(exc, APIRateLimitError):
+            # Busy, not down: a 429 never counts against the breaker.  With a
+            # Retry-After the endpoint rests, and requests skip it till then.
+            if exc.retry_after:
+                await resting.rest(config.id, exc.retry_after)
+                forget_routes()
+            if candidate.trial is not None:
+                # It answered, so it is up: the trial closes the circuit.
+                await self.succeeded(candidate)
             return
         if isinstance(exc, APIDeadlineError) and candidate.trial is None:
             # The request's own time ran out (maybe on earlier routes): not a
@@ -896,14 +1307,23 @@ class _Call:
         error: Exception | None = None,
         stopped: bool = False,
         cached: bool = False,
+        cached_age_s: float | None = None,
         raw: dict[str, Any] | None = None,
     ) -> RouterResult:
         """Build the result once; later calls return the same one."""
         if self.result is not None:
             return self.result
         self.take_hops(None)
-        # The endpoint that produced the (last part of the) answer, if any.
+        if stopped:
+            self.close_trail(CANCELLED)
+        else:
+            self.close_trail(FAILED if error is not None else OK)
+        # The endpoint that produced the (last part of the) answer, else the
+        # one that failed last.
         route = self.segments[-1].route if self.segments else None
+        if route is None and not cached:
+            last = candidate or self.last_candidate
+            route = last.route if last is not None else None
         usage = Usage()
         for segment in self.segments:
             usage += segment.usage
@@ -927,11 +1347,15 @@ class _Call:
             segments=self.segments,
             raw=raw,
             limit_reason="max_tokens" if self.cut else None,
+            trail=self.trail,
+            cached_age_s=cached_age_s,
         )
         return self.result
 
     def continue_answer(self) -> None:
         """Ask the next route to continue the answer from where it stopped."""
+        self.generation += 1
+        self.resorted = False
         self.messages = [
             *self.original,
             {"role": "assistant", "content": "".join(self.text_parts)},
@@ -976,11 +1400,11 @@ class _Call:
 class _StopIf(stop_base):
     """A tenacity stop condition on the state of the call."""
 
-    def __init__(self, condition: Callable[[], bool]) -> None:
+    def __init__(self, condition: Callable[[RetryCallState], bool]) -> None:
         self.condition = condition
 
     def __call__(self, state: RetryCallState) -> bool:
-        return self.condition()
+        return self.condition(state)
 
 
 class _RetryIf:
@@ -1144,24 +1568,37 @@ async def _stream_events(
         if not await call.load(routes):
             yield Finished(call.finish(error=ModelNotFound(call.model_name)))
             return
-        while (candidate := await call.next_candidate()) is not None:
+        while True:
+            candidate = await call.next_candidate() or await call.last_resort()
+            if candidate is None:
+                break
+            for event in _switch_events(call, candidate):
+                yield event
+            opened: _Opened | None = None
+            async for item in _attempts(call, candidate, _open_stream):
+                if isinstance(item, Status):
+                    yield item
+                elif isinstance(item, _Failed):
+                    failed = item.candidate
+                    call.skip(
+                        failed.route,
+                        item.error.reason,
+                        error=item.error,
+                        attempts=failed.attempts,
+                    )
+                    if call.ended_by(item.error):
+                        for hop in call.take_hops(None):
+                            yield Fallback(hop)
+                        yield Finished(call.finish(candidate=failed, error=item.error))
+                        return
+                else:
+                    opened = item
+            if opened is None:
+                continue
+            candidate = opened.candidate
+            stream, buffered = opened.value
             for hop in call.take_hops(candidate.route.endpoint.name):
                 yield Fallback(hop)
-            call.route_attempts = 0
-            try:
-                stream, buffered = await call.retrying(candidate)(
-                    _open_stream, call, candidate
-                )
-            except APIClientError as exc:
-                call.skip(
-                    candidate.route, exc.reason, error=exc, attempts=call.route_attempts
-                )
-                if call.ended_by(exc):
-                    for hop in call.take_hops(None):
-                        yield Fallback(hop)
-                    yield Finished(call.finish(candidate=candidate, error=exc))
-                    return
-                continue
             await call.succeeded(candidate)
             call.begin(candidate)
             route = candidate.route
@@ -1187,12 +1624,15 @@ async def _stream_events(
                 await stream.aclose()
                 stream = None
                 call.end_segment()
+                assert candidate.attempt is not None
+                call.end_attempt(candidate.attempt, FAILED, exc, mid_stream=True)
+                candidate.mid_stream = True
                 await call.failed_attempt(candidate, exc)
                 call.skip(
                     route,
                     exc.reason,
                     error=exc,
-                    attempts=call.route_attempts,
+                    attempts=candidate.attempts,
                     mid_stream=True,
                 )
                 if call.ended_by(exc):
@@ -1223,7 +1663,11 @@ async def _stream_events(
                 call.text_parts.append(answer.text)
                 yield Delta(answer.text)
                 yield Finished(
-                    call.finish(finish_reason=answer.finish_reason, cached=True)
+                    call.finish(
+                        finish_reason=answer.finish_reason,
+                        cached=True,
+                        cached_age_s=answer.age_seconds(),
+                    )
                 )
                 return
         for hop in call.take_hops(None):
@@ -1242,13 +1686,140 @@ async def _stream_events(
         call.settle_stopped()
 
 
+def _switch_events(call: _Call, candidate: _Candidate) -> list[RouterEvent]:
+    """The hops that led to a route about to be tried, and their status line.
+
+    A route tried again as the last resort says its own wait instead.
+    """
+    hops = call.take_hops(candidate.route.endpoint.name)
+    events: list[RouterEvent] = [Fallback(hop) for hop in hops]
+    if hops and candidate.wait is None:
+        events.append(_failover_status(hops[-1]))
+    return events
+
+
+Once = Callable[["_Call", _Candidate], Awaitable[Any]]
+
+
+async def _attempts(
+    call: _Call, candidate: _Candidate, once: Once
+) -> AsyncIterator[Status | _Opened | _Failed]:
+    """Try one route as the policy allows: its statuses, then how it ended.
+
+    Yields a `Status` before each wait (the wait happens here, after the
+    caller has shown it), then `_Opened` or `_Failed`; a hedged route may
+    yield the `_Failed` of one route and the `_Opened` of another.
+    """
+    if _hedges(call, candidate):
+        async for item in _hedged(call, candidate, once):
+            yield item
+        return
+    try:
+        async for attempt in call.retrying(candidate):
+            if candidate.wait is not None:
+                seconds, status = candidate.wait
+                candidate.wait = None
+                if seconds > 0:
+                    yield status
+                    await call.policy.sleep(seconds)
+            with attempt:
+                value = await once(call, candidate)
+    except APIClientError as exc:
+        yield _Failed(candidate, exc)
+        return
+    yield _Opened(candidate, value)
+
+
+def _hedges(call: _Call, candidate: _Candidate) -> bool:
+    """Whether a route's first attempt races the next route after a delay."""
+    return (
+        candidate.route.hedge_after_ms is not None
+        and candidate.attempts == 0
+        and candidate.trial is None
+        and not candidate.last_resort
+        and candidate.wait is None
+    )
+
+
+async def _hedged(
+    call: _Call, first: _Candidate, once: Once
+) -> AsyncIterator[Status | _Opened | _Failed]:
+    """Start a route; if it has not answered in its hedge delay, race the next.
+
+    The first to answer wins and the other is cancelled (its attempt is on
+    the trail as `hedge_lost`, with the prompt tokens it was sent).  When the
+    first route wins, the next one is put back in line for a later failover.
+    """
+    assert first.route.hedge_after_ms is not None
+    racing: dict[asyncio.Future[Any], _Candidate] = {
+        asyncio.ensure_future(once(call, first)): first
+    }
+    mark = (call.index, len(call.pending))
+    winner: _Opened | None = None
+    failures: list[_Failed] = []
+    try:
+        done, _ = await asyncio.wait(racing, timeout=first.route.hedge_after_ms / 1000)
+        if not done:
+            second = await call.next_candidate()
+            if second is not None:
+                yield Status(
+                    HEDGE,
+                    f"{first.route.endpoint.name} is slow, "
+                    f"also trying {second.route.endpoint.name}…",
+                    first.route.endpoint.name,
+                    to_endpoint=second.route.endpoint.name,
+                    seconds=first.route.hedge_after_ms / 1000,
+                )
+                racing[asyncio.ensure_future(once(call, second))] = second
+        while racing and winner is None:
+            done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                candidate = racing.pop(future)
+                error = future.exception()
+                if error is None:
+                    if winner is None:
+                        winner = _Opened(candidate, future.result())
+                    else:
+                        await _discard(candidate, future.result())
+                        call.lost_hedge(candidate)
+                elif isinstance(error, APIClientError):
+                    failures.append(_Failed(candidate, error))
+                else:
+                    raise error
+    finally:
+        for future in racing:
+            future.cancel()
+        # Our own cancellation still propagates from here.
+        ended = await asyncio.gather(*racing, return_exceptions=True)
+        for (_, candidate), value in zip(racing.items(), ended, strict=True):
+            await _discard(candidate, value)
+            if winner is None:
+                continue
+            call.lost_hedge(candidate)
+            if candidate is first:
+                call.skip(first.route, "hedge_lost", attempts=first.attempts)
+            else:
+                # Not tried to the end: it may take a later failover.
+                call.index = mark[0]
+                del call.pending[mark[1] :]
+    for failure in failures:
+        yield failure
+    if winner is not None:
+        call.last_candidate = winner.candidate
+        yield winner
+
+
+async def _discard(candidate: _Candidate, value: Any) -> None:
+    """Close what a lost attempt opened (a stream; a plain body needs nothing)."""
+    if isinstance(value, tuple) and value and hasattr(value[0], "aclose"):
+        await value[0].aclose()
+
+
 async def _open_stream(
     call: _Call, candidate: _Candidate
 ) -> tuple[Any, list[dict[str, Any]]]:
     """One attempt: open the stream and read it up to its first content."""
-    call.attempts += 1
-    call.route_attempts += 1
-    call.last_candidate = candidate
+    call.begin_attempt(candidate)
     stream = upstream.stream_completion(
         candidate.route.endpoint,
         call.payload(candidate),
@@ -1271,7 +1842,37 @@ async def _open_stream(
 # --- Plain --------------------------------------------------------------------
 
 
-async def complete_chat(
+class PlainChat:
+    """One plain (not streamed) chat request; `result` once it has ended.
+
+    `run()` returns the result; when it is cancelled (the caller went away),
+    `result` is still set, with `stopped=True` and the trail so far.
+    """
+
+    __slots__ = ("_call", "_routes")
+
+    def __init__(self, call: _Call, routes: Sequence[Route] | None) -> None:
+        self._call = call
+        self._routes = routes
+
+    @property
+    def result(self) -> RouterResult | None:
+        return self._call.result
+
+    async def run(self) -> RouterResult:
+        call = self._call
+        try:
+            return await _complete(call, self._routes)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                call.settle_stopped()
+            elif call.result is None:
+                # A bug, not an upstream failure: the result says so.
+                call.finish(candidate=call.last_candidate, error=exc)
+            raise
+
+
+def plain_chat(
     model_name: str,
     messages: Sequence[Message],
     *,
@@ -1280,8 +1881,8 @@ async def complete_chat(
     routes: Sequence[Route] | None = None,
     policy: RetryPolicy | None = None,
     cache_scope: str = "",
-) -> RouterResult:
-    """Get a whole chat answer over the model's routes (see `stream_chat`)."""
+) -> PlainChat:
+    """A plain chat request over the model's routes (see `stream_chat`)."""
     call = _Call(
         model_name,
         messages,
@@ -1290,24 +1891,46 @@ async def complete_chat(
         policy=policy,
         cache_scope=cache_scope,
     )
+    return PlainChat(call, routes)
+
+
+async def complete_chat(
+    model_name: str, messages: Sequence[Message], **options: Any
+) -> RouterResult:
+    """Get a whole chat answer over the model's routes (options: `plain_chat`)."""
+    return await plain_chat(model_name, messages, **options).run()
+
+
+async def _complete(call: _Call, routes: Sequence[Route] | None) -> RouterResult:
     if not await call.load(routes):
-        return call.finish(error=ModelNotFound(model_name))
-    while (candidate := await call.next_candidate()) is not None:
+        return call.finish(error=ModelNotFound(call.model_name))
+    while True:
+        candidate = await call.next_candidate() or await call.last_resort()
+        if candidate is None:
+            break
         call.take_hops(candidate.route.endpoint.name)
-        call.route_attempts = 0
-        try:
-            body = await call.retrying(candidate)(_complete_once, call, candidate)
-        except APIClientError as exc:
-            call.skip(
-                candidate.route, exc.reason, error=exc, attempts=call.route_attempts
-            )
-            if call.ended_by(exc):
-                return call.finish(candidate=candidate, error=exc)
+        opened: _Opened | None = None
+        async for item in _attempts(call, candidate, _complete_once):
+            if isinstance(item, _Failed):
+                failed = item.candidate
+                call.skip(
+                    failed.route,
+                    item.error.reason,
+                    error=item.error,
+                    attempts=failed.attempts,
+                )
+                if call.ended_by(item.error):
+                    return call.finish(candidate=failed, error=item.error)
+            elif isinstance(item, _Opened):
+                opened = item
+        if opened is None:
             continue
+        candidate, body = opened.candidate, opened.value
+        call.take_hops(candidate.route.endpoint.name)
         await call.succeeded(candidate)
         choice = _first_choice(body) or {}
         text = call.cut_plain(candidate, _plain_text(choice.get("message")))
-        call.ttft_ms = (time.perf_counter() - call.started) * 1000
+        call.ttft_ms = call.elapsed_ms()
         call.text_parts.append(text)
         call.segment(candidate, text, body.get("usage"))
         finish_reason = (
@@ -1321,18 +1944,22 @@ async def complete_chat(
         answer = await call.cached_answer()
         if answer is not None:
             call.text_parts.append(answer.text)
-            return call.finish(finish_reason=answer.finish_reason, cached=True)
+            return call.finish(
+                finish_reason=answer.finish_reason,
+                cached=True,
+                cached_age_s=answer.age_seconds(),
+            )
     return call.finish(candidate=call.last_candidate, error=error)
 
 
 async def _complete_once(call: _Call, candidate: _Candidate) -> dict[str, Any]:
-    call.attempts += 1
-    call.route_attempts += 1
-    call.last_candidate = candidate
+    attempt = call.begin_attempt(candidate)
     try:
-        return await upstream.create_completion(
+        body = await upstream.create_completion(
             candidate.route.endpoint, call.payload(candidate), deadline=call.deadline
         )
     except BaseException as exc:
         await call.failed_attempt(candidate, exc)
         raise
+    call.end_attempt(attempt, OK)
+    return body

@@ -3,11 +3,11 @@
     caller → requests/min → router ⇄ admit hook (tokens/min, budget reservation,
     endpoint limits) → upstream → settle + exactly one usage record
 
-`stream_chat()` is an async generator of the router's `Started`, `Delta` and
-`Fallback` events and a final `Done`; `complete_chat()` returns the `Done` of a
-plain request. A request refused before any answer text raises `Rejected`
-(code, a sentence for people, retry_after). Every request, whatever happens to
-it, leaves exactly one usage record:
+`stream_chat()` is an async generator of the router's `Started`, `Delta`,
+`Fallback` and `Status` events and a final `Done`; `complete_chat()` returns
+the `Done` of a plain request. A request refused before any answer text
+raises `Rejected` (code, a sentence for people, retry_after). Every request,
+whatever happens to it, leaves exactly one usage record:
 
 - ok / cached: the answer arrived (cached: degraded mode served a kept one);
 - error: upstream failed, before or after some text;
@@ -67,6 +67,7 @@ from gateway.router import (
     ModelNotFound,
     RouterResult,
     Started,
+    Status,
     Usage,
 )
 
@@ -80,6 +81,7 @@ __all__ = [
     "RejectCode",
     "Rejected",
     "Started",
+    "Status",
     "complete_chat",
     "stream_chat",
 ]
@@ -225,6 +227,10 @@ class Done:
     error: ErrorInfo | None = None
     # The upstream body of a plain request, for pass-through by /v1.
     raw: dict[str, Any] | None = field(default=None, repr=False)
+    # Every attempt and skip, in order (see `router.Attempt`).
+    trail: list[dict[str, Any]] = field(default_factory=list)
+    # How old a cached answer is, in seconds.
+    cached_age_s: float | None = None
     record: asyncio.Future[Written] | None = field(
         default=None, repr=False, compare=False
     )
@@ -269,7 +275,7 @@ class Done:
         }
 
 
-Event = Started | Delta | Fallback | Done
+Event = Started | Delta | Fallback | Status | Done
 
 
 # --- One request ------------------------------------------------------------------
@@ -532,6 +538,7 @@ class _Request:
             error_message=error.message if error else "",
             attempts=result.attempts if result else 0,
             fallback_hops=[hop.to_dict() for hop in result.hops] if result else [],
+            trail=[attempt.to_dict() for attempt in result.trail] if result else [],
             cost=result.cost if result else None,
             settlements=accounting.settlements_for(
                 self.reservation, usage.total_tokens, endpoint_used=per_endpoint
@@ -714,6 +721,8 @@ class _Request:
             hops=[hop.to_dict() for hop in result.hops],
             cost=result.cost,
             cached=result.cached,
+            cached_age_s=result.cached_age_s,
+            trail=[attempt.to_dict() for attempt in result.trail],
             context=result.context,
             budget_remaining=self.reservation.remaining_after(usage.total_tokens),
             error=info,
@@ -845,10 +854,11 @@ async def complete_chat(
 ) -> Done:
     """One plain (not streamed) chat request; raises `Rejected` without an answer."""
     request = _Request(caller, model_name, messages, params)
+    call: router.PlainChat | None = None
     try:
         try:
             await request.admit()
-            result = await router.complete_chat(
+            call = router.plain_chat(
                 model_name,
                 messages,
                 params=request.params,
@@ -856,6 +866,7 @@ async def complete_chat(
                 routes=request.routes,
                 cache_scope=request.cache_scope,
             )
+            result = await call.run()
         except _Refused as refusal:
             raise await request.reject(refusal) from None
         if result.error is not None and not result.text:
@@ -863,7 +874,10 @@ async def complete_chat(
         return await request.done(result, plain=True)
     except asyncio.CancelledError:
         if not request.finished:
-            await request.finish(UsageStatus.CANCELLED)
+            # The trail of what was tried before the caller went away.
+            await request.finish(
+                UsageStatus.CANCELLED, call.result if call is not None else None
+            )
         raise
     except Exception as exc:
         if not request.finished:

@@ -93,6 +93,7 @@ class UsageEntry:
     error_message: str = ""
     attempts: int = 0
     fallback_hops: list[dict[str, Any]] = field(default_factory=list)
+    trail: list[dict[str, Any]] = field(default_factory=list)
     cost: Decimal | None = None
     settlements: list[Settlement] = field(default_factory=list)
 
@@ -126,6 +127,7 @@ class UsageEntry:
             "error_message": storable.text(self.error_message, 500),
             "attempts": storable.integer(self.attempts, storable.SMALL_MAX),
             "fallback_hops": storable.json_list(self.fallback_hops),
+            "trail": storable.json_list(self.trail),
             "cost": storable.decimal(self.cost, 14, 6),
         }
 

@@ -6,7 +6,10 @@ the fallback, and the hop says where and why.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
+import time_machine
 
 from gateway import client, router
 from gateway.models import Endpoint, ModelRoute
@@ -17,6 +20,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 MODEL = "house-model"
 MESSAGES = [{"role": "user", "content": "Tell me something."}]
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 TOKENS = generated_tokens(24)
 FULL_ANSWER = "".join(TOKENS)
 
@@ -89,7 +93,7 @@ async def test_a_healthy_primary_answers_alone(primary, fallback, endpoints, pol
     assert fallback.stats.chat_requests == 0
 
 
-async def test_a_503_primary_fails_over_after_its_retries(
+async def test_a_503_primary_fails_over_at_once(
     primary, fallback, endpoints, policy, sleeps
 ):
     primary.set_behaviour(Behaviour(fault="status", fault_status=503))
@@ -99,8 +103,9 @@ async def test_a_503_primary_fails_over_after_its_retries(
     result = events[-1].result
     assert result.text == FULL_ANSWER
     assert result.endpoint == "fallback"
-    assert primary.stats.chat_requests == 3
-    assert sleeps == [2.0, 4.0]
+    # Another route can answer: no retry and no backoff on the primary.
+    assert primary.stats.chat_requests == 1
+    assert sleeps == []
     hop = result.hops[0]
     assert (hop.endpoint, hop.reason, hop.status_code, hop.to_endpoint) == (
         "primary",
@@ -109,32 +114,77 @@ async def test_a_503_primary_fails_over_after_its_retries(
         "fallback",
     )
     assert isinstance(events[0], Fallback)
+    assert isinstance(events[1], router.Status)
+    assert events[1].text == "primary failed (HTTP 503), trying fallback…"
 
 
-async def test_a_429_is_retried_after_its_retry_after(
+async def test_every_route_down_spends_the_retries_on_the_last(
     primary, fallback, endpoints, policy, sleeps
 ):
-    primary.script(Behaviour(fault="status", fault_status=429, retry_after=1.5))
+    primary.set_behaviour(Behaviour(fault="status", fault_status=503))
+    fallback.set_behaviour(Behaviour(fault="status", fault_status=502))
+
+    events = await run(policy)
+
+    result = events[-1].result
+    assert isinstance(result.error, router.AllEndpointsUnavailable)
+    assert (primary.stats.chat_requests, fallback.stats.chat_requests) == (1, 3)
+    assert sleeps == [2.0, 4.0]
+    statuses = [e.text for e in events if isinstance(e, router.Status)]
+    assert statuses == [
+        "primary failed (HTTP 503), trying fallback…",
+        "fallback failed (HTTP 502), retrying in 2 s…",
+        "fallback failed (HTTP 502), retrying in 4 s…",
+    ]
+    assert [(a.endpoint, a.status_code) for a in result.trail] == [
+        ("primary", 503),
+        ("fallback", 502),
+        ("fallback", 502),
+        ("fallback", 502),
+    ]
+    assert result.endpoint == "fallback"
+
+
+async def test_a_429_shorter_than_the_next_route_is_waited_out(
+    primary, fallback, endpoints, policy, sleeps
+):
+    primary.script(Behaviour(fault="status", fault_status=429, retry_after=0.5))
 
     result = (await run(policy))[-1].result
 
     assert result.endpoint == "primary"
     assert result.text == FULL_ANSWER
-    assert sleeps == [1.5]
+    assert sleeps == [0.5]
     assert result.hops == []
 
 
-async def test_a_429_that_persists_fails_over(
+async def test_a_429_with_a_long_retry_after_fails_over_and_rests_the_endpoint(
     primary, fallback, endpoints, policy, sleeps
 ):
-    primary.set_behaviour(Behaviour(fault="status", fault_status=429, retry_after=2))
+    primary.set_behaviour(Behaviour(fault="status", fault_status=429, retry_after=60))
 
-    result = (await run(policy))[-1].result
+    with time_machine.travel(NOW, tick=False):
+        first = (await run(policy))[-1].result
+        second = (await run(policy))[-1].result
 
-    assert result.endpoint == "fallback"
-    assert result.text == FULL_ANSWER
-    assert sleeps == [2.0, 2.0]
-    assert result.hops[0].reason == "rate_limited"
+    assert (first.endpoint, first.text) == ("fallback", FULL_ANSWER)
+    assert first.hops[0].reason == "rate_limited"
+    assert sleeps == []
+    # The second request skipped the resting primary without calling it.
+    assert primary.stats.chat_requests == 1
+    assert second.hops[0].reason == "resting"
+    assert second.trail[0].to_dict()["outcome"] == "skipped"
+    row = await Endpoint.objects.aget(name="primary")
+    assert row.resting_until == NOW + timedelta(seconds=60)
+    # Busy is not down: the breaker and the status are untouched.
+    assert (row.consecutive_failures, row.disabled_until) == (0, None)
+    assert row.status != "disconnected"
+
+    with time_machine.travel(NOW + timedelta(seconds=61), tick=False):
+        primary.set_behaviour(Behaviour())
+        third = (await run(policy))[-1].result
+
+    assert third.endpoint == "primary"
 
 
 @pytest.mark.parametrize(
@@ -183,7 +233,7 @@ async def test_a_primary_dying_mid_stream_is_continued_by_the_fallback(
 async def test_a_primary_stalling_before_its_first_token_times_out_and_fails_over(
     primary, fallback, endpoints, policy
 ):
-    await Endpoint.objects.filter(name="primary").aupdate(timeout=0.3, max_retries=1)
+    await Endpoint.objects.filter(name="primary").aupdate(first_token_timeout=0.3)
     primary.set_behaviour(Behaviour(fault="stall", fault_after_tokens=0))
 
     result = (await run(policy))[-1].result
@@ -191,7 +241,9 @@ async def test_a_primary_stalling_before_its_first_token_times_out_and_fails_ove
     assert result.endpoint == "fallback"
     assert result.text == FULL_ANSWER
     assert result.hops[0].reason == "timeout"
+    assert result.hops[0].message == "no first token within 0.3 s"
     assert result.hops[0].mid_stream is False
+    assert primary.stats.chat_requests == 1
 
 
 async def test_a_closed_circuit_opens_and_spares_the_primary(
@@ -203,9 +255,9 @@ async def test_a_closed_circuit_opens_and_spares_the_primary(
         await run(policy)
     fourth = (await run(policy))[-1].result
 
-    # The default threshold is three failed requests; the third fails over as
-    # soon as its first failure opens the circuit.
-    assert primary.stats.chat_requests == 3 + 3 + 1
+    # The default threshold is three failed requests, one attempt each (the
+    # fallback can answer); the fourth request skips the primary.
+    assert primary.stats.chat_requests == 3
     assert fourth.endpoint == "fallback"
     assert fourth.hops[0].reason == "circuit_open"
     primary_row = await Endpoint.objects.aget(name="primary")

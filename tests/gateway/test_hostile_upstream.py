@@ -109,6 +109,7 @@ async def add_route(server: HostileUpstream, mode: str) -> None:
         name=mode,
         base_url=server.url(mode),
         timeout=IDLE_SECONDS,
+        first_token_timeout=IDLE_SECONDS,
         connect_timeout=IDLE_SECONDS,
         max_retries=1,
         extra_headers={"X-Org-Token": ORG_TOKEN},
@@ -233,8 +234,8 @@ CASES = {
     },
     "keepalive_only": {
         "plain": (ERROR, "APIDeadlineError"),
-        "stream": (ERROR, "no content for 0.75 s"),
-        "chat": (ERROR, "no content for 0.75 s"),
+        "stream": (ERROR, "no first token within 0.75 s"),
+        "chat": (ERROR, "no first token within 0.75 s"),
     },
     "drip": {
         "plain": (ERROR, "APIDeadlineError"),
@@ -382,6 +383,7 @@ def config_for(server: HostileUpstream, mode: str) -> client.EndpointConfig:
         base_url=server.url(mode),
         api_key=KEY,
         timeout=IDLE_SECONDS,
+        first_token_timeout=IDLE_SECONDS,
         extra_headers=(("X-Org-Token", ORG_TOKEN),),
     )
 

@@ -65,11 +65,15 @@ def test_encryption_keys_can_be_rotated(endpoint, settings):
 def test_endpoint_defaults_match_the_documented_ones():
     endpoint = Endpoint.objects.create(name="e", base_url="http://127.0.0.1:1/v1")
 
-    assert (endpoint.timeout, endpoint.max_retries, endpoint.backoff_multiplier) == (
-        120.0,
-        3,
-        2.0,
+    timeouts = (
+        endpoint.connect_timeout,
+        endpoint.first_token_timeout,
+        endpoint.timeout,
+        endpoint.request_timeout,
     )
+    assert timeouts == (5.0, 30.0, 60.0, 120.0)
+    assert (endpoint.retries_before_failover, endpoint.max_retries) == (0, 3)
+    assert endpoint.backoff_multiplier == 2.0
     assert (endpoint.failure_threshold, endpoint.probe_interval) == (3, 300)
     assert endpoint.status == "unknown"
 

@@ -328,18 +328,34 @@ async def test_an_unknown_model_is_model_not_found(upstreams, endpoints, policy)
 # --- Retries ------------------------------------------------------------------
 
 
-async def test_transient_errors_are_retried_with_exponential_backoff(
+async def only_alpha() -> None:
+    """Leave alpha as the only route: the last route, which gets the retries."""
+    await Endpoint.objects.filter(name="beta").aupdate(enabled=False)
+
+
+async def test_the_last_route_is_retried_with_exponential_backoff(
     upstreams, endpoints, policy, sleeps
 ):
+    await only_alpha()
     upstreams.script("alpha.test", status(503), status(502), answer("Hi"))
 
-    result = (await run(policy=policy))[-1].result
+    events = await run(policy=policy)
 
+    result = events[-1].result
     assert result.text == "Hi"
     assert result.endpoint == "alpha"
     assert result.attempts == 3
     assert result.hops == []
     assert sleeps == [2.0, 4.0]
+    statuses = [e for e in events if isinstance(e, router.Status)]
+    assert [(s.kind, s.seconds) for s in statuses] == [("retry", 2.0), ("retry", 4.0)]
+    assert statuses[0].text == "alpha failed (HTTP 503), retrying in 2 s…"
+    assert statuses[1].text == "alpha failed (HTTP 502), retrying in 4 s…"
+    assert [(a.outcome, a.status_code) for a in result.trail] == [
+        ("failed", 503),
+        ("failed", 502),
+        ("ok", None),
+    ]
 
 
 async def test_backoff_has_jitter_within_its_bound(upstreams, endpoints, sleeps):
@@ -347,6 +363,7 @@ async def test_backoff_has_jitter_within_its_bound(upstreams, endpoints, sleeps)
         sleeps.append(seconds)
 
     policy = RetryPolicy(jitter=0.25, sleep=sleep, random=lambda: 1.0)
+    await only_alpha()
     upstreams.script("alpha.test", status(503), status(503), answer("Hi"))
 
     await run(policy=policy)
@@ -361,6 +378,7 @@ async def test_backoff_is_capped_by_the_setting(upstreams, endpoints, settings, 
         sleeps.append(seconds)
 
     await Endpoint.objects.filter(name="alpha").aupdate(backoff_multiplier=20)
+    await only_alpha()
     upstreams.script("alpha.test", status(503), status(503), answer("Hi"))
 
     await run(policy=RetryPolicy.from_settings(sleep=sleep, jitter=0))
@@ -368,13 +386,19 @@ async def test_backoff_is_capped_by_the_setting(upstreams, endpoints, settings, 
     assert sleeps == [20.0, 25.0]
 
 
-async def test_a_429_waits_for_its_retry_after(upstreams, endpoints, policy, sleeps):
+async def test_the_last_route_waits_for_its_retry_after(
+    upstreams, endpoints, policy, sleeps
+):
+    await only_alpha()
     upstreams.script("alpha.test", status(429, **{"retry-after": "7"}), answer("Hi"))
 
-    result = (await run(policy=policy))[-1].result
+    events = await run(policy=policy)
 
-    assert result.endpoint == "alpha"
+    assert events[-1].result.endpoint == "alpha"
     assert sleeps == [7.0]
+    (status_event,) = [e for e in events if isinstance(e, router.Status)]
+    assert status_event.kind == "rate_limit_wait"
+    assert status_event.text == "waiting for alpha's rate limit (7 s)…"
 
 
 async def test_a_retry_after_beyond_the_cap_fails_over_at_once(
@@ -441,17 +465,33 @@ async def test_it_fails_over_on_5xx_and_reports_the_hop(
 
     events = await run(policy=policy)
 
-    assert kinds(events) == ["Fallback", "Started", "Delta", "Delta", "Finished"]
+    assert kinds(events) == [
+        "Fallback",
+        "Status",
+        "Started",
+        "Delta",
+        "Delta",
+        "Finished",
+    ]
     hop = events[0].hop
     assert (hop.endpoint, hop.reason, hop.to_endpoint) == (
         "alpha",
         "server_error",
         "beta",
     )
-    assert (hop.attempts, hop.status_code, hop.mid_stream) == (3, 503, False)
+    # Another route can answer: no retry, no backoff.
+    assert (hop.attempts, hop.status_code, hop.mid_stream) == (1, 503, False)
+    assert sleeps == []
+    assert upstreams.count("alpha.test") == 1
+    assert events[1].kind == "failover"
+    assert events[1].text == "alpha failed (HTTP 503), trying beta…"
     result = events[-1].result
     assert (result.endpoint, result.upstream_model) == ("beta", "llama-3-8b")
-    assert result.attempts == 4
+    assert result.attempts == 2
+    assert [(a.endpoint, a.outcome) for a in result.trail] == [
+        ("alpha", "failed"),
+        ("beta", "ok"),
+    ]
     assert result.hops == [hop]
     assert hop.to_dict()["endpoint"] == "alpha"
 
@@ -537,12 +577,17 @@ async def test_every_route_failing_ends_with_when_to_retry(
 
     events = await run(policy=policy)
 
-    assert kinds(events) == ["Fallback", "Fallback", "Finished"]
+    assert kinds(events) == ["Fallback", "Status", "Fallback", "Finished"]
     result = events[-1].result
     assert isinstance(result.error, AllEndpointsUnavailable)
     assert result.error.retry_after == 12.0
     assert [h.to_endpoint for h in result.hops] == ["beta", None]
-    assert (result.endpoint, result.endpoint_id, result.text) == (None, None, "")
+    # The record names the endpoint that failed last.
+    assert (result.endpoint, result.endpoint_id, result.text) == (
+        "beta",
+        endpoints[1].id,
+        "",
+    )
 
 
 # --- Mid-stream failover ------------------------------------------------------
@@ -568,10 +613,15 @@ async def test_a_stream_dying_mid_answer_continues_on_the_next_route(
         "Delta",
         "Delta",
         "Fallback",
+        "Status",
         "Started",
         "Delta",
         "Finished",
     ]
+    assert (
+        events[4].text
+        == "alpha stopped mid-answer (connection failed), continuing on beta…"
+    )
     assert text_of(events) == "The answer is forty-two."
     hop = events[3].hop
     assert (hop.endpoint, hop.to_endpoint, hop.mid_stream) == ("alpha", "beta", True)
@@ -723,6 +773,7 @@ async def test_cancelling_the_consumer_task_closes_the_upstream(
 async def test_one_failed_request_counts_once_however_often_it_retried(
     upstreams, endpoints, policy
 ):
+    await Endpoint.objects.filter(name="alpha").aupdate(retries_before_failover=2)
     upstreams.script("alpha.test", status(503), status(503), status(503))
     upstreams.script("beta.test", answer("one"))
 
@@ -747,9 +798,9 @@ async def test_failed_requests_open_the_circuit_and_later_requests_skip_it(
 
     alpha = await Endpoint.objects.aget(name="alpha")
     assert alpha.disabled_until == NOW + timedelta(seconds=60)
-    # Three attempts each for two requests; the third request's first failure
-    # opens the circuit and it fails over at once; the fourth skips alpha.
-    assert upstreams.count("alpha.test") == 7
+    # One attempt each (beta can answer); the third request's failure opens
+    # the circuit; the fourth skips alpha.
+    assert upstreams.count("alpha.test") == 3
     result = events[-1].result
     assert result.endpoint == "beta"
     assert result.hops[0].reason == "circuit_open"
@@ -831,8 +882,15 @@ async def test_when_everything_fails_the_last_good_answer_is_served_flagged(
 
     events = await run(policy=policy)
 
-    assert kinds(events) == ["Fallback", "Fallback", "Started", "Delta", "Finished"]
-    assert events[2].cached is True
+    assert kinds(events) == [
+        "Fallback",
+        "Status",
+        "Fallback",
+        "Started",
+        "Delta",
+        "Finished",
+    ]
+    assert events[3].cached is True
     result = events[-1].result
     assert result.cached is True
     assert result.status == "cached"
@@ -889,8 +947,8 @@ async def test_complete_chat_fails_over_and_reports_hops(
     result = await router.complete_chat(MODEL, MESSAGES, policy=policy)
 
     assert result.endpoint == "beta"
-    assert result.attempts == 4
-    assert sleeps == [2.0, 4.0]
+    assert result.attempts == 2
+    assert sleeps == []
     assert [(h.endpoint, h.to_endpoint) for h in result.hops] == [("alpha", "beta")]
 
 
@@ -977,7 +1035,9 @@ async def test_no_retry_or_route_starts_after_the_request_deadline(
     upstreams, endpoints, settings
 ):
     settings.GATEWAY_REQUEST_MAX_SECONDS = 0.3
-    await Endpoint.objects.filter(name="alpha").aupdate(max_retries=5)
+    await Endpoint.objects.filter(name="alpha").aupdate(
+        max_retries=5, retries_before_failover=4
+    )
     upstreams.script("alpha.test", *[status(503)] * 5)
     upstreams.script("beta.test", answer("Too late"))
     policy = RetryPolicy(max_backoff=30, jitter=0, sleep=asyncio.sleep)
