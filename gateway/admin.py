@@ -198,8 +198,11 @@ class EndpointForm(forms.ModelForm):
             "allow_plain_http",
             "enabled",
             "priority",
-            "timeout",
             "connect_timeout",
+            "first_token_timeout",
+            "timeout",
+            "request_timeout",
+            "retries_before_failover",
             "max_retries",
             "backoff_multiplier",
             "rpm_limit",
@@ -238,6 +241,7 @@ class ModelRouteInline(admin.TabularInline):
         "max_output_tokens",
         "input_price_per_1k",
         "output_price_per_1k",
+        "hedge_after_ms",
     ]
 
 
@@ -255,6 +259,7 @@ class EndpointAdmin(admin.ModelAdmin):
         "last_checked_at",
         "consecutive_failures",
         "disabled_until",
+        "resting_until",
         "has_api_key",
     ]
     list_filter = ["enabled", "status", "allow_plain_http"]
@@ -268,6 +273,7 @@ class EndpointAdmin(admin.ModelAdmin):
         "consecutive_failures",
         "probe_failures",
         "disabled_until",
+        "resting_until",
         "last_checked_at",
         "last_latency_ms",
         "next_probe_at",
@@ -295,8 +301,9 @@ class EndpointAdmin(admin.ModelAdmin):
             {
                 "fields": [
                     "priority",
-                    ("timeout", "connect_timeout"),
-                    ("max_retries", "backoff_multiplier"),
+                    ("connect_timeout", "first_token_timeout"),
+                    ("timeout", "request_timeout"),
+                    ("retries_before_failover", "max_retries", "backoff_multiplier"),
                     ("rpm_limit", "tpm_limit"),
                     "extra_headers_display",
                     "set_extra_headers",
@@ -313,6 +320,7 @@ class EndpointAdmin(admin.ModelAdmin):
                     ("probe_interval", "probe_mode", "probe_model"),
                     ("status", "status_changed_at"),
                     ("consecutive_failures", "probe_failures", "disabled_until"),
+                    "resting_until",
                     ("last_checked_at", "last_latency_ms", "next_probe_at"),
                     ("created_at", "updated_at"),
                 ]
@@ -356,7 +364,9 @@ class EndpointAdmin(admin.ModelAdmin):
 
     @admin.action(description="Close the circuit breaker (re-enable now)")
     def reset_breaker(self, request: HttpRequest, queryset) -> None:
-        updated = queryset.update(consecutive_failures=0, disabled_until=None)
+        updated = queryset.update(
+            consecutive_failures=0, disabled_until=None, resting_until=None
+        )
         self.message_user(request, f"Breaker closed on {updated} endpoint(s).")
 
 
@@ -372,6 +382,7 @@ class ModelRouteAdmin(admin.ModelAdmin):
         "max_output_tokens",
         "input_price_per_1k",
         "output_price_per_1k",
+        "hedge_after_ms",
     ]
     list_filter = ["enabled", "model_name", "endpoint"]
     list_select_related = ["endpoint"]

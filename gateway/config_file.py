@@ -46,8 +46,11 @@ ENDPOINT_KEYS = {
     "allow_plain_http": "allow_plain_http",
     "enabled": "enabled",
     "priority": "priority",
-    "timeout": "timeout",
     "connect_timeout": "connect_timeout",
+    "first_token_timeout": "first_token_timeout",
+    "timeout": "timeout",
+    "request_timeout": "request_timeout",
+    "retries_before_failover": "retries_before_failover",
     "retries": "max_retries",
     "backoff_multiplier": "backoff_multiplier",
     "rpm_limit": "rpm_limit",
@@ -69,6 +72,7 @@ ROUTE_KEYS = {
     "max_output_tokens": "max_output_tokens",
     "input_price_per_1k": "input_price_per_1k",
     "output_price_per_1k": "output_price_per_1k",
+    "hedge_after_ms": "hedge_after_ms",
 }
 BUDGET_KEYS = {
     "name": "name",
@@ -513,6 +517,7 @@ def export_text() -> str:
             "output_price_per_1k": (
                 float(route.output_price_per_1k) if route.output_price_per_1k else None
             ),
+            "hedge_after_ms": route.hedge_after_ms,
         }
         routes.append(_drop_none(table))
     budgets = []

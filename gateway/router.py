@@ -923,8 +923,11 @@ class _Call:
             seconds = self.bounded_wait(policy.wait(config, candidate.attempts, error))
             candidate.wait = (seconds, _wait_status(config.name, error, seconds))
             return candidate
-        for route in self.rested:
-            left = resting.seconds_left(route.endpoint)
+        now = timezone.now()
+        for route in sorted(
+            self.rested, key=lambda r: resting.seconds_left(r.endpoint, now)
+        ):
+            left = resting.seconds_left(route.endpoint, now)
             if left > policy.max_retry_after or left >= self.seconds_left():
                 continue
             candidate = await self.prepare(

@@ -742,6 +742,58 @@ async def test_keep_alive_comments_do_not_keep_a_stream_open(upstream):
     assert 0.3 <= loop.time() - started < 1.0
 
 
+async def test_a_stream_gets_its_first_token_timeout_before_any_content(upstream):
+    # Role-only chunks keep coming, but no content: the first-token timer
+    # (not the longer between-chunks one) ends it.
+    upstream(paced(sse(chunk(), done=False), sse(chunk(), done=False), every=0.05))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    with pytest.raises(APITimeoutError, match=r"no first token within 0\.3 s"):
+        await collect(make_config(first_token_timeout=0.3, timeout=30))
+
+    assert 0.3 <= loop.time() - started < 1.0
+
+
+async def test_after_the_first_token_the_between_chunks_timeout_applies(upstream):
+    upstream(paced(sse(chunk("Hi"), done=False), b": keep-alive\n\n"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    # The first-token timeout is long; it no longer matters once text came.
+    with pytest.raises(APITimeoutError, match=r"no content for 0\.3 s"):
+        await collect(make_config(first_token_timeout=30, timeout=0.3))
+
+    assert loop.time() - started < 1.0
+
+
+async def test_one_attempt_ends_at_its_request_timeout(upstream):
+    upstream(paced(sse(chunk("Hi"), done=False), sse(chunk(" more"), done=False)))
+
+    with pytest.raises(APITimeoutError, match=r"took longer than 0\.3 s") as caught:
+        await collect(make_config(request_timeout=0.3))
+
+    # A timeout of this attempt, not the whole request's deadline.
+    assert not isinstance(caught.value, APIDeadlineError)
+
+
+async def test_a_plain_answer_ends_at_its_request_timeout(upstream):
+    upstream(
+        httpx.Response(
+            200,
+            headers={"content-type": "application/json"},
+            stream=Paced(b"{", b" ", every=0.05),
+        )
+    )
+
+    with pytest.raises(APITimeoutError, match=r"no answer within 0\.3 s") as caught:
+        await client.create_completion(
+            make_config(request_timeout=0.3), {"messages": MESSAGES}
+        )
+
+    assert not isinstance(caught.value, APIDeadlineError)
+
+
 async def test_empty_chunks_do_not_count_as_content(upstream):
     upstream(paced(sse(chunk("Hi"), done=False), sse(chunk(""), done=False)))
 

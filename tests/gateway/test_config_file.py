@@ -62,6 +62,44 @@ def test_it_imports_endpoints_routes_and_budgets():
     assert Budget.objects.get(endpoint=primary).token_limit == 100000
 
 
+def test_the_failover_settings_import_and_export():
+    text = VALID.replace(
+        "timeout = 30",
+        "timeout = 30\nconnect_timeout = 2\nfirst_token_timeout = 8\n"
+        "request_timeout = 90\nretries_before_failover = 1",
+    ).replace("context_window = 16000", "context_window = 16000\nhedge_after_ms = 1500")
+
+    import_text(text)
+
+    fallback = Endpoint.objects.get(name="fallback")
+    assert (
+        fallback.connect_timeout,
+        fallback.first_token_timeout,
+        fallback.timeout,
+        fallback.request_timeout,
+        fallback.retries_before_failover,
+    ) == (2, 8, 30, 90, 1)
+    assert ModelRoute.objects.get(endpoint=fallback).hedge_after_ms == 1500
+    exported = export_text()
+    assert "first_token_timeout = 8.0" in exported
+    assert "hedge_after_ms = 1500" in exported
+    assert import_text(exported).unchanged == {
+        "endpoints": 2,
+        "routes": 2,
+        "budgets": 1,
+    }
+
+
+def test_a_bad_failover_setting_names_its_line_and_field():
+    bad = VALID.replace("timeout = 30", "timeout = 30\nfirst_token_timeout = 0")
+
+    with pytest.raises(ConfigFileError) as caught:
+        import_text(bad)
+
+    assert any("first_token_timeout" in p for p in caught.value.problems)
+    assert Endpoint.objects.count() == 0
+
+
 def test_importing_twice_updates_and_never_duplicates():
     import_text(VALID)
     second = import_text(VALID.replace("timeout = 30", "timeout = 45"))

@@ -1138,3 +1138,231 @@ async def test_a_plain_answer_past_max_tokens_is_cut(upstreams, endpoints, polic
 
     assert (result.finish_reason, result.limit_reason) == ("length", "max_tokens")
     assert tokens.count_text(result.text, "gpt-4o-mini") == 41
+
+
+# --- Failover policy ----------------------------------------------------------
+
+
+class Late(httpx.AsyncByteStream):
+    """A body whose first piece comes after `delay` seconds; records closing."""
+
+    def __init__(self, delay: float, *pieces: bytes) -> None:
+        self.delay = delay
+        self.pieces = pieces
+        self.closed = False
+        self.reading = asyncio.Event()
+
+    async def __aiter__(self):
+        self.reading.set()
+        await asyncio.sleep(self.delay)
+        for piece in self.pieces:
+            yield piece
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def late_answer(delay: float, *words: str) -> tuple[httpx.Response, Late]:
+    pieces = [chunk(w) for w in words] + [chunk(finish="stop"), b"data: [DONE]\n\n"]
+    body = Late(delay, *pieces)
+    response = httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, stream=body
+    )
+    return response, body
+
+
+async def test_retries_before_failover_are_spent_before_the_next_route(
+    upstreams, endpoints, policy, sleeps
+):
+    await Endpoint.objects.filter(name="alpha").aupdate(retries_before_failover=1)
+    upstreams.script("alpha.test", status(503), status(503))
+    upstreams.script("beta.test", answer("From beta"))
+
+    result = (await run(policy=policy))[-1].result
+
+    assert result.endpoint == "beta"
+    assert upstreams.count("alpha.test") == 2
+    assert sleeps == [2.0]
+    assert result.hops[0].attempts == 2
+
+
+async def test_a_429_never_counts_against_the_breaker(upstreams, endpoints, policy):
+    await Endpoint.objects.filter(name="alpha").aupdate(failure_threshold=1)
+    upstreams.script("alpha.test", status(429))
+    upstreams.script("beta.test", answer("From beta"))
+
+    result = (await run(policy=policy))[-1].result
+
+    alpha = await Endpoint.objects.aget(name="alpha")
+    assert result.endpoint == "beta"
+    # Without a Retry-After there is nothing to rest for, and nothing opened.
+    assert (alpha.consecutive_failures, alpha.disabled_until) == (0, None)
+    assert alpha.resting_until is None
+
+
+async def test_when_every_route_rests_the_soonest_rest_is_waited_out(
+    upstreams, endpoints, policy, sleeps
+):
+    with time_machine.travel(NOW, tick=False):
+        await Endpoint.objects.filter(name="alpha").aupdate(
+            resting_until=NOW + timedelta(seconds=20)
+        )
+        await Endpoint.objects.filter(name="beta").aupdate(
+            resting_until=NOW + timedelta(seconds=8)
+        )
+        upstreams.script("beta.test", answer("Rested"))
+        events = await run(policy=policy)
+
+    result = events[-1].result
+    assert result.endpoint == "beta"
+    assert sleeps == [8.0]
+    assert upstreams.count("alpha.test") == 0
+    statuses = [e for e in events if isinstance(e, router.Status)]
+    assert [s.text for s in statuses] == ["waiting for beta's rate limit (8 s)…"]
+    assert [(a.endpoint, a.outcome, a.reason) for a in result.trail] == [
+        ("alpha", "skipped", "resting"),
+        ("beta", "skipped", "resting"),
+        ("beta", "ok", ""),
+    ]
+
+
+async def test_a_rest_beyond_the_cap_says_when_to_retry(
+    upstreams, endpoints, policy, sleeps
+):
+    with time_machine.travel(NOW, tick=False):
+        await Endpoint.objects.aupdate(resting_until=NOW + timedelta(seconds=300))
+        result = (await run(policy=policy))[-1].result
+
+    assert isinstance(result.error, AllEndpointsUnavailable)
+    assert result.error.retry_after == 300.0
+    assert sleeps == []
+    assert result.attempts == 0
+
+
+async def test_a_429_on_a_half_open_trial_closes_the_circuit(
+    upstreams, endpoints, policy
+):
+    await Endpoint.objects.filter(name="alpha").aupdate(
+        consecutive_failures=3, disabled_until=NOW - timedelta(seconds=1)
+    )
+    upstreams.script("alpha.test", status(429, **{"retry-after": "30"}))
+    upstreams.script("beta.test", answer("ok"))
+
+    with time_machine.travel(NOW, tick=False):
+        result = (await run(policy=policy))[-1].result
+
+    alpha = await Endpoint.objects.aget(name="alpha")
+    assert result.endpoint == "beta"
+    # It answered, so it is up; it is only busy for 30 s.
+    assert (alpha.consecutive_failures, alpha.disabled_until) == (0, None)
+    assert alpha.resting_until == NOW + timedelta(seconds=30)
+
+
+async def test_a_slow_first_token_is_hedged_and_the_faster_route_wins(
+    upstreams, endpoints, policy
+):
+    await ModelRoute.objects.filter(endpoint__name="alpha").aupdate(hedge_after_ms=50)
+    slow, slow_body = late_answer(30, "too late")
+    upstreams.script("alpha.test", slow)
+    upstreams.script("beta.test", answer("From", " beta"))
+
+    events = await run(policy=policy)
+
+    result = events[-1].result
+    assert result.text == "From beta"
+    assert result.endpoint == "beta"
+    assert slow_body.closed
+    (hedge,) = [e for e in events if isinstance(e, router.Status)]
+    assert (hedge.kind, hedge.text) == ("hedge", "alpha is slow, also trying beta…")
+    # Both attempts are on the record; the lost one with what it was sent.
+    lost, won = result.trail
+    assert (lost.endpoint, lost.outcome, won.endpoint, won.outcome) == (
+        "alpha",
+        "hedge_lost",
+        "beta",
+        "ok",
+    )
+    assert lost.prompt_tokens == tokens.count_messages(MESSAGES, "gpt-4o-mini").tokens
+    assert [(h.endpoint, h.reason, h.to_endpoint) for h in result.hops] == [
+        ("alpha", "hedge_lost", "beta")
+    ]
+
+
+async def test_a_hedged_route_that_answers_first_keeps_the_other_in_line(
+    upstreams, endpoints, policy
+):
+    await ModelRoute.objects.filter(endpoint__name="alpha").aupdate(hedge_after_ms=20)
+    first, _ = late_answer(0.3, "Alpha", " wins")
+    hung, hung_body = late_answer(30, "never")
+    upstreams.script("alpha.test", first)
+    upstreams.script("beta.test", hung)
+
+    events = await run(policy=policy)
+
+    result = events[-1].result
+    assert result.text == "Alpha wins"
+    assert result.endpoint == "alpha"
+    assert hung_body.closed
+    assert result.hops == []
+    assert [(a.endpoint, a.outcome) for a in result.trail] == [
+        ("alpha", "ok"),
+        ("beta", "hedge_lost"),
+    ]
+
+
+async def test_a_plain_request_hedges_too(upstreams, endpoints, policy):
+    await ModelRoute.objects.filter(endpoint__name="alpha").aupdate(hedge_after_ms=50)
+    body = Late(30, b"{}")
+    upstreams.script(
+        "alpha.test",
+        httpx.Response(200, headers={"content-type": "application/json"}, stream=body),
+    )
+    upstreams.script("beta.test", plain("from beta"))
+
+    result = await router.complete_chat(MODEL, MESSAGES, policy=policy)
+
+    assert (result.endpoint, result.text) == ("beta", "from beta")
+    assert [(a.endpoint, a.outcome) for a in result.trail] == [
+        ("alpha", "hedge_lost"),
+        ("beta", "ok"),
+    ]
+
+
+async def test_a_cancelled_plain_request_keeps_its_trail(upstreams, endpoints, policy):
+    body = Late(30, b"{}")
+    upstreams.script(
+        "alpha.test",
+        status(503),
+    )
+    upstreams.script(
+        "beta.test",
+        httpx.Response(200, headers={"content-type": "application/json"}, stream=body),
+    )
+    call = router.plain_chat(MODEL, MESSAGES, policy=policy)
+    task = asyncio.create_task(call.run())
+    await body.reading.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    result = call.result
+    assert result.stopped is True
+    assert result.attempts == 2
+    assert [(a.endpoint, a.outcome) for a in result.trail] == [
+        ("alpha", "failed"),
+        ("beta", "cancelled"),
+    ]
+    assert [h.endpoint for h in result.hops] == ["alpha"]
+    assert result.endpoint == "beta"
+
+
+async def test_a_failed_request_names_the_endpoint_that_failed_last(
+    upstreams, endpoints, policy
+):
+    upstreams.script("alpha.test", status(400))
+
+    result = (await run(policy=policy))[-1].result
+
+    assert (result.endpoint, result.endpoint_id) == ("alpha", endpoints[0].id)
+    ((attempt),) = result.trail
+    assert (attempt.outcome, attempt.status_code) == ("failed", 400)
