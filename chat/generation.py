@@ -18,6 +18,9 @@ Life of an answer:
   no endpoint) leaves the conversation as it was: the asker gets an ``error``
   frame with ``refused: true`` and keeps the text.
 - Deltas are coalesced: at most one ``delta`` frame per CHAT_FRAME_INTERVAL_MS.
+- While no text flows (a failover, a retry's wait, a rate limit's wait) a
+  ``status`` frame says what is happening. The latest one is kept until text
+  flows again, so a socket that joins meanwhile sees it in its ``start``.
 - ``stop`` cancels the task at once: the upstream request is closed, the
   partial answer is stored as partial with its (cancelled) usage record.
 - When the last listener leaves, the answer keeps streaming for
@@ -49,7 +52,7 @@ from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.models import MessageStatus
 from chat.protocol import Edit, Regenerate, Send
-from gateway import accounting, router, service
+from gateway import accounting, router, sanitize, service
 from gateway.models import UsageRecord
 from llmsite.shutdown import RETRY_AFTER_SECONDS, shutdown
 
@@ -58,6 +61,8 @@ logger = logging.getLogger(__name__)
 GROUP_PREFIX = "chat.conv."
 # How long a stop sent to another process waits for that process to confirm.
 STOP_ACK_SECONDS = 2.0
+# The router builds status lines from endpoint names; a line is one sentence.
+STATUS_CHARS = 300
 
 
 def group_name(conversation_id: uuid.UUID) -> str:
@@ -115,6 +120,8 @@ class Generation:
         self.context: dict[str, Any] | None = None
         self.hops: list[dict[str, Any]] = []
         self.cached = False
+        # The status line shown while no text flows, None while it does.
+        self.status: dict[str, Any] | None = None
         self.local: set[Listener] = set()
         self.remote: set[str] = set()
         self.stop_reason: str | None = None
@@ -140,6 +147,7 @@ class Generation:
             "context": self.context,
             "hops": self.hops,
             "cached": self.cached,
+            "status": self.status,
         }
 
     def start_texts(self) -> list[str]:
@@ -241,16 +249,21 @@ class Generation:
                 events = service.stream_chat(caller, self.model, self.history)
                 async with contextlib.aclosing(events):
                     async for event in events:
-                        if not isinstance(event, service.Fallback):
+                        if not isinstance(event, service.Fallback | service.Status):
                             # Admission may not have been asked (a cached
                             # answer in degraded mode): an answer is coming.
+                            # Fallbacks and statuses say no such thing: until
+                            # admission their frames wait in the outbox.
                             await self._commit()
                         if isinstance(event, service.Delta):
+                            self.status = None
                             self._push_text(event.text)
                         elif isinstance(event, service.Started):
                             self._on_started(event)
                         elif isinstance(event, service.Fallback):
                             self._on_fallback(event)
+                        elif isinstance(event, service.Status):
+                            self._on_status(event)
                         elif isinstance(event, service.Done):
                             done = event
         except service.Rejected as exc:
@@ -306,6 +319,8 @@ class Generation:
         self._dirty.set()
 
     def _on_started(self, event: service.Started) -> None:
+        # The router starts a route once its first text has come: it flows.
+        self.status = None
         self.endpoint = event.endpoint
         self.cached = event.cached
         self.context = event.context.to_dict() if event.context is not None else None
@@ -323,6 +338,12 @@ class Generation:
         hop = hop_dict(event.hop)
         self.hops.append(hop)
         self._push_frame({"type": "fallback", "conversation_id": self._cid, **hop})
+
+    def _on_status(self, event: service.Status) -> None:
+        self.status = status_dict(event)
+        self._push_frame(
+            {"type": "status", "conversation_id": self._cid, **self.status}
+        )
 
     async def _pump_frames(self) -> None:
         # The only sender while streaming, so frames keep their order.
@@ -370,6 +391,7 @@ class Generation:
 
     async def _finish(self, done: service.Done | None, error: ChatError | None) -> None:
         self._closing = True
+        self.status = None
         self._dirty.set()
         if self._pump is not None:
             with contextlib.suppress(Exception):
@@ -582,6 +604,18 @@ def hop_dict(hop: router.Hop) -> dict[str, Any]:
         "status_code": hop.status_code,
         "message": hop.message,
         "mid_stream": hop.mid_stream,
+    }
+
+
+def status_dict(status: router.Status) -> dict[str, Any]:
+    """What the browser shows while an answer waits: a sentence, and its parts."""
+    seconds = status.seconds
+    return {
+        "kind": status.kind,
+        "text": sanitize.clean_text(status.text, limit=STATUS_CHARS),
+        "endpoint": status.endpoint,
+        "to_endpoint": status.to_endpoint,
+        "seconds": None if seconds is None else round(seconds, 1),
     }
 
 

@@ -488,3 +488,122 @@ async def test_another_process_can_join_and_stop_an_answer(
     assert answer.content == text_of(frames)
     assert [r.status for r in await records()] == [UsageStatus.CANCELLED]
     await there.disconnect()
+
+
+@pytest.fixture
+def retry_waits(monkeypatch) -> tuple[list[float], asyncio.Event]:
+    """The router's retry waits, without jitter: recorded, then held at a gate.
+
+    The waits last until the test opens the gate, so a test sees the chat
+    mid-wait; the seconds the router meant to wait are in the list.
+    """
+    waits: list[float] = []
+    gate = asyncio.Event()
+    from_settings = router.RetryPolicy.from_settings
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await gate.wait()
+
+    monkeypatch.setattr(
+        router.RetryPolicy,
+        "from_settings",
+        lambda **overrides: from_settings(sleep=sleep, random=lambda: 0.0, **overrides),
+    )
+    return waits, gate
+
+
+async def retry_on_fallback(attempts: int = 3) -> None:
+    """With every other route tried, the fallback gets `attempts` in all."""
+    await Endpoint.objects.filter(name="fallback").aupdate(max_retries=attempts)
+    router.forget_routes()
+
+
+async def test_a_failover_shows_a_status_line_before_the_answer(
+    alice, routes, upstream
+):
+    upstream.set_behaviour(Behaviour(fault="status", fault_status=503), prefix="/e/1")
+    tab = await connect(alice)
+
+    await send(tab)
+    frames = await frames_until(tab, "done")
+
+    types = [f["type"] for f in frames]
+    status = frames[types.index("status")]
+    assert status["text"] == "primary failed (HTTP 503), trying fallback…"
+    assert (status["kind"], status["endpoint"], status["to_endpoint"]) == (
+        "failover",
+        "primary",
+        "fallback",
+    )
+    assert types.index("start") < types.index("status") < types.index("delta")
+    assert types.count("status") == 1
+    assert text_of(frames) == FULL_ANSWER
+    assert frames[-1]["answer"]["status"] == MessageStatus.COMPLETE
+    await tab.disconnect()
+
+
+async def test_with_every_endpoint_down_the_chat_says_so_and_ends_with_an_error(
+    alice, routes, upstream, retry_waits
+):
+    waits, gate = retry_waits
+    gate.set()
+    await retry_on_fallback()
+    upstream.set_behaviour(Behaviour(fault="status", fault_status=503))
+    tab = await connect(alice)
+
+    await send(tab)
+    frames = await frames_until(tab, "error")
+
+    statuses = [
+        (f["kind"], f["text"], f["seconds"]) for f in frames if f["type"] == "status"
+    ]
+    assert statuses == [
+        ("failover", "primary failed (HTTP 503), trying fallback…", None),
+        ("retry", "fallback failed (HTTP 503), retrying in 2 s…", 2.0),
+        ("retry", "fallback failed (HTTP 503), retrying in 4 s…", 4.0),
+    ]
+    assert waits == [2.0, 4.0]
+    error = frames[-1]
+    assert error["code"] == "all_endpoints_unavailable"
+    assert error["message"].startswith("No endpoint can answer right now")
+    assert error["answer"]["status"] == MessageStatus.ERROR
+    assert "delta" not in [f["type"] for f in frames]
+    [answer] = await answers()
+    assert answer.status == MessageStatus.ERROR
+    assert [r.status for r in await records()] == [UsageStatus.ERROR]
+    await tab.disconnect()
+
+
+async def test_a_tab_joining_during_a_wait_sees_the_status_line_then_the_answer(
+    alice, routes, upstream, retry_waits, owner, make_conversation
+):
+    waits, gate = retry_waits
+    await retry_on_fallback()
+    upstream.set_behaviour(Behaviour(fault="status", fault_status=503))
+    conversation = await sync_to_async(make_conversation)(owner)
+    asking = await connect(alice)
+    await send(asking, conversation_id=str(conversation.id))
+    asked = await frames_until(asking, "status")
+    while asked[-1]["kind"] != "retry":
+        asked += await frames_until(asking, "status")
+
+    joining = await connect(alice)
+    await joining.send_json_to(
+        {"type": "open", "conversation_id": str(conversation.id)}
+    )
+    joined = await frames_until(joining, "start")
+    upstream.reset()
+    gate.set()
+    joined += await frames_until(joining, "done")
+
+    assert asked[0]["type"] == "start" and asked[0]["status"] is None
+    start = next(f for f in joined if f["type"] == "start")
+    assert start["status"]["text"] == "fallback failed (HTTP 503), retrying in 2 s…"
+    assert start["status"]["kind"] == "retry"
+    assert waits == [2.0]
+    assert text_of(joined) == FULL_ANSWER
+    assert joined[-1]["endpoint"] == "fallback"
+    await frames_until(asking, "done")
+    await asking.disconnect()
+    await joining.disconnect()

@@ -219,6 +219,47 @@ def test_a_fallback_is_shown_under_the_answer(
     screenshot(page, "06-fallback-notice")
 
 
+def test_a_status_line_says_what_happens_until_the_answer_replaces_it(
+    page, login, owner, sim_model, simulator, screenshot
+):
+    simulator.set_behaviour(
+        Behaviour(fault="status", fault_status=503), prefix="/e/primary"
+    )
+    # The fallback takes a moment to its first token: the line stays meanwhile.
+    full = slow_answers(simulator, tokens=40)
+    simulator.set_behaviour(
+        Behaviour(ttft=2.0, tokens_per_second=TOKENS_PER_SECOND, completion_tokens=40),
+        prefix="/e/fallback",
+    )
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.emulate_media(color_scheme="dark")
+    login(page, owner)
+
+    ask(page, "Is anyone there?")
+    line = page.locator(f"{LIVE} .msg-waiting")
+    line.wait_for()
+    shown = line.inner_text()
+    polite = line.get_attribute("aria-live")
+    footer_while_waiting = page.locator(f"{LIVE} .msg-footer").inner_text()
+    screenshot(page, "06b-status-line-phone-dark")
+    page.wait_for_function(
+        "document.querySelector('.msg-assistant .bubble')?.innerText.length > 0"
+    )
+    gone_with_first_text = page.locator(".msg-waiting:visible").count() == 0
+    wait_for_answer(page)
+
+    assert shown == "primary failed (HTTP 503), trying fallback…"
+    assert polite == "polite"
+    assert footer_while_waiting == ""
+    assert gone_with_first_text
+    assert page.locator(".msg-waiting:visible").count() == 0
+    stored = Message.objects.get(role=MessageRole.ASSISTANT)
+    assert (stored.status, stored.content) == (MessageStatus.COMPLETE, full)
+    assert "via fallback" in page.locator(FOOTER).inner_text()
+    # The line never took the focus from the message box.
+    assert page.evaluate("document.activeElement.id") == "input"
+
+
 def test_a_reload_mid_answer_resumes_it(
     page, login, owner, sim_model, simulator, screenshot
 ):

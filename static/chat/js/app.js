@@ -40,7 +40,8 @@ const state = {
   conversation: null,
   messages: [],
   // The answer streaming in the shown conversation:
-  // {conversationId, userMessageId, seq, text, meta, element}.
+  // {conversationId, userMessageId, seq, text, meta, waiting, element};
+  // `waiting` is the server's status line while no text flows, else null.
   live: null,
   pendingSend: null,
   // The last edit sent: {id, content}, reopened in its editor if refused.
@@ -227,10 +228,7 @@ function renderConversation({ keepScroll = false } = {}) {
     ui.messages.append(messageElement(message));
   }
   if (isStreamingHere()) {
-    state.live.element = answerElement(
-      { content: state.live.text, meta: state.live.meta },
-      { live: true },
-    );
+    state.live.element = answerElement(liveMessage(), { live: true });
     ui.messages.append(state.live.element);
   }
   ui.empty.hidden = ui.messages.children.length > 1;
@@ -249,19 +247,19 @@ function queueLiveRender() {
     state.renderQueued = false;
     if (!isStreamingHere() || !state.live.element) return;
     const stick = nearBottom();
-    updateAnswer(state.live.element, { content: state.live.text, meta: state.live.meta }, {
-      live: true,
-      textOnly: true,
-    });
+    updateAnswer(state.live.element, liveMessage(), { live: true, textOnly: true });
     if (stick) scrollToBottom();
   });
 }
 
+function liveMessage() {
+  const live = state.live;
+  return { content: live.text, meta: live.meta, waiting: live.waiting };
+}
+
 function redrawLive() {
   if (!isStreamingHere() || !state.live.element) return;
-  updateAnswer(state.live.element, { content: state.live.text, meta: state.live.meta }, {
-    live: true,
-  });
+  updateAnswer(state.live.element, liveMessage(), { live: true });
 }
 
 function markRetryCountdown() {
@@ -473,6 +471,8 @@ const handlers = {
       seq: frame.seq,
       text: frame.text,
       meta: { endpoint: frame.endpoint, context: frame.context, hops: frame.hops, cached: frame.cached },
+      // Joining mid-wait (a reload, a second tab): the line shown right now.
+      waiting: frame.status ? frame.status.text : null,
       element: null,
     };
     renderConversation();
@@ -490,6 +490,11 @@ const handlers = {
     }
     live.seq = frame.seq;
     live.text += frame.text;
+    if (live.waiting !== null) {
+      // Text flows again (after a mid-answer failover): the line goes.
+      live.waiting = null;
+      redrawLive();
+    }
     queueLiveRender();
   },
 
@@ -499,7 +504,16 @@ const handlers = {
     live.meta.endpoint = frame.endpoint;
     live.meta.cached = frame.cached;
     live.meta.context = frame.status;
+    // An endpoint answers: its first text follows at once.
+    live.waiting = null;
     showContext(frame.status);
+    redrawLive();
+  },
+
+  status(frame) {
+    const live = state.live;
+    if (!live || live.conversationId !== frame.conversation_id) return;
+    live.waiting = frame.text;
     redrawLive();
   },
 

@@ -92,6 +92,11 @@ export function answerElement(message, { live = false } = {}) {
   article.append(element("h2", "visually-hidden", "Answer:"));
   const bubble = element("div", "bubble markdown");
   article.append(bubble);
+  // What the server is doing while no text flows (a failover, a retry's wait).
+  // A polite live region from the start, so each new line is read out.
+  const waiting = element("p", "msg-waiting");
+  waiting.setAttribute("aria-live", "polite");
+  article.append(waiting);
   article.append(element("div", "msg-notices"));
   article.append(element("div", "msg-error"));
   article.append(element("p", "msg-footer muted"));
@@ -100,12 +105,23 @@ export function answerElement(message, { live = false } = {}) {
   return article;
 }
 
-/** Redraw an answer element from a message (or the live state of one). */
+/**
+ * Redraw an answer element from a message (or the live state of one).
+ *
+ * `message.waiting` is the status line of a live answer waiting for text;
+ * it is server-built but set as text, never as markup.
+ */
 export function updateAnswer(article, message, { live = false, textOnly = false } = {}) {
   const bubble = article.querySelector(".bubble");
+  const waiting = (live && message.waiting) || "";
   renderMarkdown(bubble, message.content, { final: !live });
-  if (live) bubble.append(element("span", "cursor"));
-  article.setAttribute("aria-busy", live ? "true" : "false");
+  // The status line stands in for the cursor until text flows again.
+  if (live && !waiting) bubble.append(element("span", "cursor"));
+  const line = article.querySelector(".msg-waiting");
+  if (line.textContent !== waiting) line.textContent = waiting;
+  article.classList.toggle("waiting", Boolean(waiting));
+  // Not busy while waiting: a busy region's live changes may go unread.
+  article.setAttribute("aria-busy", live && !waiting ? "true" : "false");
   if (textOnly) return;
   const meta = message.meta || {};
   article.dataset.status = live ? "streaming" : message.status;
@@ -141,11 +157,9 @@ export function updateAnswer(article, message, { live = false, textOnly = false 
   }
 
   const footer = article.querySelector(".msg-footer");
-  footer.textContent = live
-    ? meta.endpoint
-      ? `writing · via ${meta.endpoint}`
-      : "writing…"
-    : footerText(meta);
+  if (waiting) footer.textContent = "";
+  else if (live) footer.textContent = meta.endpoint ? `writing · via ${meta.endpoint}` : "writing…";
+  else footer.textContent = footerText(meta);
 
   const actions = article.querySelector(".msg-actions");
   actions.replaceChildren();
