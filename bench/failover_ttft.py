@@ -116,9 +116,8 @@ class Bench:
     settle: float
 
 
-def setup_django(data_dir: str) -> None:
-    os.environ["DATA_DIR"] = data_dir
-    os.environ["DJANGO_SETTINGS_MODULE"] = "llmsite.settings"
+def setup_django() -> None:
+    """Django in this process, on the DATA_DIR the environment names."""
     sys.path.insert(0, str(ROOT))
     import django
 
@@ -374,14 +373,13 @@ def main() -> None:
         os.environ.pop(name, None)  # only the two demo endpoints
     os.environ.update(
         {
+            "DATA_DIR": data_dir,
+            "DJANGO_SETTINGS_MODULE": "llmsite.settings",
             "RATE_LIMIT_RPM": "1000000",
             "LOG_LEVEL": "WARNING",
             "DEBUG": "false",
         }
     )
-    setup_django(data_dir)
-    from django.conf import settings
-
     env = dict(os.environ)
     primary_port, fallback_port = free_port(), free_port()
     # Bound and never listening: connecting to it is refused, and the port
@@ -391,6 +389,9 @@ def main() -> None:
     procs = Processes()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
+        setup_django()
+        from django.conf import settings
+
         key = seed(primary_port, fallback_port)
         from gateway.models import Endpoint
 
