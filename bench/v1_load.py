@@ -41,7 +41,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -52,9 +51,20 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
-from common import MESSAGES, cpu_model, cpu_seconds, percentile
+from common import (
+    MESSAGES,
+    ROOT,
+    Processes,
+    cpu_model,
+    cpu_seconds,
+    free_port,
+    loadavg,
+    percentile,
+    start_simulator,
+    wait_ready,
+    web_argv,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 UPSTREAM_MODEL = "sim-small"
@@ -81,72 +91,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-class Processes:
-    """Children started here; all of them are stopped by ``stop_all``."""
-
-    def __init__(self) -> None:
-        self.children: list[subprocess.Popen[str]] = []
-
-    def start(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-        child = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        self.children.append(child)
-        return child
-
-    def stop(self, child: subprocess.Popen[str]) -> None:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-
-    def stop_all(self) -> None:
-        for child in reversed(self.children):
-            self.stop(child)
-
-
-def web_argv(server: str, port: int, core: str) -> list[str]:
-    if server == "daphne":
-        cmd = [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port)]
-        cmd.append("llmsite.asgi:application")
-    else:
-        cmd = [str(BIN / "uvicorn"), "llmsite.asgi:application", "--port", str(port)]
-        cmd += ["--loop", "uvloop", "--http", "httptools", "--no-access-log"]
-    return ["taskset", "-c", core, *cmd]
-
-
-async def wait_ready(url: str, child: subprocess.Popen[str]) -> None:
-    async with httpx.AsyncClient() as client:
-        for _ in range(300):
-            if child.poll() is not None:
-                raise SystemExit(f"web server exited with {child.returncode}")
-            try:
-                if (await client.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise SystemExit(f"{url} did not answer in 30 s")
 
 
 class Target:
@@ -378,20 +322,15 @@ def main() -> None:
     # SIGTERM behaves like Ctrl-C: the finally block stops every child.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
-        sim = procs.start(
+        upstream = start_simulator(
+            procs,
             [
-                *("taskset", "-c", args.client_core, PYTHON, "manage.py"),
-                *("simulate_upstream", "--port", str(free_port())),
-                *("--models", UPSTREAM_MODEL, "--tokens-per-second", "0"),
-                *("--completion-tokens", str(args.tokens)),
+                *("--port", str(free_port()), "--models", UPSTREAM_MODEL),
+                *("--tokens-per-second", "0", "--completion-tokens", str(args.tokens)),
             ],
             env,
+            prefix=("taskset", "-c", args.client_core),
         )
-        assert sim.stdout is not None
-        upstream = sim.stdout.readline().strip()
-        if not upstream.startswith("http"):
-            raise SystemExit(f"simulator did not start: {upstream!r}")
-        upstream = upstream.rstrip("/")
         if not upstream.endswith("/v1"):
             upstream += "/v1"
         env["BENCH_UPSTREAM"] = upstream
@@ -407,7 +346,7 @@ def main() -> None:
             text=True,
         ).stdout.split()[-1]
         port = free_port()
-        web_cmd = web_argv(args.server, port, args.web_core)
+        web_cmd = ["taskset", "-c", args.web_core, *web_argv(args.server, port)]
         web = procs.start(web_cmd, env)
         base = f"http://127.0.0.1:{port}"
         asyncio.run(wait_ready(f"{base}/healthz", web))
