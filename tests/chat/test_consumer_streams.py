@@ -607,3 +607,67 @@ async def test_a_tab_joining_during_a_wait_sees_the_status_line_then_the_answer(
     await frames_until(asking, "done")
     await asking.disconnect()
     await joining.disconnect()
+
+
+async def first_text_after_send(tab: WebsocketCommunicator) -> float:
+    """Seconds from sending a message to its first answer text; reads to done."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await send(tab)
+    first: float | None = None
+    while True:
+        frame = await tab.receive_json_from(timeout=10)
+        if frame["type"] == "delta" and first is None:
+            first = loop.time() - started
+        if frame["type"] in ("done", "error"):
+            assert frame["type"] == "done", frame
+            assert first is not None
+            return first
+
+
+async def fallback_alone(tab: WebsocketCommunicator) -> float:
+    """The fallback's own time to first text, warm, with the primary disabled."""
+    await first_text_after_send(tab)
+    await Endpoint.objects.filter(name="primary").aupdate(enabled=False)
+    router.forget_routes()
+    alone = await first_text_after_send(tab)
+    await Endpoint.objects.filter(name="primary").aupdate(enabled=True)
+    router.forget_routes()
+    return alone
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "settings_of_primary", "extra"),
+    [
+        # A 503 fails over at once, even with retries configured.
+        (Behaviour(fault="status", fault_status=503), {"max_retries": 3}, 0.0),
+        # A hung primary costs its first-token timeout, no more.
+        (
+            Behaviour(fault="stall", fault_after_tokens=0),
+            {"first_token_timeout": 0.5},
+            0.5,
+        ),
+        # A long Retry-After is not waited out while the fallback can answer.
+        (Behaviour(fault="status", fault_status=429, retry_after=60), {}, 0.0),
+    ],
+    ids=["503", "hung", "429"],
+)
+async def test_the_fallback_answers_within_its_own_latency_plus_200_ms(
+    alice, routes, upstream, behaviour, settings_of_primary, extra
+):
+    tab = await connect(alice)
+    alone = await fallback_alone(tab)
+    await Endpoint.objects.filter(name="primary").aupdate(**settings_of_primary)
+    router.forget_routes()
+    upstream.set_behaviour(behaviour, prefix="/e/1")
+
+    took = await first_text_after_send(tab)
+
+    assert took <= extra + alone + 0.2, (took, alone)
+    primary = await Endpoint.objects.aget(name="primary")
+    # One failed request: the circuit stays closed and nobody is told it is down.
+    assert (primary.disabled_until, primary.status) == (None, "unknown")
+    [*_, last] = await records()
+    assert last.endpoint_name == "fallback"
+    assert [step["endpoint"] for step in last.trail] == ["primary", "fallback"]
+    await tab.disconnect()

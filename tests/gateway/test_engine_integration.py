@@ -6,6 +6,7 @@ the fallback, and the hop says where and why.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -330,3 +331,30 @@ async def test_everything_down_serves_the_last_answer_flagged_cached(
     assert result.text == FULL_ANSWER
     assert [e.cached for e in events if isinstance(e, Started)] == [True]
     assert [h.endpoint for h in result.hops] == ["primary", "fallback"]
+
+
+async def test_everything_hung_ends_within_the_timeouts_of_the_attempts(
+    primary, fallback, endpoints
+):
+    # Each attempt costs its first-token timeout; the last route gets the
+    # retries (three attempts, 0.1 s and 0.2 s apart here).
+    await Endpoint.objects.aupdate(first_token_timeout=0.3, backoff_multiplier=0.1)
+    router.forget_routes()
+    primary.set_behaviour(Behaviour(fault="stall", fault_after_tokens=0))
+    fallback.set_behaviour(Behaviour(fault="stall", fault_after_tokens=0))
+    policy = RetryPolicy(jitter=0)
+    loop = asyncio.get_running_loop()
+
+    started = loop.time()
+    events = await run(policy)
+    took = loop.time() - started
+
+    result = events[-1].result
+    assert isinstance(result.error, router.AllEndpointsUnavailable)
+    assert took <= 0.3 + 3 * 0.3 + 0.1 + 0.2 + 0.2, took
+    assert (primary.stats.chat_requests, fallback.stats.chat_requests) == (1, 3)
+    assert [e.kind for e in events if isinstance(e, router.Status)] == [
+        "failover",
+        "retry",
+        "retry",
+    ]
