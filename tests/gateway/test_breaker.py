@@ -51,6 +51,7 @@ async def make_endpoint(**fields) -> Endpoint:
         "cooldown_seconds": 60,
         "timeout": 20,
         "connect_timeout": 5,
+        "first_token_timeout": 12,
         "status": EndpointStatus.CONNECTED,
     }
     values.update(fields)
@@ -137,8 +138,8 @@ async def test_exactly_one_request_gets_the_half_open_trial(frozen):
     assert second is None
     await endpoint.arefresh_from_db()
     assert endpoint.disabled_until == first
-    # The lease covers a connect and a read timeout.
-    assert first - (NOW + timedelta(seconds=61)) == timedelta(seconds=20 + 5 + 5)
+    # The lease covers a connect and a first-token timeout, plus a margin.
+    assert first - (NOW + timedelta(seconds=61)) == timedelta(seconds=5 + 12 + 5)
 
 
 async def test_a_successful_trial_closes_the_circuit(frozen, announcements):
