@@ -54,6 +54,7 @@ and recoveries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -1578,24 +1579,29 @@ async def _stream_events(
             for event in _switch_events(call, candidate):
                 yield event
             opened: _Opened | None = None
-            async for item in _attempts(call, candidate, _open_stream):
-                if isinstance(item, Status):
-                    yield item
-                elif isinstance(item, _Failed):
-                    failed = item.candidate
-                    call.skip(
-                        failed.route,
-                        item.error.reason,
-                        error=item.error,
-                        attempts=failed.attempts,
-                    )
-                    if call.ended_by(item.error):
-                        for hop in call.take_hops(None):
-                            yield Fallback(hop)
-                        yield Finished(call.finish(candidate=failed, error=item.error))
-                        return
-                else:
-                    opened = item
+            # Closed at once if the caller goes: a hedge's attempts end with it.
+            attempts = contextlib.aclosing(_attempts(call, candidate, _open_stream))
+            async with attempts as items:
+                async for item in items:
+                    if isinstance(item, Status):
+                        yield item
+                    elif isinstance(item, _Failed):
+                        failed = item.candidate
+                        call.skip(
+                            failed.route,
+                            item.error.reason,
+                            error=item.error,
+                            attempts=failed.attempts,
+                        )
+                        if call.ended_by(item.error):
+                            for hop in call.take_hops(None):
+                                yield Fallback(hop)
+                            yield Finished(
+                                call.finish(candidate=failed, error=item.error)
+                            )
+                            return
+                    else:
+                        opened = item
             if opened is None:
                 continue
             candidate = opened.candidate
@@ -1913,19 +1919,21 @@ async def _complete(call: _Call, routes: Sequence[Route] | None) -> RouterResult
             break
         call.take_hops(candidate.route.endpoint.name)
         opened: _Opened | None = None
-        async for item in _attempts(call, candidate, _complete_once):
-            if isinstance(item, _Failed):
-                failed = item.candidate
-                call.skip(
-                    failed.route,
-                    item.error.reason,
-                    error=item.error,
-                    attempts=failed.attempts,
-                )
-                if call.ended_by(item.error):
-                    return call.finish(candidate=failed, error=item.error)
-            elif isinstance(item, _Opened):
-                opened = item
+        attempts = contextlib.aclosing(_attempts(call, candidate, _complete_once))
+        async with attempts as items:
+            async for item in items:
+                if isinstance(item, _Failed):
+                    failed = item.candidate
+                    call.skip(
+                        failed.route,
+                        item.error.reason,
+                        error=item.error,
+                        attempts=failed.attempts,
+                    )
+                    if call.ended_by(item.error):
+                        return call.finish(candidate=failed, error=item.error)
+                elif isinstance(item, _Opened):
+                    opened = item
         if opened is None:
             continue
         candidate, body = opened.candidate, opened.value
