@@ -4,21 +4,36 @@
 conversation, and walk the model's routes by priority:
 
 1. skip an endpoint whose circuit is open, or half-open with its one trial
-   taken by another request; skip a route whose window cannot hold the system
-   prompt and newest turn (`gateway.context`); skip an endpoint that `admit`
-   says is saturated.  Each skip is a hop with its reason.
-2. try the route with tenacity: `Endpoint.max_retries` attempts, exponential
-   backoff (`backoff_multiplier` * 2^n, plus jitter, capped at
-   GATEWAY_MAX_BACKOFF), Retry-After honoured up to GATEWAY_MAX_RETRY_AFTER
-   (longer: fail over at once).  Only transient errors are retried; an
-   `APIEndpointError` fails over at once; a permanent error (the request is
-   wrong) ends the call.  Streams are retried only before their first token.
-3. a stream that fails after tokens flowed continues on the next route, with
+   taken by another request, or that rests after a 429 (`gateway.resting`);
+   skip a route whose window cannot hold the system prompt and newest turn
+   (`gateway.context`); skip an endpoint that `admit` says is saturated.
+   Each skip is a hop with its reason, and a step of the trail.
+2. fail over first, retry last: while later routes remain, a route gets one
+   attempt (plus its endpoint's `retries_before_failover`), so a transient
+   error (5xx, connection, timeout) moves on at once.  When every route has
+   been tried, the retries with tenacity's exponential backoff
+   (`backoff_multiplier` * 2^n, plus jitter, capped at GATEWAY_MAX_BACKOFF)
+   go to the last route that may still answer, up to its `max_retries`
+   attempts (`_Call.last_resort`).  A 429 never counts against the breaker:
+   with a Retry-After shorter than the next route's expected latency it is
+   waited out in place, otherwise the request fails over and the endpoint
+   rests until then; when nothing else can answer, a rest or Retry-After up
+   to GATEWAY_MAX_RETRY_AFTER is waited out.  An `APIEndpointError` fails
+   over at once; a permanent error (the request is wrong) ends the call.
+   Streams are retried only before their first token.
+3. a route with `hedge_after_ms` races the next route when its first token
+   is that late: the first to answer wins, the other is cancelled and stays
+   on the trail as `hedge_lost`.
+4. a stream that fails after tokens flowed continues on the next route, with
    the partial answer as an assistant message and an instruction to continue,
    so the caller gets one answer and a `Fallback` event.
-4. when every route failed and nothing was sent yet, the last good answer to
+5. when every route failed and nothing was sent yet, the last good answer to
    the exact same conversation (`gateway.response_cache`) is served, flagged
    as cached; otherwise the call ends with `AllEndpointsUnavailable`.
+
+While no answer flows, `Status` events say what is happening (a failover, a
+retry's wait, a rate-limit wait, a hedge), for the chat's status line and
+`/v1`; every result keeps its `trail` of attempts and skips.
 
 Bounds (the client enforces the byte, chunk and idle ones, see
 `gateway.client`):
@@ -1766,6 +1781,16 @@ async def _hedged(
     mark = (call.index, len(call.pending))
     winner: _Opened | None = None
     failures: list[_Failed] = []
+
+    def lost(candidate: _Candidate) -> None:
+        call.lost_hedge(candidate)
+        if candidate is first:
+            call.skip(first.route, "hedge_lost", attempts=first.attempts)
+        else:
+            # Not tried to the end: it may take a later failover.
+            call.index = mark[0]
+            del call.pending[mark[1] :]
+
     try:
         done, _ = await asyncio.wait(racing, timeout=first.route.hedge_after_ms / 1000)
         if not done:
@@ -1785,12 +1810,12 @@ async def _hedged(
             for future in done:
                 candidate = racing.pop(future)
                 error = future.exception()
-                if error is None:
-                    if winner is None:
-                        winner = _Opened(candidate, future.result())
-                    else:
-                        await _discard(candidate, future.result())
-                        call.lost_hedge(candidate)
+                if error is None and winner is None:
+                    winner = _Opened(candidate, future.result())
+                elif error is None:
+                    # Both answered at once: the later one is a loser too.
+                    await _discard(future.result())
+                    lost(candidate)
                 elif isinstance(error, APIClientError):
                     failures.append(_Failed(candidate, error))
                 else:
@@ -1801,16 +1826,9 @@ async def _hedged(
         # Our own cancellation still propagates from here.
         ended = await asyncio.gather(*racing, return_exceptions=True)
         for (_, candidate), value in zip(racing.items(), ended, strict=True):
-            await _discard(candidate, value)
-            if winner is None:
-                continue
-            call.lost_hedge(candidate)
-            if candidate is first:
-                call.skip(first.route, "hedge_lost", attempts=first.attempts)
-            else:
-                # Not tried to the end: it may take a later failover.
-                call.index = mark[0]
-                del call.pending[mark[1] :]
+            await _discard(value)
+            if winner is not None:
+                lost(candidate)
     for failure in failures:
         yield failure
     if winner is not None:
@@ -1818,7 +1836,7 @@ async def _hedged(
         yield winner
 
 
-async def _discard(candidate: _Candidate, value: Any) -> None:
+async def _discard(value: Any) -> None:
     """Close what a lost attempt opened (a stream; a plain body needs nothing)."""
     if isinstance(value, tuple) and value and hasattr(value[0], "aclose"):
         await value[0].aclose()
