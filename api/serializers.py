@@ -9,6 +9,24 @@ from rest_framework import serializers
 from gateway import usage_export
 
 
+class TrailStepSerializer(serializers.Serializer):
+    """One attempt on (or skip of) an endpoint, in a record's trail."""
+
+    endpoint = serializers.CharField()
+    outcome = serializers.ChoiceField(
+        choices=["ok", "failed", "skipped", "cancelled", "hedge_lost", "open"]
+    )
+    started_ms = serializers.FloatField(help_text="From the start of the request.")
+    duration_ms = serializers.FloatField()
+    reason = serializers.CharField(
+        required=False, help_text="Why it failed or was skipped (e.g. http_503)."
+    )
+    status_code = serializers.IntegerField(required=False, allow_null=True)
+    mid_stream = serializers.BooleanField(
+        required=False, help_text="It failed after answer text had been sent."
+    )
+
+
 class UsageRecordSerializer(serializers.Serializer):
     """One usage record, as in the JSON pages and the JSON Lines export.
 
@@ -57,6 +75,13 @@ class UsageRecordSerializer(serializers.Serializer):
     attempts = serializers.IntegerField(min_value=0)
     conversation_id = serializers.UUIDField(
         allow_null=True, help_text="The chat conversation (chat requests only)."
+    )
+    trail = serializers.ListField(
+        child=TrailStepSerializer(),
+        help_text=(
+            "Every endpoint tried (or skipped), in order, with the outcome and "
+            "time of each attempt."
+        ),
     )
 
     def to_representation(self, instance: tuple[Any, ...]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 from django.utils.functional import cached_property
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from gateway import crypto, usage_export
 from gateway.models import (
@@ -558,12 +558,45 @@ class UsageRecordAdmin(admin.ModelAdmin):
     paginator = LargeTablePaginator
     list_per_page = 50
     ordering = ["-created_at"]
+    # The record page shows the trail as a table, not as raw JSON.
+    exclude = ["trail"]
+    readonly_fields = ["trail_table"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+    @admin.display(description="trail")
+    def trail_table(self, obj: UsageRecord) -> str:
+        """Every endpoint tried or skipped, in order, with outcome and times."""
+        steps = usage_export.clean_trail(obj.trail)
+        if not steps:
+            return "—"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+            "<td>{}</td></tr>",
+            (
+                (
+                    step.get("endpoint", "—"),
+                    step.get("outcome", "—"),
+                    step.get("status_code") or "",
+                    (step.get("reason") or "")
+                    + (" (mid-answer)" if step.get("mid_stream") else ""),
+                    self.milliseconds(step.get("started_ms")),
+                    self.milliseconds(step.get("duration_ms")),
+                )
+                for step in steps
+            ),
+        )
+        return format_html(
+            "<table><thead><tr><th>endpoint</th><th>outcome</th><th>status</th>"
+            "<th>reason</th><th>started at</th><th>took</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
+            rows,
+        )
 
     def get_urls(self) -> list:
         name = f"{self.opts.app_label}_{self.opts.model_name}_export"

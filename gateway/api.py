@@ -10,6 +10,15 @@ up to its first token before the response starts: a refusal then still gets
 its own status code (429, 404, ...) and the headers can say which endpoint
 answered; an error after that ends the stream with an error event.
 
+What the gateway did is said in the data as well as in X-LLMSite-* headers,
+because SDKs keep unknown fields but drop headers and SSE comments: a plain
+answer's body and a stream's first, final and fallback chunks carry an
+`llmsite` object (the endpoint that answered, every fallback hop, whether the
+answer came from the degraded-mode cache and how old it is). A status line the
+router sends once the stream has begun (a mid-stream failover, a retry wait)
+arrives as `llmsite.status` on a chunk with an empty delta, which every
+OpenAI client accepts and renders as nothing.
+
 Answers and refusals carry OpenAI's x-ratelimit-{limit,remaining,reset}-
 {requests,tokens} headers for the tightest of the caller's per-minute limits,
 from the counts the pipeline makes anyway (no extra cache round trip).
@@ -26,7 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, cast
 
@@ -331,8 +340,37 @@ def _usage(done: Done) -> dict[str, int]:
     }
 
 
+def public_hop(hop: Mapping[str, Any]) -> dict[str, Any]:
+    """A fallback hop (`router.Hop.to_dict()`) as the `llmsite` object shows it."""
+    return {
+        "from": hop.get("endpoint"),
+        "to": hop.get("to_endpoint"),
+        "reason": hop.get("reason"),
+        "status_code": hop.get("status_code"),
+        "mid_stream": bool(hop.get("mid_stream")),
+    }
+
+
+def routing_summary(done: Done) -> dict[str, Any]:
+    """The `llmsite` object of a finished answer: who answered, and how."""
+    summary: dict[str, Any] = {
+        "endpoint": done.endpoint,
+        "fallbacks": [public_hop(hop) for hop in done.hops],
+        "cached": done.cached,
+        "attempts": done.attempts,
+    }
+    if done.cached_age_s is not None:
+        # Another process's clock wrote it: never "from the future".
+        summary["cached_age_s"] = max(0.0, round(done.cached_age_s, 1))
+    return summary
+
+
 def completion_body(done: Done, model: str, created: int) -> dict[str, Any]:
-    """A chat.completion object for a plain answer."""
+    """A chat.completion object for a plain answer, with its `llmsite` summary.
+
+    A cached answer's usage stays 0: nothing was generated for this request,
+    and `llmsite.cached` says where the text came from.
+    """
     message: dict[str, Any] = {"role": "assistant", "content": done.text}
     upstream = _first_choice(done.raw)
     upstream_message = upstream.get("message") if upstream else None
@@ -353,6 +391,7 @@ def completion_body(done: Done, model: str, created: int) -> dict[str, Any]:
             }
         ],
         "usage": _usage(done),
+        "llmsite": routing_summary(done),
     }
 
 
@@ -364,12 +403,18 @@ def _first_choice(body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
 
 
 def _routing_headers(
-    response: HttpResponse, endpoint: str | None, fallbacks: int, cached: bool
+    response: HttpResponse,
+    endpoint: str | None,
+    fallbacks: int,
+    cached: bool,
+    cached_age_s: float | None = None,
 ) -> None:
     """Which endpoint answered and whether a fallback happened: never hidden."""
     response["X-LLMSite-Endpoint"] = endpoint or ""
     response["X-LLMSite-Fallbacks"] = str(fallbacks)
     response["X-LLMSite-Cached"] = "true" if cached else "false"
+    if cached_age_s is not None:
+        response["X-LLMSite-Cached-Age"] = str(max(0, math.floor(cached_age_s)))
 
 
 class _ChunkWriter:
@@ -385,6 +430,7 @@ class _ChunkWriter:
         delta: Mapping[str, Any] | None,
         finish_reason: str | None = None,
         usage: dict[str, int] | None = None,
+        llmsite: dict[str, Any] | None = None,
     ) -> bytes:
         body: dict[str, Any] = {
             "id": self.id,
@@ -404,6 +450,8 @@ class _ChunkWriter:
         }
         if usage is not None:
             body["usage"] = usage
+        if llmsite is not None:
+            body["llmsite"] = llmsite
         return _sse(body)
 
     def delta(self, event: Delta) -> bytes:
@@ -456,15 +504,78 @@ def _aclose_later(events: Any) -> None:
     task.add_done_callback(_closing.discard)
 
 
+@dataclass(slots=True)
+class _Opening:
+    """What was known when the stream's headers went out."""
+
+    endpoint: str | None = None
+    cached: bool = False
+    # The hops before the answer began, as `public_hop` shows them.
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
+
+    def take(self, event: service.Event) -> None:
+        if isinstance(event, Fallback):
+            self.fallbacks.append(public_hop(event.hop.to_dict()))
+        elif isinstance(event, service.Started):
+            self.endpoint, self.cached = event.endpoint, event.cached
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "fallbacks": self.fallbacks,
+            "cached": self.cached,
+        }
+
+
+def _status(status: service.Status) -> dict[str, Any]:
+    """A router status line for `llmsite.status`, without its empty fields."""
+    return {
+        key: value
+        for key, value in status.to_dict().items()
+        if value is not None and value != ""
+    }
+
+
+def _stream_error(
+    writer: _ChunkWriter, done: Done | None, include_usage: bool
+) -> Iterable[bytes]:
+    """The end of a stream that failed after it began: usage, error, [DONE].
+
+    The usage chunk comes first when the client asked for usage, with what
+    was counted of the partial answer: an SDK that waits for it still gets it.
+    """
+    error = done.error if done is not None else None
+    if include_usage and done is not None:
+        yield writer.chunk(None, usage=_usage(done))
+    body = error_body(
+        error.message if error else "The answer was interrupted.",
+        error_type="server_error",
+        code=error.code if error else str(RejectCode.UPSTREAM_ERROR),
+    )
+    if done is not None:
+        # Inside "error": SDKs raise with that object as the exception's body.
+        body["error"]["llmsite"] = routing_summary(done)
+    yield _sse(body)
+    yield _DONE
+
+
 async def _event_stream(
     events: AsyncGenerator[service.Event, None],
     first: list[service.Event],
+    opening: _Opening,
     writer: _ChunkWriter,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    """The SSE body: the events read before the response, then the rest."""
+    """The SSE body: the events read before the response, then the rest.
+
+    The first chunk says who is answering; a fallback or status once the
+    stream has begun gets an empty-delta chunk of its own, sent at once; the
+    chunk with the finish_reason sums up the whole route of the answer.
+    """
     async with aclosing(events):
-        yield writer.chunk({"role": "assistant", "content": ""})
+        yield writer.chunk(
+            {"role": "assistant", "content": ""}, llmsite=opening.summary()
+        )
         done: Done | None = None
         try:
             for event in first:
@@ -477,16 +588,16 @@ async def _event_stream(
                     if isinstance(event, Delta):
                         yield writer.delta(event)
                     elif isinstance(event, Fallback):
-                        # After the headers, a failover can only be told in-band;
-                        # SSE comments are ignored by clients that do not look.
                         hop = event.hop
-                        yield (
-                            b": fallback "
-                            + json.dumps(
-                                {"from": hop.endpoint, "reason": hop.reason}
-                            ).encode()
-                            + b"\n\n"
+                        yield writer.chunk(
+                            {},
+                            llmsite={
+                                "endpoint": hop.to_endpoint,
+                                "fallback": public_hop(hop.to_dict()),
+                            },
                         )
+                    elif isinstance(event, service.Status):
+                        yield writer.chunk({}, llmsite={"status": _status(event)})
                     elif isinstance(event, Done):
                         done = event
         except Rejected as rejected:
@@ -495,27 +606,16 @@ async def _event_stream(
             return
         except Exception:
             logger.exception("A /v1 stream failed after it started")
-            yield _sse(
-                error_body(
-                    "The answer was interrupted.",
-                    error_type="server_error",
-                    code=str(RejectCode.UPSTREAM_ERROR),
-                )
-            )
-            yield _DONE
+            for part in _stream_error(writer, None, include_usage):
+                yield part
             return
         if done is None or done.error is not None:
-            error = done.error if done is not None else None
-            yield _sse(
-                error_body(
-                    error.message if error else "The answer was interrupted.",
-                    error_type="server_error",
-                    code=error.code if error else str(RejectCode.UPSTREAM_ERROR),
-                )
-            )
-            yield _DONE
+            for part in _stream_error(writer, done, include_usage):
+                yield part
             return
-        yield writer.chunk({}, done.finish_reason or "stop")
+        yield writer.chunk(
+            {}, done.finish_reason or "stop", llmsite=routing_summary(done)
+        )
         if include_usage:
             yield writer.chunk(None, usage=_usage(done))
         yield _DONE
@@ -577,7 +677,9 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         except Rejected as rejected:
             return states.apply(_rejected_response(rejected))
         response = JsonResponse(completion_body(done, chat.model, created))
-        _routing_headers(response, done.endpoint, len(done.hops), done.cached)
+        _routing_headers(
+            response, done.endpoint, len(done.hops), done.cached, done.cached_age_s
+        )
         return states.apply(response)
     return states.apply(await _stream(caller, chat, created))
 
@@ -591,17 +693,12 @@ async def _stream(caller: Caller, chat: ChatRequest, created: int) -> HttpRespon
     # Read up to the first text: a refusal can only come before it, and the
     # endpoint that answers is known by then (the router buffers up to it).
     first: list[service.Event] = []
-    fallbacks = 0
-    endpoint: str | None = None
-    cached = False
+    opening = _Opening()
     try:
         async for event in events:
             first.append(event)
-            if isinstance(event, Fallback):
-                fallbacks += 1
-            elif isinstance(event, service.Started):
-                endpoint, cached = event.endpoint, event.cached
-            elif isinstance(event, Delta | Done):
+            opening.take(event)
+            if isinstance(event, Delta | Done):
                 break
     except Rejected as rejected:
         await events.aclose()
@@ -615,6 +712,7 @@ async def _stream(caller: Caller, chat: ChatRequest, created: int) -> HttpRespon
         _event_stream(
             events,
             first,
+            opening,
             _ChunkWriter(caller.request_id, chat.model, created),
             chat.include_usage,
         ),
@@ -623,5 +721,5 @@ async def _stream(caller: Caller, chat: ChatRequest, created: int) -> HttpRespon
     response["Cache-Control"] = "no-cache"
     # Proxies such as nginx would otherwise hold tokens back in their buffer.
     response["X-Accel-Buffering"] = "no"
-    _routing_headers(response, endpoint, fallbacks, cached)
+    _routing_headers(response, opening.endpoint, len(opening.fallbacks), opening.cached)
     return response

@@ -19,6 +19,7 @@ import csv
 import io
 import itertools
 import json
+import math
 from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -49,11 +50,14 @@ _SOURCE: tuple[tuple[str, str], ...] = (
     ("error_type", "error_type"),
     ("attempts", "attempts"),
     ("conversation_id", "conversation_id"),
+    ("trail", "trail"),
 )
 FIELDS: tuple[str, ...] = tuple(path for _, path in _SOURCE)
 
 # Output columns: fallback_hops becomes a count and the path of endpoints that
-# failed over; total_tokens is added after the two counts.
+# failed over; total_tokens is added after the two counts. The trail (every
+# attempt: endpoint, outcome, status, duration) is a list of objects in JSON
+# and one cell in CSV, "primary:failed:503:12ms > backup:ok:240ms".
 COLUMNS: tuple[str, ...] = (
     "request_id",
     "created_at",
@@ -76,6 +80,7 @@ COLUMNS: tuple[str, ...] = (
     "error_type",
     "attempts",
     "conversation_id",
+    "trail",
 )
 
 CHUNK_BYTES = 64 * 1024
@@ -113,6 +118,60 @@ def _path(hops: Any) -> list[str]:
     ]
 
 
+# A trail step's fields and the JSON types each may have; anything else a
+# hand-edited or older row holds is left out rather than passed on.
+_STEP_FIELDS: dict[str, tuple[type, ...]] = {
+    "endpoint": (str,),
+    "outcome": (str,),
+    "started_ms": (int, float),
+    "duration_ms": (int, float),
+    "reason": (str,),
+    "status_code": (int,),
+    "mid_stream": (bool,),
+}
+
+
+# A duration past this (11 days) is not one an attempt can take: left out.
+_MAX_DURATION_MS = 1e9
+
+
+def _typed(value: Any, kinds: tuple[type, ...]) -> bool:
+    if not isinstance(value, kinds):
+        return False
+    if isinstance(value, bool):
+        # JSON's true is a Python int too; only a bool field may hold one.
+        return bool in kinds
+    # Python's JSON reads NaN and Infinity; no duration is either.
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def clean_trail(steps: Any) -> list[dict[str, Any]]:
+    """Each attempt or skip of a request: endpoint, outcome, times, why."""
+    if not isinstance(steps, list):
+        return []
+    return [
+        {
+            name: step[name]
+            for name, kinds in _STEP_FIELDS.items()
+            if name in step and _typed(step[name], kinds)
+        }
+        for step in steps
+        if isinstance(step, dict)
+    ]
+
+
+def _step_text(step: dict[str, Any]) -> str:
+    """One trail step as a CSV cell shows it: endpoint:outcome[:status]:Nms."""
+    parts = [step.get("endpoint", ""), step.get("outcome", "")]
+    status = step.get("status_code")
+    if status is not None and 100 <= status <= 599:
+        parts.append(str(status))
+    duration = step.get("duration_ms")
+    if duration is not None and 0 <= duration < _MAX_DURATION_MS:
+        parts.append(f"{math.floor(duration)}ms")
+    return ":".join(parts)
+
+
 def _cost(value: Decimal | None) -> str | None:
     return None if value is None else str(value)
 
@@ -139,6 +198,7 @@ def record(row: tuple[Any, ...]) -> dict[str, Any]:
         error_type,
         attempts,
         conversation,
+        trail,
     ) = row
     path = _path(hops)
     return {
@@ -163,6 +223,7 @@ def record(row: tuple[Any, ...]) -> dict[str, Any]:
         "error_type": error_type,
         "attempts": attempts,
         "conversation_id": None if conversation is None else str(conversation),
+        "trail": clean_trail(trail),
     }
 
 
@@ -184,6 +245,7 @@ _TEXT_CELLS = (
     "upstream_model",
     "fallback_path",
     "error_type",
+    "trail",
 )
 
 
@@ -191,6 +253,7 @@ def _csv_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """One raw row as CSV cells: the JSON record, flattened and defused."""
     item = record(row)
     item["fallback_path"] = " > ".join(item["fallback_path"])
+    item["trail"] = " > ".join(map(_step_text, item["trail"]))
     item["estimated"] = "true" if item["estimated"] else "false"
     for name in _TEXT_CELLS:
         item[name] = _cell(item[name])
@@ -324,6 +387,29 @@ _HOPS = (
 _HOP_PATH = _HOPS.format(
     empty="''", select="string_agg(coalesce(hop->>'endpoint', ''), ' > ')"
 )
+# One trail step as _step_text writes it. A duration is compared as numeric
+# first (a float8 cast of 1e400 would fail), then floored as float8: the
+# value Python reads from the same JSON number.
+_STEP = (
+    "CASE WHEN jsonb_typeof(step->'endpoint') = 'string' "
+    "THEN step->>'endpoint' ELSE '' END || ':' || "
+    "CASE WHEN jsonb_typeof(step->'outcome') = 'string' "
+    "THEN step->>'outcome' ELSE '' END || "
+    "CASE WHEN jsonb_typeof(step->'status_code') = 'number' "
+    "AND step->>'status_code' ~ '^[1-5][0-9][0-9]$' "
+    "THEN ':' || (step->>'status_code') ELSE '' END || "
+    "CASE WHEN jsonb_typeof(step->'duration_ms') IS DISTINCT FROM 'number' "
+    "THEN '' WHEN (step->'duration_ms')::numeric < 0 "
+    f"OR (step->'duration_ms')::numeric >= {_MAX_DURATION_MS:.0f} THEN '' "
+    "ELSE ':' || floor((step->>'duration_ms')::float8)::bigint || 'ms' END"
+)
+_TRAIL = (
+    f"(SELECT string_agg({_STEP}, ' > ' ORDER BY n) FROM jsonb_array_elements("
+    f"CASE WHEN jsonb_typeof({_X}) = 'array' THEN {_X} ELSE '[]'::jsonb END) "
+    "WITH ORDINALITY AS t(step, n) WHERE jsonb_typeof(step) = 'object')"
+)
+# A joined cell (NULL: nothing was joined) defused as _cell does.
+_DEFUSE_TEXT = "regexp_replace(coalesce({0}, ''), '^([-=+@\\t\\r])', '''\\1')"
 _PG_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (f"{_X}::text", ("request_id",)),
     (_TIME, ("created_at",)),
@@ -334,10 +420,7 @@ _PG_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (_DEFUSE.format(_X), ("endpoint_name",)),
     (_DEFUSE.format(_X), ("upstream_model",)),
     (_HOPS.format(empty="0", select="count(*)"), ("fallback_hops",)),
-    (
-        "regexp_replace(coalesce(" + _HOP_PATH + ", ''), '^([-=+@\\t\\r])', '''\\1')",
-        ("fallback_hops",),
-    ),
+    (_DEFUSE_TEXT.format(_HOP_PATH), ("fallback_hops",)),
     (_X, ("status",)),
     (_X, ("prompt_tokens",)),
     (_X, ("completion_tokens",)),
@@ -350,6 +433,7 @@ _PG_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (_DEFUSE.format(_X), ("error_type",)),
     (_X, ("attempts",)),
     (f"{_X}::text", ("conversation_id",)),
+    (_DEFUSE_TEXT.format(_TRAIL), ("trail",)),
 )
 
 

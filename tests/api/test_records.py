@@ -219,6 +219,19 @@ def test_a_user_may_name_themselves(client, owner, traffic):
 # --- fields -------------------------------------------------------------------
 
 
+TRAIL = [
+    {
+        "endpoint": "west",
+        "outcome": "failed",
+        "started_ms": 0.4,
+        "duration_ms": 12.3,
+        "reason": "http_503",
+        "status_code": 503,
+    },
+    {"endpoint": "east", "outcome": "ok", "started_ms": 12.9, "duration_ms": 799.0},
+]
+
+
 def test_a_record_carries_what_a_spreadsheet_needs(
     client, owner, owner_key, make_record, endpoint
 ):
@@ -232,6 +245,7 @@ def test_a_record_carries_what_a_spreadsheet_needs(
         fallback_hops=[
             {"endpoint": "west", "reason": "503", "to_endpoint": "east"},
         ],
+        trail=[{**TRAIL[0], "endpoint_id": 7}, TRAIL[1]],
         tokens_estimated=True,
         prompt_tokens=120,
         completion_tokens=30,
@@ -267,6 +281,8 @@ def test_a_record_carries_what_a_spreadsheet_needs(
         "error_type": "",
         "attempts": 2,
         "conversation_id": None,
+        # endpoint_id is internal: the API names endpoints.
+        "trail": TRAIL,
     }
 
 
@@ -603,7 +619,7 @@ def test_csv_has_a_header_row_even_when_empty(client, owner):
         "request_id,created_at,user,api_key,source,model,endpoint,upstream_model,"
         "fallback_hops,fallback_path,status,prompt_tokens,completion_tokens,"
         "total_tokens,estimated,latency_ms,ttft_ms,cost,error_type,attempts,"
-        "conversation_id"
+        "conversation_id,trail"
     ]
 
 

@@ -280,3 +280,41 @@ def test_a_row_written_past_validation_is_shown_as_refused(admin_client, endpoin
     listing = admin_client.get(reverse("admin:gateway_endpoint_changelist"))
 
     assert "⚠ Plain HTTP refused: no request is sent" in listing.content.decode()
+
+
+def test_a_usage_record_page_shows_its_trail_as_a_table(admin_client, endpoint):
+    record = UsageRecord.objects.create(
+        model_name="m",
+        endpoint=endpoint,
+        endpoint_name="backup",
+        status="ok",
+        trail=[
+            {
+                "endpoint": "primary",
+                "outcome": "failed",
+                "started_ms": 0.3,
+                "duration_ms": 12.4,
+                "reason": "http_503",
+                "status_code": 503,
+            },
+            {
+                "endpoint": "<b>backup</b>",
+                "outcome": "ok",
+                "started_ms": 13.0,
+                "duration_ms": 240.6,
+            },
+        ],
+    )
+
+    response = admin_client.get(
+        reverse("admin:gateway_usagerecord_change", args=[record.pk])
+    )
+
+    assert response.status_code == 200
+    text = response.content.decode()
+    rows = text.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    assert rows.index("primary") < rows.index("backup")
+    assert "<td>failed</td><td>503</td><td>http_503</td>" in rows
+    assert "<td>13 ms</td><td>241 ms</td>" in rows
+    assert "&lt;b&gt;backup&lt;/b&gt;" in rows
+    assert "&quot;duration_ms&quot;" not in text

@@ -316,6 +316,13 @@ async def test_a_fallback_is_reported_in_the_headers(
     (record,) = await records()
     assert record.endpoint_name == "backup"
     assert [hop["endpoint"] for hop in record.fallback_hops] == ["primary"]
+    # The trail: each endpoint tried, in order, with outcome and times.
+    primary_try, backup_try = record.trail
+    assert (primary_try["endpoint"], primary_try["outcome"]) == ("primary", "failed")
+    assert primary_try["status_code"] == 503
+    assert (backup_try["endpoint"], backup_try["outcome"]) == ("backup", "ok")
+    assert backup_try["started_ms"] >= primary_try["started_ms"]
+    assert primary_try["duration_ms"] >= 0 and backup_try["duration_ms"] >= 0
 
 
 # --- Refusals ---------------------------------------------------------------------
@@ -424,13 +431,9 @@ async def test_a_malformed_body_gets_400_naming_the_field(
 # --- Disconnects ----------------------------------------------------------------
 
 
-async def test_a_client_disconnect_closes_the_upstream_stream(
-    route, primary, alice_key
-):
-    # Long and slow: the upstream is still answering when the client leaves.
-    primary.set_behaviour(Behaviour(completion_tokens=400, tokens_per_second=20))
-    body = json.dumps({"model": MODEL, "messages": MESSAGES, "stream": True})
-    scope = {
+def asgi_scope(key: str) -> dict:
+    """An ASGI request to /v1/chat/completions with this key, for raw ASGI tests."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -443,11 +446,20 @@ async def test_a_client_disconnect_closes_the_upstream_stream(
         "headers": [
             (b"host", b"localhost"),
             (b"content-type", b"application/json"),
-            (b"authorization", f"Bearer {alice_key[1]}".encode()),
+            (b"authorization", f"Bearer {key}".encode()),
         ],
         "client": ("127.0.0.1", 50000),
         "server": ("localhost", 80),
     }
+
+
+async def test_a_client_disconnect_closes_the_upstream_stream(
+    route, primary, alice_key
+):
+    # Long and slow: the upstream is still answering when the client leaves.
+    primary.set_behaviour(Behaviour(completion_tokens=400, tokens_per_second=20))
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "stream": True})
+    scope = asgi_scope(alice_key[1])
     first_text = asyncio.Event()
     requests = iter([{"type": "http.request", "body": body.encode()}])
     sent: list[dict] = []

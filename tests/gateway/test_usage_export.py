@@ -113,6 +113,52 @@ def test_a_csv_row_and_its_jsonl_line_carry_the_same_values():
     assert float(row["latency_ms"]) == record["latency_ms"] == 10.0
 
 
+TRAIL = [
+    {
+        "endpoint": "primary",
+        "outcome": "failed",
+        "started_ms": 0.2,
+        "duration_ms": 12.9,
+        "reason": "http_503",
+        "status_code": 503,
+    },
+    {"endpoint": "fallback", "outcome": "ok", "started_ms": 13.1, "duration_ms": 20.0},
+]
+
+
+@pytest.mark.django_db
+def test_the_trail_is_objects_in_json_and_one_readable_cell_in_csv():
+    _fill(1, trail=[{**TRAIL[0], "endpoint_id": 1}, TRAIL[1]])
+
+    (row,) = csv.DictReader(
+        io.StringIO(b"".join(usage_export.iter_csv(UsageRecord.objects.all())).decode())
+    )
+    (line,) = b"".join(usage_export.iter_jsonl(UsageRecord.objects.all())).splitlines()
+
+    assert row["trail"] == "primary:failed:503:12ms > fallback:ok:20ms"
+    assert json.loads(line)["trail"] == TRAIL
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [
+        ({"not": "a list"}, []),
+        (["junk", 3, None], []),
+        (
+            [{"endpoint": 5, "outcome": "ok", "status_code": True, "duration_ms": "1"}],
+            [{"outcome": "ok"}],
+        ),
+        (
+            [{"endpoint": "a", "mid_stream": 1, "started_ms": False}],
+            [{"endpoint": "a"}],
+        ),
+        ([{"endpoint": "a", "duration_ms": float("nan")}], [{"endpoint": "a"}]),
+    ],
+)
+def test_a_trail_keeps_only_the_fields_it_knows_with_their_types(stored, shown):
+    assert usage_export.clean_trail(stored) == shown
+
+
 @pytest.mark.parametrize(
     ("text", "cell"),
     [
@@ -191,6 +237,27 @@ def test_postgresqls_copy_writes_the_cells_python_writes(django_user_model):
         {"fallback_hops": [{"endpoint": "+x"}], "user": user},
         {"prompt_tokens": 2**31 - 1, "completion_tokens": 2**31 - 1},
         {"created_at": T0.replace(microsecond=0), "cost": Decimal("12345678.000001")},
+        {
+            "trail": [
+                {
+                    "endpoint": "=x",
+                    "outcome": "failed",
+                    "status_code": 503,
+                    "duration_ms": 12.999,
+                },
+                "junk",
+                {"endpoint": 4, "outcome": "ok", "status_code": 99, "duration_ms": -1},
+                {
+                    "endpoint": "b",
+                    "outcome": "ok",
+                    "status_code": 503.5,
+                    "duration_ms": 1e300,
+                },
+                {"endpoint": "c,d\ne", "duration_ms": 0.5, "status_code": "503"},
+            ]
+        },
+        {"trail": {"not": "a list"}},
+        {"trail": [{"outcome": "skipped", "duration_ms": True}]},
     ]
     for n, fields in enumerate(hostile):
         fields.setdefault("created_at", T0 + timedelta(seconds=n, microseconds=n))
