@@ -1016,6 +1016,25 @@ class _Call:
             allowed = max(allowed, config.max_retries)
         return allowed
 
+    def route_done(self, candidate: _Candidate, error: BaseException | None) -> bool:
+        """After a failed attempt: whether this route gets no more."""
+        return (
+            candidate.attempts >= self.attempts_allowed(candidate, error)
+            # Once this request's failure opened the circuit, fail over now.
+            or candidate.circuit_opened
+            or self.out_of_time()
+        )
+
+    def plan_retry(
+        self, candidate: _Candidate, error: APIClientError, seconds: float
+    ) -> None:
+        """Set the wait (and its status line) before the route's next attempt."""
+        name = candidate.route.endpoint.name
+        candidate.wait = (seconds, _wait_status(name, error, seconds))
+        logger.info(
+            "%s: retrying %s in %.1f s after %s", self.model_name, name, seconds, error
+        )
+
     def retrying(self, candidate: _Candidate) -> AsyncRetrying:
         """Tenacity for one route; it only decides, the caller waits (`wait`)."""
         config = candidate.route.endpoint
@@ -1023,12 +1042,7 @@ class _Call:
 
         def stop(state: RetryCallState) -> bool:
             error = state.outcome.exception() if state.outcome else None
-            return (
-                candidate.attempts >= self.attempts_allowed(candidate, error)
-                # Once this request's failure opened the circuit, fail over now.
-                or candidate.circuit_opened
-                or self.out_of_time()
-            )
+            return self.route_done(candidate, error)
 
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
@@ -1036,16 +1050,8 @@ class _Call:
 
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
-            seconds = state.upcoming_sleep
             assert isinstance(error, APIClientError)
-            candidate.wait = (seconds, _wait_status(config.name, error, seconds))
-            logger.info(
-                "%s: retrying %s in %.1f s after %s",
-                self.model_name,
-                config.name,
-                seconds,
-                error,
-            )
+            self.plan_retry(candidate, error, state.upcoming_sleep)
 
         return AsyncRetrying(
             stop=_StopIf(stop),
@@ -1738,6 +1744,23 @@ async def _attempts(
         async for item in _hedged(call, candidate, once):
             yield item
         return
+    if candidate.wait is None:
+        # Most requests end at their first attempt: it needs no retry
+        # machinery (tenacity costs tens of microseconds per call).
+        try:
+            value = await once(call, candidate)
+        except APIClientError as exc:
+            if not call.policy.retryable(exc) or call.route_done(candidate, exc):
+                yield _Failed(candidate, exc)
+                return
+            config = candidate.route.endpoint
+            seconds = call.bounded_wait(
+                call.policy.wait(config, candidate.attempts, exc)
+            )
+            call.plan_retry(candidate, exc, seconds)
+        else:
+            yield _Opened(candidate, value)
+            return
     try:
         async for attempt in call.retrying(candidate):
             if candidate.wait is not None:
