@@ -13,6 +13,11 @@ Importing is all or nothing and idempotent: endpoints are matched by name,
 routes by (model, endpoint), budgets by (scope, target, period); a second
 import of the same file changes nothing. Secrets do not belong in the file:
 `api_key_env` names an environment variable that holds the key.
+
+A file with an `[llm_api]` table is the original spec's layout instead
+(config/llm_api.toml): gateway/llm_api_file.py turns it into the tables above,
+which are then imported the same way, with errors named by its own keys.
+Export always writes this format.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -29,7 +35,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from gateway import crypto
+from gateway import crypto, llm_api_file
 from gateway.models import (
     Budget,
     BudgetPeriod,
@@ -102,6 +108,8 @@ class ImportSummary:
     unchanged: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(SECTIONS, 0)
     )
+    # Keys the file sets that the gateway does not take from it, and why.
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return "; ".join(
@@ -112,13 +120,13 @@ class ImportSummary:
 
 
 class _Locator:
-    """Finds the line of `[[section]]` table number n, and of a key inside it."""
+    """Finds the line of table number n (`[[section]]`, `[a.b]`) and of a key in it."""
 
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
         self.headers: dict[str, list[int]] = {}
         for number, line in enumerate(self.lines, start=1):
-            match = re.match(r"\s*\[\[\s*([A-Za-z_]+)\s*\]\]", line)
+            match = re.match(r"\s*\[\[?\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\]", line)
             if match:
                 self.headers.setdefault(match.group(1), []).append(number)
 
@@ -139,15 +147,29 @@ class _Locator:
 
 
 class _Problems:
-    def __init__(self, locator: _Locator) -> None:
-        self.locator = locator
+    """Problems found so far, each named by `where(section, index, key)`."""
+
+    def __init__(self, where: Callable[[str, int, str | None], str]) -> None:
+        self.where = where
         self.items: list[str] = []
 
     def add(self, section: str, index: int, key: str | None, message: str) -> None:
-        line = self.locator.line(section, index, key)
-        where = f"line {line}: " if line else ""
+        item = f"{self.where(section, index, key)}: {message}"
+        # A value one table lends to several (the spec's [llm_api] keys, which
+        # every fallback inherits) fails once per borrower: say it once.
+        if item not in self.items:
+            self.items.append(item)
+
+
+def _where_in(locator: _Locator) -> Callable[[str, int, str | None], str]:
+    """Names a problem in this format: `line 12: endpoints[2].timeout`."""
+
+    def where(section: str, index: int, key: str | None) -> str:
+        line = locator.line(section, index, key)
         name = f"{section}[{index + 1}]" + (f".{key}" if key else "")
-        self.items.append(f"{where}{name}: {message}")
+        return f"line {line}: {name}" if line else name
+
+    return where
 
 
 def _decimal(value: Any) -> Decimal | None:
@@ -173,12 +195,20 @@ def _field_errors(
             problems.add(section, i, key, error.rstrip("."))
 
 
-def load(text: str) -> dict[str, list[dict[str, Any]]]:
+def _parse(text: str) -> dict[str, Any]:
     """Parse TOML text, or raise ConfigFileError with the line of the syntax error."""
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError([f"not valid TOML: {exc}"]) from None
+
+
+def load(text: str) -> dict[str, list[dict[str, Any]]]:
+    """Parse a file in this format into its sections, or raise ConfigFileError."""
+    return _sections(_parse(text))
+
+
+def _sections(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     unknown = set(data) - SECTIONS
     if unknown:
         raise ConfigFileError(
@@ -197,10 +227,29 @@ def load(text: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def import_text(text: str, *, dry_run: bool = False) -> ImportSummary:
-    """Apply a TOML file, all or nothing; ConfigFileError lists every problem."""
-    data = load(text)
-    problems = _Problems(_Locator(text))
+    """Apply a TOML file in either layout, all or nothing.
+
+    ConfigFileError lists every problem, each with its line and key.
+    """
+    raw = _parse(text)
+    locator = _Locator(text)
     summary = ImportSummary()
+    if llm_api_file.SECTION in raw:
+        if set(raw) & SECTIONS:
+            raise ConfigFileError(
+                [
+                    "the file mixes two layouts: use either [llm_api] or "
+                    "[[endpoints]]/[[routes]]/[[budgets]], not both"
+                ]
+            )
+        spec = llm_api_file.translate(raw, locator.line)
+        data = _sections(spec.sections)
+        problems = _Problems(spec.where)
+        problems.items.extend(spec.problems)
+        summary.notes.extend(spec.notes)
+    else:
+        data = _sections(raw)
+        problems = _Problems(_where_in(locator))
     with transaction.atomic():
         endpoints = _import_endpoints(data["endpoints"], problems, summary)
         _import_routes(data["routes"], endpoints, problems, summary)
@@ -247,8 +296,9 @@ def _assign(obj: Any, values: dict[str, Any]) -> bool:
 
 def _import_endpoints(
     tables: list[dict[str, Any]], problems: _Problems, summary: ImportSummary
-) -> dict[str, Endpoint]:
-    by_name: dict[str, Endpoint] = {}
+) -> dict[str, Endpoint | None]:
+    """The file's endpoints by name; None for one that is invalid."""
+    by_name: dict[str, Endpoint | None] = {}
     for i, table in enumerate(tables):
         _unknown_keys(
             table, set(ENDPOINT_KEYS) | ENDPOINT_SECRET_KEYS, problems, "endpoints", i
@@ -279,9 +329,11 @@ def _import_endpoints(
             _field_errors(
                 _https_only_in_toml(exc), ENDPOINT_KEYS, problems, "endpoints", i
             )
+            by_name[name] = None
             continue
         except (TypeError, ValueError) as exc:
             problems.add("endpoints", i, None, str(exc))
+            by_name[name] = None
             continue
         _save(endpoint, changed, created, "endpoints", summary)
         by_name[name] = endpoint
@@ -361,9 +413,15 @@ def _stored_headers(endpoint: Endpoint) -> Any:
 
 
 def _endpoint_ref(
-    name: Any, endpoints: dict[str, Endpoint], problems: _Problems, section: str, i: int
+    name: Any,
+    endpoints: dict[str, Endpoint | None],
+    problems: _Problems,
+    section: str,
+    i: int,
 ) -> Endpoint | None:
     if name in endpoints:
+        # None: the endpoint's own problem is reported; its routes and budgets
+        # would only repeat it.
         return endpoints[name]
     endpoint = (
         Endpoint.objects.filter(name=name).first() if isinstance(name, str) else None
@@ -375,7 +433,7 @@ def _endpoint_ref(
 
 def _import_routes(
     tables: list[dict[str, Any]],
-    endpoints: dict[str, Endpoint],
+    endpoints: dict[str, Endpoint | None],
     problems: _Problems,
     summary: ImportSummary,
 ) -> None:
@@ -424,7 +482,7 @@ def _import_routes(
 
 def _import_budgets(
     tables: list[dict[str, Any]],
-    endpoints: dict[str, Endpoint],
+    endpoints: dict[str, Endpoint | None],
     problems: _Problems,
     summary: ImportSummary,
 ) -> None:

@@ -1,4 +1,8 @@
-"""Import endpoints, model routes and budgets from a TOML file."""
+"""Import endpoints, model routes and budgets from a TOML file.
+
+Either layout: the project's (config/llm_api.example.toml) or the original
+spec's `[llm_api]` table (config/llm_api.toml).
+"""
 
 from __future__ import annotations
 
@@ -34,3 +38,5 @@ class Command(BaseCommand):
             ) from None
         prefix = "Dry run, nothing saved. " if dry_run else ""
         self.stdout.write(self.style.SUCCESS(f"{prefix}{path}: {summary}"))
+        for note in summary.notes:
+            self.stdout.write(f"  {note}")
