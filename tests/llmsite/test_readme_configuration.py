@@ -1,4 +1,4 @@
-"""The README's configuration tables name every variable the code reads, with its default.
+"""The README's configuration tables name every variable the code reads, with defaults.
 
 The variables are found in the source, not listed by hand: every call of
 ``env.*`` or an ``_env_*`` helper in llmsite/settings.py, every
@@ -24,6 +24,7 @@ PYTHON_DIRS = ["llmsite", "gateway", "chat", "monitoring", "api"]
 SHELL_SCRIPTS = [ROOT / "scripts" / "run.sh"]
 # A default that is not a value anyone could type (the reader's own files).
 NOT_A_DEFAULT = object()
+SHELL_DEFAULT = r"\$\{([A-Z][A-Z0-9_]*):-([^}]*)\}"
 
 _ARITHMETIC = {ast.Mult: operator.mul, ast.Add: operator.add, ast.Sub: operator.sub}
 
@@ -99,7 +100,7 @@ def shell_reads(path: Path) -> list[Read]:
     where = str(path.relative_to(ROOT))
     return [
         Read(name, default, where)
-        for name, default in re.findall(r"\$\{([A-Z][A-Z0-9_]*):-([^}]*)\}", path.read_text())
+        for name, default in re.findall(SHELL_DEFAULT, path.read_text())
     ]
 
 
