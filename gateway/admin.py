@@ -26,6 +26,7 @@ from django.utils.cache import add_never_cache_headers
 from django.utils.decorators import method_decorator
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
+from django.utils.timesince import timesince, timeuntil
 from django.views.decorators.http import require_POST
 
 from gateway import client, connection_check, crypto, sanitize, usage_export
@@ -257,18 +258,17 @@ class ModelRouteInline(admin.TabularInline):
 @admin.register(Endpoint)
 class EndpointAdmin(admin.ModelAdmin):
     form = EndpointForm
+    # Fits 1280 px: the URL carries its transport warning, and the breaker's
+    # failures, pause and rest share one column.
     list_display = [
         "name",
-        "base_url",
-        "transport",
+        "url_column",
         "enabled",
         "priority",
         "status_display",
         "last_latency_display",
-        "last_checked_at",
-        "consecutive_failures",
-        "disabled_until",
-        "resting_until",
+        "last_check",
+        "breaker",
         "has_api_key",
     ]
     list_filter = ["enabled", "status", "allow_plain_http"]
@@ -483,6 +483,31 @@ class EndpointAdmin(admin.ModelAdmin):
     def transport(self, obj: Endpoint) -> str:
         return transport_badge(obj)
 
+    @admin.display(description="URL", ordering="base_url")
+    def url_column(self, obj: Endpoint) -> str:
+        if not obj.sends_in_clear:
+            return obj.base_url
+        return format_html("{}<br>{}", obj.base_url, transport_badge(obj))
+
+    @admin.display(description="Last check", ordering="last_checked_at")
+    def last_check(self, obj: Endpoint) -> str:
+        if obj.last_checked_at is None:
+            return "never"
+        return f"{timesince(obj.last_checked_at)} ago"
+
+    @admin.display(description="Breaker")
+    def breaker(self, obj: Endpoint) -> str:
+        """Failures in a row, and until when requests skip the endpoint, if they do."""
+        now = timezone.now()
+        parts = []
+        if obj.consecutive_failures:
+            parts.append(f"{obj.consecutive_failures} failure(s) in a row")
+        if obj.disabled_until and obj.disabled_until > now:
+            parts.append(f"open for {timeuntil(obj.disabled_until, now)}")
+        if obj.resting_until and obj.resting_until > now:
+            parts.append(f"resting for {timeuntil(obj.resting_until, now)}")
+        return "; ".join(parts) or "—"
+
     @admin.display(description="Latency", ordering="last_latency_ms")
     def last_latency_display(self, obj: Endpoint) -> str:
         return "—" if obj.last_latency_ms is None else f"{obj.last_latency_ms:.0f} ms"
@@ -693,7 +718,7 @@ def usage_page_url(user_id: int) -> str | None:
 class UsageRecordAdmin(admin.ModelAdmin):
     # Fits 1280 px: tokens in one column, times rounded to whole milliseconds.
     list_display = [
-        "created_at",
+        "when",
         "source",
         "user_column",
         "model_name",
@@ -707,6 +732,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
     # created_at as a plain filter: the date hierarchy runs DISTINCT over dates,
     # which scans the whole table.
     list_filter = ["status", "source", ("created_at", admin.DateFieldListFilter)]
+    list_display_links = ["when"]
     list_select_related = ["user"]
     search_fields = ["model_name", "endpoint_name", "user__username", "=request_id"]
     show_full_result_count = False
@@ -784,6 +810,11 @@ class UsageRecordAdmin(admin.ModelAdmin):
         response["X-Content-Type-Options"] = "nosniff"
         add_never_cache_headers(response)
         return response
+
+    @admin.display(description="created at", ordering="created_at")
+    def when(self, obj: UsageRecord) -> str:
+        # Numeric and to the second: half the width of "Nov. 30, 2026, 2:48 p.m."
+        return timezone.localtime(obj.created_at).strftime("%Y-%m-%d %H:%M:%S")
 
     @admin.display(description="user", ordering="user__username")
     def user_column(self, obj: UsageRecord) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import httpx
 import pytest
 from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.urls import reverse
+from django.utils import timezone
 
 from gateway import client
 from gateway.models import ApiKey, Endpoint, ModelRoute
@@ -243,3 +246,27 @@ def test_a_new_api_key_still_chooses_its_owner(admin_client):
     page = admin_client.get(reverse("admin:gateway_apikey_add")).content.decode()
 
     assert 'name="user"' in page
+
+
+def test_the_list_shows_the_breaker_and_last_check_in_few_columns(admin_client):
+    now = timezone.now()
+    Endpoint.objects.create(
+        name="tired",
+        base_url="https://t.example.com/v1",
+        last_checked_at=now - timedelta(minutes=3),
+        consecutive_failures=2,
+        disabled_until=now + timedelta(minutes=10),
+    )
+    Endpoint.objects.create(name="fresh", base_url="https://f.example.com/v1")
+
+    page = admin_client.get(reverse("admin:gateway_endpoint_changelist"))
+    # timesince and timeuntil put a no-break space between number and unit.
+    listing = page.content.decode().replace("\xa0", " ")
+    rows = listing.split('id="result_list"')[1].split("<tr")
+    tired = next(r for r in rows if ">tired<" in r)
+    fresh = next(r for r in rows if ">fresh<" in r)
+
+    assert "2 failure(s) in a row; open for 9 minutes" in tired
+    assert "3 minutes ago" in tired
+    assert '<td class="field-last_check">never</td>' in fresh
+    assert '<td class="field-breaker">—</td>' in fresh
