@@ -5,8 +5,17 @@ from __future__ import annotations
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.text import Truncator
 
 from chat.models import Conversation, Message
+
+# Characters of a message shown in lists; the whole text is on its page.
+EXCERPT_CHARS = 120
+
+
+def excerpt(message: Message) -> str:
+    """The start of a message on one line, cut at a word; escaped by the admin."""
+    return Truncator(" ".join(message.content.split())).chars(EXCERPT_CHARS)
 
 
 class MessageInline(admin.TabularInline):
@@ -20,7 +29,7 @@ class MessageInline(admin.TabularInline):
 
     @admin.display(description="content")
     def short_content(self, message: Message) -> str:
-        return message.content[:120]
+        return excerpt(message)
 
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
@@ -35,7 +44,8 @@ class ConversationAdmin(admin.ModelAdmin):
     date_hierarchy = "updated_at"
     show_full_result_count = False
     raw_id_fields = ("user",)
-    readonly_fields = ("id", "created_at")
+    # Written by the chat, not by hand: when it began and last changed.
+    readonly_fields = ("id", "created_at", "updated_at")
     inlines = [MessageInline]
 
 
@@ -45,9 +55,9 @@ class MessageAdmin(admin.ModelAdmin):
         "id",
         "conversation",
         "role",
+        "text",
         "status",
         "model_name",
-        "endpoint_name",
         "token_count",
         "created_at",
     )
@@ -60,6 +70,14 @@ class MessageAdmin(admin.ModelAdmin):
     show_full_result_count = False
     raw_id_fields = ("conversation", "endpoint", "usage")
     readonly_fields = ("created_at",)
+
+    @admin.display(description="text")
+    def text(self, message: Message) -> str:
+        return excerpt(message)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Messages belong to a user's conversation: only the chat writes them.
+        return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Message]:
         # The list never shows the footer data. (The text stays: each row's

@@ -6,13 +6,14 @@ from typing import Any
 from urllib.parse import urlencode
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.handlers.asgi import ASGIRequest
 from django.core.paginator import Paginator
-from django.db import connections
+from django.db import IntegrityError, connections, transaction
 from django.http import (
+    Http404,
     HttpRequest,
     HttpResponse,
     HttpResponseRedirect,
@@ -22,10 +23,13 @@ from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
+from django.utils.decorators import method_decorator
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
+from django.utils.timesince import timesince, timeuntil
+from django.views.decorators.http import require_POST
 
-from gateway import crypto, usage_export
+from gateway import client, connection_check, crypto, sanitize, usage_export
 from gateway.models import (
     ApiKey,
     Budget,
@@ -38,6 +42,9 @@ from gateway.models import (
     UserLimits,
     clean_extra_headers,
 )
+
+# A form may create at most this many routes at once (the model list's cap).
+MAX_ROUTES_PER_FORM = client.MAX_MODELS
 
 STATUS_COLOURS = {
     EndpointStatus.CONNECTED: "#1a7f37",
@@ -136,7 +143,7 @@ class EndpointForm(forms.ModelForm):
         required=False,
         strip=True,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"}),
-        help_text="Stored encrypted. Leave blank to keep the current key.",
+        help_text="No key stored.",
     )
     clear_api_key = forms.BooleanField(
         label="Remove the stored API key", required=False
@@ -162,6 +169,9 @@ class EndpointForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         names = self.instance.extra_header_names if self.instance.pk else []
         self.fields["remove_extra_headers"].choices = [(n, n) for n in names]
+        if self.instance.pk and self.instance.has_api_key:
+            # The key itself is never shown: this sentence is all the form says.
+            self.fields["api_key"].help_text = "A key is set; leave empty to keep it."
         self._extra_headers: dict[str, str] | None = None
 
     def clean(self) -> dict[str, object]:
@@ -248,18 +258,17 @@ class ModelRouteInline(admin.TabularInline):
 @admin.register(Endpoint)
 class EndpointAdmin(admin.ModelAdmin):
     form = EndpointForm
+    # Fits 1280 px: the URL carries its transport warning, and the breaker's
+    # failures, pause and rest share one column.
     list_display = [
         "name",
-        "base_url",
-        "transport",
+        "url_column",
         "enabled",
         "priority",
         "status_display",
         "last_latency_display",
-        "last_checked_at",
-        "consecutive_failures",
-        "disabled_until",
-        "resting_until",
+        "last_check",
+        "breaker",
         "has_api_key",
     ]
     list_filter = ["enabled", "status", "allow_plain_http"]
@@ -332,9 +341,172 @@ class EndpointAdmin(admin.ModelAdmin):
     def status_display(self, obj: Endpoint) -> str:
         return status_badge(obj.status, obj.get_status_display())
 
+    def get_urls(self) -> list:
+        prefix = f"{self.opts.app_label}_{self.opts.model_name}"
+        return [
+            path(
+                "<int:object_id>/test-connection/",
+                self.admin_site.admin_view(self.test_connection_view),
+                name=f"{prefix}_test_connection",
+            ),
+            path(
+                "<int:object_id>/models/",
+                self.admin_site.admin_view(self.fetch_models_view),
+                name=f"{prefix}_fetch_models",
+            ),
+            *super().get_urls(),
+        ]
+
+    def _endpoint_or_404(self, request: HttpRequest, object_id: int) -> Endpoint:
+        endpoint = self.get_object(request, str(object_id))
+        if endpoint is None:
+            raise Http404("No such endpoint.")
+        return endpoint
+
+    def _change_url(self, endpoint: Endpoint) -> str:
+        return reverse(
+            f"admin:{self.opts.app_label}_{self.opts.model_name}_change",
+            args=[endpoint.pk],
+        )
+
+    def _report_failure(
+        self,
+        request: HttpRequest,
+        endpoint: Endpoint,
+        what: str,
+        exc: connection_check.CheckFailed,
+    ) -> None:
+        status = f" (HTTP {exc.status_code})" if exc.status_code else ""
+        self.message_user(
+            request, f"{endpoint.name}: {what}{status}: {exc.message}", messages.ERROR
+        )
+
+    @method_decorator(require_POST)
+    def test_connection_view(
+        self, request: HttpRequest, object_id: int
+    ) -> HttpResponse:
+        """Ask the endpoint for its models once, now, and say what happened.
+
+        A POST: it sends a request upstream. Nothing is recorded; the monitor's
+        probes keep the status history.
+        """
+        endpoint = self._endpoint_or_404(request, object_id)
+        if not self.has_view_permission(request, endpoint):
+            raise PermissionDenied
+        try:
+            result = connection_check.check_connection(endpoint)
+        except connection_check.CheckFailed as exc:
+            self._report_failure(request, endpoint, "the connection failed", exc)
+        else:
+            self.message_user(
+                request,
+                f"{endpoint.name}: connected in {result.latency_ms:,.0f} ms "
+                f"(HTTP 200), {result.model_count} model(s) listed.",
+                messages.SUCCESS,
+            )
+        return HttpResponseRedirect(self._change_url(endpoint))
+
+    def fetch_models_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
+        """The endpoint's models (GET); routes created from those ticked (POST)."""
+        endpoint = self._endpoint_or_404(request, object_id)
+        if not self.has_view_permission(request, endpoint):
+            raise PermissionDenied
+        can_add = request.user.has_perm("gateway.add_modelroute")
+        if request.method == "POST":
+            if not can_add:
+                raise PermissionDenied
+            return self._create_routes(request, endpoint)
+        try:
+            model_ids = connection_check.fetch_model_ids(endpoint)
+        except connection_check.CheckFailed as exc:
+            self._report_failure(
+                request, endpoint, "the models could not be fetched", exc
+            )
+            return HttpResponseRedirect(self._change_url(endpoint))
+        routed = dict(endpoint.routes.values_list("upstream_model", "model_name"))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": endpoint,
+            "title": f"Models of {endpoint.name}",
+            "models": [
+                {"id": model_id, "index": index, "route": routed.get(model_id)}
+                for index, model_id in enumerate(model_ids)
+            ],
+            "can_add": can_add,
+            "change_url": self._change_url(endpoint),
+        }
+        return TemplateResponse(
+            request, "admin/gateway/endpoint/fetch_models.html", context
+        )
+
+    def _create_routes(self, request: HttpRequest, endpoint: Endpoint) -> HttpResponse:
+        """One route per ticked model, under the public name typed next to it."""
+        created, problems = [], []
+        for picked in request.POST.getlist("pick")[:MAX_ROUTES_PER_FORM]:
+            upstream = sanitize.clean_identifier(picked.strip())
+            if not upstream:
+                continue
+            typed = request.POST.get(f"name:{picked}") or ""
+            public = sanitize.clean_identifier(typed.strip()) or upstream
+            route = ModelRoute(
+                model_name=public, endpoint=endpoint, upstream_model=upstream
+            )
+            try:
+                route.full_clean()
+                with transaction.atomic():
+                    route.save()
+            except ValidationError as exc:
+                problems.append(f"{public} ({' '.join(exc.messages)})")
+                continue
+            except IntegrityError:
+                # Created by someone else since the check above.
+                problems.append(f"{public} (already routed to this endpoint)")
+                continue
+            created.append(public)
+        if created:
+            self.message_user(
+                request,
+                f"{len(created)} route(s) created on {endpoint.name}: "
+                f"{', '.join(created)}.",
+                messages.SUCCESS,
+            )
+        if problems:
+            self.message_user(
+                request, f"Not created: {', '.join(problems)}.", messages.WARNING
+            )
+        if not created and not problems:
+            self.message_user(request, "No model was ticked.", messages.WARNING)
+        return HttpResponseRedirect(self._change_url(endpoint))
+
     @admin.display(description="Transport")
     def transport(self, obj: Endpoint) -> str:
         return transport_badge(obj)
+
+    @admin.display(description="URL", ordering="base_url")
+    def url_column(self, obj: Endpoint) -> str:
+        if not obj.sends_in_clear:
+            return obj.base_url
+        return format_html("{}<br>{}", obj.base_url, transport_badge(obj))
+
+    @admin.display(description="Last check", ordering="last_checked_at")
+    def last_check(self, obj: Endpoint) -> str:
+        if obj.last_checked_at is None:
+            return "never"
+        return f"{timesince(obj.last_checked_at)} ago"
+
+    @admin.display(description="Breaker")
+    def breaker(self, obj: Endpoint) -> str:
+        """Failures in a row, and until when requests skip the endpoint, if they do."""
+        now = timezone.now()
+        parts = []
+        if obj.consecutive_failures:
+            parts.append(f"{obj.consecutive_failures} failure(s) in a row")
+        if obj.disabled_until and obj.disabled_until > now:
+            parts.append(f"open for {timeuntil(obj.disabled_until, now)}")
+        if obj.resting_until and obj.resting_until > now:
+            parts.append(f"resting for {timeuntil(obj.resting_until, now)}")
+        return "; ".join(parts) or "—"
 
     @admin.display(description="Latency", ordering="last_latency_ms")
     def last_latency_display(self, obj: Endpoint) -> str:
@@ -447,6 +619,14 @@ class ApiKeyAdmin(admin.ModelAdmin):
     readonly_fields = ["prefix_display", "created_at", "last_used_at"]
     actions = ["revoke"]
 
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: ApiKey | None = None
+    ) -> list[str]:
+        # A key belongs to one user for life: its usage, limits and budgets
+        # are that user's. Another user gets a key of their own.
+        fields = list(super().get_readonly_fields(request, obj))
+        return fields if obj is None else ["user", *fields]
+
     @admin.display(description="Key")
     def prefix_display(self, obj: ApiKey) -> str:
         return f"{obj.prefix}…" if obj.prefix else "—"
@@ -538,7 +718,7 @@ def usage_page_url(user_id: int) -> str | None:
 class UsageRecordAdmin(admin.ModelAdmin):
     # Fits 1280 px: tokens in one column, times rounded to whole milliseconds.
     list_display = [
-        "created_at",
+        "when",
         "source",
         "user_column",
         "model_name",
@@ -552,6 +732,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
     # created_at as a plain filter: the date hierarchy runs DISTINCT over dates,
     # which scans the whole table.
     list_filter = ["status", "source", ("created_at", admin.DateFieldListFilter)]
+    list_display_links = ["when"]
     list_select_related = ["user"]
     search_fields = ["model_name", "endpoint_name", "user__username", "=request_id"]
     show_full_result_count = False
@@ -629,6 +810,11 @@ class UsageRecordAdmin(admin.ModelAdmin):
         response["X-Content-Type-Options"] = "nosniff"
         add_never_cache_headers(response)
         return response
+
+    @admin.display(description="created at", ordering="created_at")
+    def when(self, obj: UsageRecord) -> str:
+        # Numeric and to the second: half the width of "Nov. 30, 2026, 2:48 p.m."
+        return timezone.localtime(obj.created_at).strftime("%Y-%m-%d %H:%M:%S")
 
     @admin.display(description="user", ordering="user__username")
     def user_column(self, obj: UsageRecord) -> str:

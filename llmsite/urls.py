@@ -15,6 +15,8 @@ from llmsite.throttle import (
 
 # Both login pages count failures and refuse locked accounts and addresses.
 admin.site.login_form = ThrottledAdminAuthenticationForm
+admin.site.site_header = "llmsite administration"
+admin.site.site_title = "llmsite administration"
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/chat/", permanent=False)),

@@ -60,3 +60,63 @@ def test_search_finds_messages_by_their_text(admin_client_for, owner):
     assert response.status_code == 200
     assert response.context["cl"].result_list[0].conversation_id == conversation.id
     assert len(response.context["cl"].result_list) == 1
+
+
+def test_the_message_list_shows_an_escaped_excerpt_of_the_text(admin_client_for, owner):
+    conversation = Conversation.objects.create(user=owner, title="t")
+    Message.objects.create(
+        conversation=conversation,
+        role="user",
+        content="<script>alert(1)</script> " + "word " * 100 + "THE-END",
+    )
+
+    page = admin_client_for.get("/admin/chat/message/").content.decode()
+
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; word word" in page
+    assert "<script>alert(1)" not in page
+    assert "THE-END" not in page.split('id="result_list"')[1].split("</table>")[0]
+
+
+def test_nobody_adds_a_message_to_a_users_conversation(admin_client_for, owner):
+    conversation = Conversation.objects.create(user=owner, title="t")
+
+    add_page = admin_client_for.get("/admin/chat/message/add/")
+    conversation_page = admin_client_for.get(
+        f"/admin/chat/conversation/{conversation.pk}/change/"
+    ).content.decode()
+
+    assert add_page.status_code == 403
+    assert (
+        "/admin/chat/message/add/"
+        not in admin_client_for.get("/admin/chat/message/").content.decode()
+    )
+    # The inline offers no empty form and the script no "Add another" button.
+    assert 'name="messages-TOTAL_FORMS" value="0"' in conversation_page
+    assert 'name="messages-MAX_NUM_FORMS" value="0"' in conversation_page
+
+
+def test_timestamps_are_read_only(admin_client_for, owner):
+    conversation = Conversation.objects.create(user=owner, title="t")
+    message = Message.objects.create(
+        conversation=conversation, role="user", content="hi"
+    )
+
+    conversation_page = admin_client_for.get(
+        f"/admin/chat/conversation/{conversation.pk}/change/"
+    ).content.decode()
+    message_page = admin_client_for.get(
+        f"/admin/chat/message/{message.pk}/change/"
+    ).content.decode()
+
+    assert 'name="updated_at' not in conversation_page
+    assert 'name="created_at' not in conversation_page
+    assert "field-updated_at" in conversation_page
+    assert 'name="created_at' not in message_page
+
+
+def test_the_admin_is_branded(admin_client_for):
+    page = admin_client_for.get("/admin/").content.decode()
+
+    assert "llmsite administration" in page
+    assert "Django administration" not in page
+    assert "css/admin.css" in page

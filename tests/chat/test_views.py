@@ -152,3 +152,29 @@ def test_rename_refuses_a_body_that_is_not_json(alice, owner, make_conversation)
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid"
+
+
+def test_a_foreign_or_deleted_conversation_gets_a_page_with_a_way_back(
+    bob, owner, make_conversation
+):
+    conversation = make_conversation(owner, (USER, "secret plans"))
+    foreign = bob.get(f"/chat/c/{conversation.id}/")
+    conversation.delete()
+    deleted = bob.get(f"/chat/c/{conversation.id}/")
+
+    for response in (foreign, deleted):
+        page = response.content.decode()
+        assert response.status_code == 404
+        assert "<h1>Not found</h1>" in page
+        assert 'href="/chat/" id="back-to-chat"' in page
+        assert "css/base.css" in page  # the site's style, not a bare "Not Found"
+        assert "secret plans" not in page
+
+
+def test_staff_see_a_link_to_the_admin_and_users_do_not(alice, staff):
+    sam = Client()
+    sam.force_login(staff)
+
+    assert 'id="admin-link"' in sam.get("/chat/").content.decode()
+    assert 'href="/admin/"' in sam.get("/chat/").content.decode()
+    assert 'id="admin-link"' not in alice.get("/chat/").content.decode()
