@@ -234,6 +234,7 @@ class ModelRouteInline(admin.TabularInline):
     extra = 0
     fields = [
         "model_name",
+        "kind",
         "upstream_model",
         "priority",
         "enabled",
@@ -374,6 +375,7 @@ class EndpointAdmin(admin.ModelAdmin):
 class ModelRouteAdmin(admin.ModelAdmin):
     list_display = [
         "model_name",
+        "kind",
         "priority",
         "endpoint",
         "upstream_model",
@@ -384,7 +386,7 @@ class ModelRouteAdmin(admin.ModelAdmin):
         "output_price_per_1k",
         "hedge_after_ms",
     ]
-    list_filter = ["enabled", "model_name", "endpoint"]
+    list_filter = ["enabled", "kind", "model_name", "endpoint"]
     list_select_related = ["endpoint"]
     search_fields = ["model_name", "upstream_model", "endpoint__name"]
     autocomplete_fields = ["endpoint"]
