@@ -23,7 +23,7 @@ from chat.errors import ChatError, not_found
 from chat.models import Conversation, Message, MessageRole, MessageStatus
 from gateway import tokens
 from gateway.context import ContextMessage
-from gateway.models import ModelRoute
+from gateway.models import ModelRoute, RouteKind
 from gateway.signals import requests_abandoned
 
 TITLE_CHARS = 60
@@ -60,9 +60,11 @@ class Turn:
 
 
 def available_models() -> list[str]:
-    """Model names a user can pick: enabled routes on enabled endpoints."""
+    """Model names a user can pick: enabled chat routes on enabled endpoints."""
     return list(
-        ModelRoute.objects.filter(enabled=True, endpoint__enabled=True)
+        ModelRoute.objects.filter(
+            enabled=True, endpoint__enabled=True, kind=RouteKind.CHAT
+        )
         .order_by("model_name")
         .values_list("model_name", flat=True)
         .distinct()

@@ -244,6 +244,7 @@ class ModelRouteInline(admin.TabularInline):
     extra = 0
     fields = [
         "model_name",
+        "kind",
         "upstream_model",
         "priority",
         "enabled",
@@ -546,6 +547,7 @@ class EndpointAdmin(admin.ModelAdmin):
 class ModelRouteAdmin(admin.ModelAdmin):
     list_display = [
         "model_name",
+        "kind",
         "priority",
         "endpoint",
         "upstream_model",
@@ -556,7 +558,7 @@ class ModelRouteAdmin(admin.ModelAdmin):
         "output_price_per_1k",
         "hedge_after_ms",
     ]
-    list_filter = ["enabled", "model_name", "endpoint"]
+    list_filter = ["enabled", "kind", "model_name", "endpoint"]
     list_select_related = ["endpoint"]
     search_fields = ["model_name", "upstream_model", "endpoint__name"]
     autocomplete_fields = ["endpoint"]

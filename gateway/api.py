@@ -1,4 +1,8 @@
-"""The OpenAI-compatible API for programs: `/v1/models` and `/v1/chat/completions`.
+"""The OpenAI-compatible API for programs under /v1/.
+
+`GET /v1/models`, `GET /v1/models/{model}`, `POST /v1/chat/completions` and
+`POST /v1/embeddings`. Any other path under /v1/ is a 404, and a known path
+asked with the wrong method a 405, both with OpenAI's JSON error body.
 
 The views only authenticate, parse and format: every completion goes through
 `gateway.service` like a chat message does, so programs get the same limits,
@@ -28,12 +32,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -46,14 +59,15 @@ from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
 
-from gateway import inbound, limits, service, wire
+from gateway import inbound, limits, sanitize, service, wire
 from gateway.limits import LimitState, LocalTTLCache
 from gateway.models import ApiKey, ModelRoute, UsageSource
 from gateway.service import Caller, Delta, Done, Fallback, RejectCode, Rejected
 
 logger = logging.getLogger("gateway.api")
+
+View = Callable[..., Awaitable[HttpResponse]]
 
 # How often a key's last_used_at is written, at most.
 _TOUCH_INTERVAL = timedelta(minutes=1)
@@ -68,6 +82,8 @@ _ERROR_PARAMS = {
     RejectCode.MODEL_NOT_FOUND: "model",
     RejectCode.CONTEXT_TOO_LARGE: "messages",
 }
+# An input too long for the embedding model, not a conversation.
+_EMBEDDING_ERROR_PARAMS = {**_ERROR_PARAMS, RejectCode.CONTEXT_TOO_LARGE: "input"}
 
 
 # --- Errors -----------------------------------------------------------------------
@@ -105,17 +121,23 @@ def error_response(
     return response
 
 
-def _rejected_body(rejected: Rejected) -> dict[str, Any]:
+def _rejected_body(
+    rejected: Rejected, params: Mapping[RejectCode, str] = _ERROR_PARAMS
+) -> dict[str, Any]:
     return error_body(
         rejected.message,
         error_type=_ERROR_TYPES.get(rejected.code, "invalid_request_error"),
         code=str(rejected.code),
-        param=_ERROR_PARAMS.get(rejected.code),
+        param=params.get(rejected.code),
     )
 
 
-def _rejected_response(rejected: Rejected) -> JsonResponse:
-    response = JsonResponse(_rejected_body(rejected), status=rejected.http_status)
+def _rejected_response(
+    rejected: Rejected, params: Mapping[RejectCode, str] = _ERROR_PARAMS
+) -> JsonResponse:
+    response = JsonResponse(
+        _rejected_body(rejected, params), status=rejected.http_status
+    )
     if rejected.retry_after is not None:
         response["Retry-After"] = str(max(1, math.ceil(rejected.retry_after)))
     return response
@@ -276,6 +298,43 @@ def _unauthorized() -> JsonResponse:
     )
     response["WWW-Authenticate"] = 'Bearer realm="llmsite"'
     return response
+
+
+def allow(*methods: str) -> Callable[[View], View]:
+    """Refuse other methods with a 405 in OpenAI's shape (Django's has no body).
+
+    Every /v1 view is also `csrf_exempt`: keys authenticate, never cookies, and
+    a POST to a GET-only path must get this 405, not the CSRF page.
+    """
+
+    def decorate(view: View) -> View:
+        @functools.wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+            if request.method not in methods:
+                response = error_response(
+                    405,
+                    f"{request.method} is not allowed on {request.path}; "
+                    f"use {' or '.join(methods)}.",
+                    code="method_not_allowed",
+                )
+                response["Allow"] = ", ".join(methods)
+                return response
+            return await view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def _caller(owner: KeyOwner, states: _LimitStates) -> Caller:
+    """The pipeline's caller for one /v1 request: the key's owner, source api."""
+    return Caller(
+        user_id=owner.user_id,
+        api_key_id=owner.api_key_id,
+        source=UsageSource.API,
+        request_id=uuid.uuid4(),
+        on_limits=states,
+    )
 
 
 # --- Parsing ----------------------------------------------------------------------
@@ -624,31 +683,88 @@ async def _event_stream(
 # --- Views ------------------------------------------------------------------------
 
 
-@require_GET
-async def list_models(request: HttpRequest) -> HttpResponse:
-    """The public model names a key may ask for."""
-    owner = await authenticate(request)
-    if owner is None:
-        return _unauthorized()
-    names = (
-        ModelRoute.objects.filter(enabled=True, endpoint__enabled=True)
-        .order_by("model_name")
-        .values_list("model_name", flat=True)
-        .distinct()
-    )
-    data = [
-        {"id": name, "object": "model", "created": 0, "owned_by": "llmsite"}
-        async for name in names
-    ]
-    response = JsonResponse({"object": "list", "data": data})
-    # Listing models counts against nothing: the headers only read.
+def _usable_routes(**filters: Any) -> Any:
+    return ModelRoute.objects.filter(enabled=True, endpoint__enabled=True, **filters)
+
+
+def model_object(name: str, kinds: Iterable[str]) -> dict[str, Any]:
+    """A model object; `llmsite.kinds` says what it serves (chat, embedding)."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "llmsite",
+        "llmsite": {"kinds": sorted(set(kinds))},
+    }
+
+
+async def _with_limit_headers(owner: KeyOwner, response: HttpResponse) -> HttpResponse:
+    # Reading models counts against nothing: the headers only read.
     states = _LimitStates()
     states(await limits.acaller_limit_states(owner.user_id, owner.api_key_id))
     return states.apply(response)
 
 
 @csrf_exempt
-@require_POST
+@allow("GET")
+async def list_models(request: HttpRequest) -> HttpResponse:
+    """The public model names a key may ask for, chat and embedding alike."""
+    owner = await authenticate(request)
+    if owner is None:
+        return _unauthorized()
+    kinds: dict[str, set[str]] = {}
+    rows = (
+        _usable_routes()
+        .order_by("model_name", "kind")
+        .values_list("model_name", "kind")
+        .distinct()
+    )
+    async for name, kind in rows:
+        kinds.setdefault(name, set()).add(kind)
+    data = [model_object(name, found) for name, found in kinds.items()]
+    return await _with_limit_headers(
+        owner, JsonResponse({"object": "list", "data": data})
+    )
+
+
+@csrf_exempt
+@allow("GET")
+async def retrieve_model(request: HttpRequest, model: str) -> HttpResponse:
+    """One model a key may ask for (the SDK's `models.retrieve`), else a 404."""
+    owner = await authenticate(request)
+    if owner is None:
+        return _unauthorized()
+    kinds = [
+        kind
+        async for kind in _usable_routes(model_name=model)
+        .values_list("kind", flat=True)
+        .distinct()
+    ]
+    if not kinds:
+        return error_response(
+            404,
+            f"The model {sanitize.clean_text(model, limit=200)!r} does not exist "
+            "or is not enabled.",
+            code="model_not_found",
+            param="model",
+        )
+    return await _with_limit_headers(owner, JsonResponse(model_object(model, kinds)))
+
+
+@csrf_exempt
+async def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
+    """Any other path under /v1/: OpenAI's 404, so SDKs raise NotFoundError."""
+    return error_response(
+        404,
+        f"Unknown request URL: {request.method} "
+        f"{sanitize.clean_text(request.path, limit=200)}. See the README's API section "
+        "for the endpoints this gateway serves.",
+        code="unknown_url",
+    )
+
+
+@csrf_exempt
+@allow("POST")
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     """OpenAI's chat completions, plain or streamed, through the pipeline."""
     owner = await authenticate(request)
@@ -661,13 +777,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     except BadRequest as exc:
         return error_response(400, exc.message, param=exc.param)
     states = _LimitStates()
-    caller = Caller(
-        user_id=owner.user_id,
-        api_key_id=owner.api_key_id,
-        source=UsageSource.API,
-        request_id=uuid.uuid4(),
-        on_limits=states,
-    )
+    caller = _caller(owner, states)
     created = int(time.time())
     if not chat.stream:
         try:
@@ -723,3 +833,73 @@ async def _stream(caller: Caller, chat: ChatRequest, created: int) -> HttpRespon
     response["X-Accel-Buffering"] = "no"
     _routing_headers(response, opening.endpoint, len(opening.fallbacks), opening.cached)
     return response
+
+
+# --- Embeddings -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """A validated /v1/embeddings body."""
+
+    model: str
+    inputs: list[str | list[int]]
+    # encoding_format, dimensions, user: passed upstream.
+    params: dict[str, Any]
+
+
+def parse_embedding_request(body: bytes) -> EmbeddingRequest:
+    """Validate an embeddings body; raises BadRequest naming the field."""
+    try:
+        data = inbound.loads(body)
+        if not isinstance(data, dict):
+            raise BadRequest("The body must be a JSON object.")
+        return EmbeddingRequest(
+            model=wire.check_model(data.get("model")),
+            inputs=wire.check_embedding_input(data.get("input")),
+            params=wire.check_embedding_params(data),
+        )
+    except inbound.InboundError as exc:
+        raise BadRequest(exc.message, exc.path) from None
+
+
+def embedding_body(done: Done, model: str) -> dict[str, Any]:
+    """OpenAI's embeddings list, in input order, with the `llmsite` summary."""
+    vectors = (done.raw or {}).get("vectors") or []
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": vector}
+            for index, vector in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {
+            "prompt_tokens": done.prompt_tokens,
+            "total_tokens": done.prompt_tokens,
+        },
+        "llmsite": routing_summary(done),
+    }
+
+
+@csrf_exempt
+@allow("POST")
+async def embeddings(request: HttpRequest) -> HttpResponse:
+    """OpenAI's embeddings, through the same limits, budgets and records as chat."""
+    owner = await authenticate(request)
+    if owner is None:
+        return _unauthorized()
+    try:
+        parsed = parse_embedding_request(request.body)
+    except RequestDataTooBig:
+        return error_response(413, "The request body is too large.")
+    except BadRequest as exc:
+        return error_response(400, exc.message, param=exc.param)
+    states = _LimitStates()
+    caller = _caller(owner, states)
+    try:
+        done = await service.embed(caller, parsed.model, parsed.inputs, parsed.params)
+    except Rejected as rejected:
+        return states.apply(_rejected_response(rejected, _EMBEDDING_ERROR_PARAMS))
+    response = JsonResponse(embedding_body(done, parsed.model))
+    _routing_headers(response, done.endpoint, len(done.hops), done.cached)
+    return states.apply(response)

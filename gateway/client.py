@@ -47,6 +47,7 @@ fires, so a chunk with content costs one clock read.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import email.utils
 import functools
@@ -253,6 +254,7 @@ class EndpointConfig:
     resting_until: datetime | None = None
     last_latency_ms: float | None = None
     chat_url: str = field(init=False, repr=False)
+    embeddings_url: str = field(init=False, repr=False)
     models_url: str = field(init=False, repr=False)
     # What the pooled clients depend on: a change builds new clients.
     pool_fingerprint: tuple[Any, ...] = field(init=False, repr=False)
@@ -263,6 +265,7 @@ class EndpointConfig:
         base = self.base_url.rstrip("/")
         object.__setattr__(self, "base_url", base)
         object.__setattr__(self, "chat_url", base + "/chat/completions")
+        object.__setattr__(self, "embeddings_url", base + "/embeddings")
         object.__setattr__(self, "models_url", base + "/models")
         object.__setattr__(
             self,
@@ -1117,6 +1120,79 @@ async def create_completion(
     if not isinstance(data.get("choices"), list):
         raise APIResponseError("the response has no choices", endpoint=config)
     return data
+
+
+async def create_embedding(
+    config: EndpointConfig,
+    payload: Mapping[str, Any],
+    *,
+    expected: int,
+    client_pools: ClientPools | None = None,
+    deadline: float | None = None,
+) -> dict[str, Any]:
+    """POST an embeddings request: ``{"vectors": [...], "usage": ...}``.
+
+    The same bounds and error mapping as `create_completion`. `expected` is
+    the number of inputs sent: a body whose `data` does not hold exactly one
+    vector per input (each index once), each a non-empty list of finite
+    numbers or a base64 string, is an `APIResponseError` (transient: another
+    route may do better). The vectors come back in input order; nothing else
+    of the upstream body is kept but its `usage`, which the router checks.
+    """
+    raw = await _fetch(
+        config,
+        "POST",
+        config.embeddings_url,
+        _encode(payload),
+        client_pools=client_pools,
+        deadline=deadline,
+    )
+    data = _parse_json(config, raw, "the response")
+    if not isinstance(data, dict):
+        raise APIResponseError("the response is not a JSON object", endpoint=config)
+    if data.get("error") and not data.get("data"):
+        raise _chunk_error(config, data["error"])
+    items = data.get("data")
+    if not isinstance(items, list) or len(items) != expected:
+        raise APIResponseError(
+            f"the response does not hold {expected} embedding(s)", endpoint=config
+        )
+    vectors: list[list[float] | str | None] = [None] * expected
+    for position, item in enumerate(items):
+        index = item.get("index", position) if isinstance(item, dict) else None
+        vector = item.get("embedding") if isinstance(item, dict) else None
+        if (
+            not isinstance(index, int)
+            or isinstance(index, bool)
+            or not 0 <= index < expected
+            or vectors[index] is not None
+            or not _is_vector(vector)
+        ):
+            raise APIResponseError(
+                f"embedding {position} of the response is malformed", endpoint=config
+            )
+        vectors[index] = vector
+    return {"vectors": vectors, "usage": data.get("usage")}
+
+
+def _is_vector(value: Any) -> bool:
+    """A list of finite numbers, or base64 of little-endian float32s."""
+    if isinstance(value, str):
+        try:
+            decoded = binascii.a2b_base64(value, strict_mode=True)
+        except (binascii.Error, ValueError):
+            return False
+        return bool(decoded) and len(decoded) % 4 == 0
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(number, int | float)
+            and not isinstance(number, bool)
+            and math.isfinite(number)
+            for number in value
+        )
+    )
 
 
 # Endpoints (by id and name) seen rejecting stream_options in this process.

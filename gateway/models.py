@@ -296,10 +296,19 @@ class Endpoint(models.Model):
         return sorted(headers) if isinstance(headers, dict) else []
 
 
+class RouteKind(models.TextChoices):
+    """What a route's upstream model does: answer chats or embed text."""
+
+    CHAT = "chat", "chat"
+    EMBEDDING = "embedding", "embedding"
+
+
 class ModelRoute(models.Model):
     """One way to serve a public model name: an endpoint and its upstream model.
 
     Several routes for one model name form its fallback chain, tried by priority.
+    A chat request only ever takes chat routes, an embeddings request only
+    embedding routes (`kind`).
     """
 
     model_name = models.CharField(
@@ -310,6 +319,12 @@ class ModelRoute(models.Model):
     )
     upstream_model = models.CharField(
         max_length=200, help_text="The model name the endpoint expects."
+    )
+    kind = models.CharField(
+        max_length=16,
+        choices=RouteKind.choices,
+        default=RouteKind.CHAT,
+        help_text="Chat completions or embeddings: each request takes only its kind.",
     )
     priority = models.PositiveSmallIntegerField(default=100, help_text="Lower first.")
     enabled = models.BooleanField(default=True)

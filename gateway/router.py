@@ -101,7 +101,7 @@ from gateway.context import (
     ContextWindowExceeded,
     fit_context,
 )
-from gateway.models import Endpoint, ModelRoute
+from gateway.models import Endpoint, ModelRoute, RouteKind
 
 logger = logging.getLogger("gateway.router")
 
@@ -150,6 +150,8 @@ class Route:
     output_price_per_1k: Decimal | None = None
     # Race the next route after this long without a first token (None: off).
     hedge_after_ms: int | None = None
+    # RouteKind: "chat" or "embedding".
+    kind: str = RouteKind.CHAT
 
     @classmethod
     def from_model(cls, route: ModelRoute) -> Route:
@@ -165,6 +167,7 @@ class Route:
             input_price_per_1k=route.input_price_per_1k,
             output_price_per_1k=route.output_price_per_1k,
             hedge_after_ms=route.hedge_after_ms,
+            kind=route.kind,
         )
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal | None:
@@ -181,20 +184,27 @@ class Route:
 # query and its thread hop cost more than the rest of the engine together
 # (bench/engine_overhead.py).  Writes through the ORM and breaker transitions
 # seen by this process drop them at once; other processes' within the TTL.
-_routes: dict[str, tuple[float, list[Route]]] = {}
+_routes: dict[tuple[str, str], tuple[float, list[Route]]] = {}
 _MAX_CACHED_MODELS = 1024
 
 
-async def load_routes(model_name: str, *, fresh: bool = False) -> list[Route]:
-    """The usable routes of a public model name, in the order they are tried."""
+async def load_routes(
+    model_name: str, *, kind: str = RouteKind.CHAT, fresh: bool = False
+) -> list[Route]:
+    """The usable routes of a public model name, in the order they are tried.
+
+    Only routes of `kind`: a chat never goes to an embedding model, nor the
+    other way round.
+    """
     ttl = float(getattr(settings, "GATEWAY_ROUTE_CACHE_SECONDS", 1.0))
+    key = (kind, model_name)
     if ttl > 0 and not fresh:
-        cached = _routes.get(model_name)
+        cached = _routes.get(key)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
     queryset = (
         ModelRoute.objects.filter(
-            model_name=model_name, enabled=True, endpoint__enabled=True
+            model_name=model_name, kind=kind, enabled=True, endpoint__enabled=True
         )
         .select_related("endpoint")
         .order_by("priority", "endpoint__priority", "id")
@@ -204,7 +214,7 @@ async def load_routes(model_name: str, *, fresh: bool = False) -> list[Route]:
     if ttl > 0 and routes:
         if len(_routes) >= _MAX_CACHED_MODELS:
             _routes.clear()
-        _routes[model_name] = (time.monotonic() + ttl, routes)
+        _routes[key] = (time.monotonic() + ttl, routes)
     return routes
 
 
@@ -687,6 +697,8 @@ async def _persist_no_stream_usage(config: EndpointConfig) -> None:
 class _Call:
     """The state of one routed request."""
 
+    kind: str = RouteKind.CHAT
+
     def __init__(
         self,
         model_name: str,
@@ -785,7 +797,9 @@ class _Call:
     async def load(self, routes: Sequence[Route] | None) -> bool:
         """Load the routes; False when the model has none."""
         self.routes = (
-            list(routes) if routes is not None else await load_routes(self.model_name)
+            list(routes)
+            if routes is not None
+            else await load_routes(self.model_name, kind=self.kind)
         )
         return bool(self.routes)
 
@@ -873,12 +887,7 @@ class _Call:
             self.skip(route, "resting")
             return None
         try:
-            messages, status = fit_context(
-                self.messages,
-                model=route.upstream_model,
-                context_window=route.context_window,
-                max_output_tokens=route.max_output_tokens,
-            )
+            messages, status = self.fit(route)
         except ContextWindowExceeded as exc:
             self.context_error = exc
             self.skip(route, "context_window_exceeded")
@@ -954,6 +963,15 @@ class _Call:
                 candidate.wait = (left, _wait_status(route.endpoint.name, None, left))
                 return candidate
         return None
+
+    def fit(self, route: Route) -> tuple[list[Message], ContextStatus]:
+        """The messages as sent to a route, fitted to its window, and their size."""
+        return fit_context(
+            self.messages,
+            model=route.upstream_model,
+            context_window=route.context_window,
+            max_output_tokens=route.max_output_tokens,
+        )
 
     def next_route_latency(self, candidate: _Candidate) -> float:
         """How soon the next usable route is expected to answer (inf: none)."""
@@ -1729,6 +1747,8 @@ def _switch_events(call: _Call, candidate: _Candidate) -> list[RouterEvent]:
 
 
 Once = Callable[["_Call", _Candidate], Awaitable[Any]]
+# How a plain request is run over its routes (`_complete`, `_embed`).
+Runner = Callable[["_Call", Sequence[Route] | None], Awaitable["RouterResult"]]
 
 
 async def _attempts(
@@ -1899,11 +1919,17 @@ class PlainChat:
     `result` is still set, with `stopped=True` and the trail so far.
     """
 
-    __slots__ = ("_call", "_routes")
+    __slots__ = ("_call", "_routes", "_runner")
 
-    def __init__(self, call: _Call, routes: Sequence[Route] | None) -> None:
+    def __init__(
+        self,
+        call: _Call,
+        routes: Sequence[Route] | None,
+        runner: Runner | None = None,
+    ) -> None:
         self._call = call
         self._routes = routes
+        self._runner = runner or _complete
 
     @property
     def result(self) -> RouterResult | None:
@@ -1912,7 +1938,7 @@ class PlainChat:
     async def run(self) -> RouterResult:
         call = self._call
         try:
-            return await _complete(call, self._routes)
+            return await self._runner(call, self._routes)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 call.settle_stopped()
@@ -1951,17 +1977,19 @@ async def complete_chat(
     return await plain_chat(model_name, messages, **options).run()
 
 
-async def _complete(call: _Call, routes: Sequence[Route] | None) -> RouterResult:
-    if not await call.load(routes):
-        return call.finish(error=ModelNotFound(call.model_name))
+async def _first_answer(call: _Call, once: Once) -> _Opened | RouterResult | None:
+    """Walk the routes as the policy says until one answers a plain request.
+
+    The route that answered (its hops taken, its breaker told); the finished
+    result when an error ends the whole call; None when no route answered.
+    """
     while True:
         candidate = await call.next_candidate() or await call.last_resort()
         if candidate is None:
-            break
+            return None
         call.take_hops(candidate.route.endpoint.name)
         opened: _Opened | None = None
-        attempts = contextlib.aclosing(_attempts(call, candidate, _complete_once))
-        async with attempts as items:
+        async with contextlib.aclosing(_attempts(call, candidate, once)) as items:
             async for item in items:
                 if isinstance(item, _Failed):
                     failed = item.candidate
@@ -1975,11 +2003,20 @@ async def _complete(call: _Call, routes: Sequence[Route] | None) -> RouterResult
                         return call.finish(candidate=failed, error=item.error)
                 elif isinstance(item, _Opened):
                     opened = item
-        if opened is None:
-            continue
-        candidate, body = opened.candidate, opened.value
-        call.take_hops(candidate.route.endpoint.name)
-        await call.succeeded(candidate)
+        if opened is not None:
+            call.take_hops(opened.candidate.route.endpoint.name)
+            await call.succeeded(opened.candidate)
+            return opened
+
+
+async def _complete(call: _Call, routes: Sequence[Route] | None) -> RouterResult:
+    if not await call.load(routes):
+        return call.finish(error=ModelNotFound(call.model_name))
+    answered = await _first_answer(call, _complete_once)
+    if isinstance(answered, RouterResult):
+        return answered
+    if answered is not None:
+        candidate, body = answered.candidate, answered.value
         choice = _first_choice(body) or {}
         text = call.cut_plain(candidate, _plain_text(choice.get("message")))
         call.ttft_ms = call.elapsed_ms()
@@ -2009,6 +2046,164 @@ async def _complete_once(call: _Call, candidate: _Candidate) -> dict[str, Any]:
     try:
         body = await upstream.create_completion(
             candidate.route.endpoint, call.payload(candidate), deadline=call.deadline
+        )
+    except BaseException as exc:
+        await call.failed_attempt(candidate, exc)
+        raise
+    call.end_attempt(attempt, OK)
+    return body
+
+
+# --- Embeddings ---------------------------------------------------------------
+
+# One input to embed: a text, or the token ids of one.
+EmbeddingInput = str | Sequence[int]
+
+
+class _EmbedCall(_Call):
+    """An embeddings request: the same policy, with inputs instead of messages.
+
+    Nothing is generated, so a route reserves no output; each input must fit
+    the route's window on its own (an embedding model reads one at a time),
+    else the route is skipped as `context_window_exceeded`.
+    """
+
+    kind = RouteKind.EMBEDDING
+
+    def __init__(
+        self,
+        model_name: str,
+        inputs: Sequence[EmbeddingInput],
+        **options: Any,
+    ) -> None:
+        super().__init__(model_name, (), **options)
+        self.inputs = list(inputs)
+
+    def fit(self, route: Route) -> tuple[list[Message], ContextStatus]:
+        counter = tokens.counter_for(route.upstream_model)
+        sizes = [
+            counter.text(item) if isinstance(item, str) else len(item)
+            for item in self.inputs
+        ]
+        longest = max(sizes, default=0)
+        if longest > route.context_window:
+            raise EmbeddingInputTooLong(
+                required=longest, limit=route.context_window, model=route.upstream_model
+            )
+        total = sum(sizes)
+        return [], ContextStatus(
+            tokens=total,
+            limit=route.context_window,
+            window=route.context_window,
+            reserved_output=0,
+            percent=round(longest * 100 / route.context_window, 1),
+            warning=False,
+            compressed=False,
+            compressed_ids=(),
+            dropped_ids=(),
+            conversation_tokens=total,
+            method=counter.method.value,
+        )
+
+    def _output_tokens(self, route: Route) -> int:
+        return 0
+
+    def payload(self, candidate: _Candidate) -> dict[str, Any]:
+        return {
+            **self.params,
+            "model": candidate.route.upstream_model,
+            "input": self.inputs,
+        }
+
+
+class EmbeddingInputTooLong(ContextWindowExceeded):
+    """One input alone is longer than every embedding route's window."""
+
+    def __init__(self, *, required: int, limit: int, model: str) -> None:
+        super().__init__(
+            required=required,
+            limit=limit,
+            window=limit,
+            reserved_output=0,
+            model=model,
+        )
+        self.args = (
+            f"An input has {required:,} tokens, but {model or 'this route'} "
+            f"embeds at most {limit:,} at a time.",
+        )
+
+
+def plain_embedding(
+    model_name: str,
+    inputs: Sequence[EmbeddingInput],
+    *,
+    params: Mapping[str, Any] | None = None,
+    admit: Admit | None = None,
+    routes: Sequence[Route] | None = None,
+    policy: RetryPolicy | None = None,
+) -> PlainChat:
+    """An embeddings request over the model's embedding routes.
+
+    Routed like a plain chat (`_attempts`: retries, failover, breaker, rests,
+    hedging, trail and hops), without the degraded-mode cache: a vector from
+    another request's text would be wrong, not stale. The result's `raw` is
+    ``{"vectors": [...], "usage": ...}`` (`gateway.client.create_embedding`).
+    """
+    call = _EmbedCall(
+        model_name,
+        inputs,
+        params=params,
+        admit=admit,
+        policy=policy,
+        cache_scope="",
+    )
+    return PlainChat(call, routes, _embed)
+
+
+async def embed(
+    model_name: str, inputs: Sequence[EmbeddingInput], **options: Any
+) -> RouterResult:
+    """Embed some inputs over the model's routes (options: `plain_embedding`)."""
+    return await plain_embedding(model_name, inputs, **options).run()
+
+
+async def _embed(call: _Call, routes: Sequence[Route] | None) -> RouterResult:
+    assert isinstance(call, _EmbedCall)
+    if not await call.load(routes):
+        return call.finish(error=ModelNotFound(call.model_name))
+    answered = await _first_answer(call, _embed_once)
+    if isinstance(answered, RouterResult):
+        return answered
+    if answered is None:
+        return call.finish(candidate=call.last_candidate, error=call.unavailable())
+    candidate, body = answered.candidate, answered.value
+    ours = candidate.status.tokens
+    usage = body.get("usage")
+    # Upstream's count when believable; an embedding generates nothing.
+    prompt = _count(
+        usage.get("prompt_tokens") if isinstance(usage, Mapping) else None,
+        ours * PROMPT_USAGE_FACTOR + PROMPT_USAGE_SLACK,
+    )
+    call.ttft_ms = call.elapsed_ms()
+    call.segments.append(
+        Segment(
+            candidate.route,
+            "",
+            Usage(ours, 0, True) if prompt is None else Usage(prompt, 0, False),
+        )
+    )
+    return call.finish(candidate=candidate, finish_reason="stop", raw=body)
+
+
+async def _embed_once(call: _Call, candidate: _Candidate) -> dict[str, Any]:
+    assert isinstance(call, _EmbedCall)
+    attempt = call.begin_attempt(candidate)
+    try:
+        body = await upstream.create_embedding(
+            candidate.route.endpoint,
+            call.payload(candidate),
+            expected=len(call.inputs),
+            deadline=call.deadline,
         )
     except BaseException as exc:
         await call.failed_attempt(candidate, exc)

@@ -58,7 +58,7 @@ from gateway import accounting, limits, router
 from gateway.accounting import BudgetExhausted, Reservation, UsageEntry, Written
 from gateway.client import APIClientError, EndpointConfig
 from gateway.context import ContextStatus, ContextWindowExceeded
-from gateway.models import UsageSource, UsageStatus
+from gateway.models import RouteKind, UsageSource, UsageStatus
 from gateway.router import (
     AllEndpointsUnavailable,
     Delta,
@@ -83,6 +83,7 @@ __all__ = [
     "Started",
     "Status",
     "complete_chat",
+    "embed",
     "stream_chat",
 ]
 
@@ -307,8 +308,10 @@ class _Request:
         model_name: str,
         messages: Sequence[Any],
         params: Mapping[str, Any] | None,
+        kind: str = RouteKind.CHAT,
     ) -> None:
         self.caller = caller
+        self.kind = kind
         self.model_name = model_name
         self.messages = messages
         self.params: dict[str, Any] = dict(params or {})
@@ -393,11 +396,17 @@ class _Request:
             raise _Refused(
                 RejectCode.RATE_LIMITED, decision.message, decision.retry_after
             )
-        self.routes = await router.load_routes(self.model_name)
+        self.routes = await router.load_routes(self.model_name, kind=self.kind)
         if not self.routes:
             raise _Refused(
                 RejectCode.MODEL_NOT_FOUND, str(ModelNotFound(self.model_name))
             )
+        self.budgets = await accounting.acaller_budgets(
+            caller.user_id, caller.api_key_id
+        )
+        if self.kind == RouteKind.EMBEDDING:
+            # Nothing is generated: the reservation is the input alone.
+            return
         self.outputs = {
             route.endpoint.id: _output_allowance(self.params, route)
             for route in self.routes
@@ -408,9 +417,6 @@ class _Request:
             # The router caps this at each route's own max_output_tokens, which
             # is what a route's reservation covers: no route can produce more.
             self.params["max_tokens"] = max(r.max_output_tokens for r in self.routes)
-        self.budgets = await accounting.acaller_budgets(
-            caller.user_id, caller.api_key_id
-        )
 
     async def _admit_caller(self, config: EndpointConfig, tokens: int) -> None:
         """The first route to be tried: tokens per minute and the reservation.
@@ -854,18 +860,52 @@ async def complete_chat(
 ) -> Done:
     """One plain (not streamed) chat request; raises `Rejected` without an answer."""
     request = _Request(caller, model_name, messages, params)
+    return await _plain(
+        request,
+        lambda: router.plain_chat(
+            model_name,
+            messages,
+            params=request.params,
+            admit=request.admit_endpoint,
+            routes=request.routes,
+            cache_scope=request.cache_scope,
+        ),
+    )
+
+
+async def embed(
+    caller: Caller,
+    model_name: str,
+    inputs: Sequence[router.EmbeddingInput],
+    params: Mapping[str, Any] | None = None,
+) -> Done:
+    """Embed some inputs over the model's embedding routes, like a plain chat.
+
+    The same requests and tokens per minute, budget reservation (the input
+    tokens only) and exactly one usage record, whose prompt tokens are the
+    input's and completion tokens 0. `Done.raw` holds the vectors in input
+    order (`gateway.client.create_embedding`). Raises `Rejected` without them.
+    """
+    request = _Request(caller, model_name, (), params, kind=RouteKind.EMBEDDING)
+    return await _plain(
+        request,
+        lambda: router.plain_embedding(
+            model_name,
+            inputs,
+            params=request.params,
+            admit=request.admit_endpoint,
+            routes=request.routes,
+        ),
+    )
+
+
+async def _plain(request: _Request, start: Callable[[], router.PlainChat]) -> Done:
+    """Admit a plain request, run it (`start` builds the router's call), record it."""
     call: router.PlainChat | None = None
     try:
         try:
             await request.admit()
-            call = router.plain_chat(
-                model_name,
-                messages,
-                params=request.params,
-                admit=request.admit_endpoint,
-                routes=request.routes,
-                cache_scope=request.cache_scope,
-            )
+            call = start()
             result = await call.run()
         except _Refused as refusal:
             raise await request.reject(refusal) from None

@@ -1,8 +1,15 @@
 """A simulated OpenAI-compatible upstream for the offline demo, tests and benchmarks.
 
-It serves ``GET /v1/models`` and ``POST /v1/chat/completions`` (plain and SSE
-streaming) under any path prefix, so ``/e/17/v1/models`` works too and one process
-can pose as many endpoints. It is plain asyncio with h11 and never imports Django.
+It serves ``GET /v1/models``, ``POST /v1/chat/completions`` (plain and SSE
+streaming) and ``POST /v1/embeddings`` under any path prefix, so ``/e/17/v1/models``
+works too and one process can pose as many endpoints. It is plain asyncio with h11
+and never imports Django.
+
+An embeddings request gets one unit vector per input that depends only on the
+text (16 numbers unless ``dimensions`` says otherwise; base64 of float32s when
+``encoding_format`` is base64) and ``usage.prompt_tokens``. It honours the latency
+and the status, drop, stall and malformed faults like a plain chat answer, from the
+script, the prefix, the header and ``/sim`` lines in its first input.
 
 How a chat request is answered (later steps override earlier ones field by field):
 
@@ -41,8 +48,10 @@ fields take their defaults), ``POST /_sim/script`` (a JSON list of such objects)
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import hashlib
 import http
 import itertools
 import json
@@ -50,6 +59,7 @@ import logging
 import math
 import re
 import shlex
+import struct
 import threading
 import time
 from collections import deque
@@ -69,6 +79,7 @@ __all__ = [
     "RecordedRequest",
     "SimulatedUpstream",
     "Stats",
+    "embedding_vector",
     "estimate_prompt_tokens",
     "generated_tokens",
     "parse_directives",
@@ -77,7 +88,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODELS = ("sim-small", "sim-large")
+DEFAULT_MODELS = ("sim-small", "sim-large", "sim-embed")
 Fault = Literal["status", "drop", "malformed", "stall", "reject_stream_options"]
 FAULTS: frozenset[str] = frozenset(get_args(Fault))
 BEHAVIOUR_HEADER = "x-sim-behaviour"
@@ -86,6 +97,7 @@ REDACTED = "[redacted]"
 _MAX_HEAD_BYTES = 64 * 1024
 _MAX_BODY_BYTES = 16 * 1024 * 1024
 _MAX_COMPLETION_TOKENS = 100_000
+_EMBEDDING_DIMENSIONS = 16
 _MAX_RECORDED_BODY_BYTES = 1024 * 1024
 # Unpaced streams are written in batches of this many chunks, so a slow reader
 # holds back the writer instead of the whole reply piling up in memory.
@@ -95,6 +107,7 @@ _SECRET_HEADERS = frozenset(
 )
 _ROUTES = (
     ("/v1/chat/completions", "chat"),
+    ("/v1/embeddings", "embeddings"),
     ("/v1/models", "models"),
     ("/_sim/behaviour", "behaviour"),
     ("/_sim/script", "script"),
@@ -635,7 +648,10 @@ class SimulatedUpstream:
                 )
                 return
             try:
-                await self._chat(conn, prefix, headers, payload)
+                if name == "embeddings":
+                    await self._embeddings(conn, prefix, headers, payload)
+                else:
+                    await self._chat(conn, prefix, headers, payload)
             except _BadRequest as exc:
                 conn.send_error(
                     400, str(exc), "invalid_request_error", "invalid_request"
@@ -756,6 +772,18 @@ class SimulatedUpstream:
             return
         conn.send_response(200, _JSON_HEADERS, self._models_body)
 
+    def _unknown_model(self, conn: _HTTPConnection, model: str) -> bool:
+        """Answer 404 for a model this upstream does not serve; True when it did."""
+        if not self.models or model in self.models:
+            return False
+        conn.send_error(
+            404,
+            f"The model `{model}` does not exist.",
+            "invalid_request_error",
+            "model_not_found",
+        )
+        return True
+
     async def _chat(
         self,
         conn: _HTTPConnection,
@@ -775,13 +803,7 @@ class SimulatedUpstream:
             or not all(isinstance(m, dict) for m in messages)
         ):
             raise _BadRequest("messages must be a non-empty list of objects.")
-        if self.models and model not in self.models:
-            conn.send_error(
-                404,
-                f"The model `{model}` does not exist.",
-                "invalid_request_error",
-                "model_not_found",
-            )
+        if self._unknown_model(conn, model):
             return
         user_text = next(
             (
@@ -868,6 +890,65 @@ class SimulatedUpstream:
         conn.send_response(
             200, (*_JSON_HEADERS, ("x-request-id", completion_id)), _dumps(body)
         )
+
+    async def _embeddings(
+        self,
+        conn: _HTTPConnection,
+        prefix: str,
+        headers: Mapping[str, str],
+        payload: Any,
+    ) -> None:
+        """Deterministic unit vectors from each input; /sim lines in the first."""
+        if not isinstance(payload, dict):
+            raise _BadRequest("The request body must be a JSON object.")
+        model = payload.get("model")
+        inputs = payload.get("input")
+        if not isinstance(model, str) or not model:
+            raise _BadRequest("You must provide a model parameter.")
+        if isinstance(inputs, str) or (
+            isinstance(inputs, list) and inputs and isinstance(inputs[0], int)
+        ):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            raise _BadRequest("input must be a string or a non-empty list.")
+        dimensions = payload.get("dimensions", _EMBEDDING_DIMENSIONS)
+        if type(dimensions) is not int or not 1 <= dimensions <= 4096:
+            raise _BadRequest("dimensions must be an integer from 1 to 4096.")
+        if self._unknown_model(conn, model):
+            return
+        first = inputs[0] if isinstance(inputs[0], str) else ""
+        behaviour, _ = self._resolve(prefix, headers, first, consume_script=True)
+        if not await self._prelude(conn, behaviour) or await self._plain_fault(
+            conn, behaviour
+        ):
+            return
+        as_base64 = payload.get("encoding_format") == "base64"
+        data = []
+        prompt_tokens = 0
+        for index, item in enumerate(inputs):
+            text = item if isinstance(item, str) else json.dumps(item)
+            prompt_tokens += (
+                len(item) if isinstance(item, list) else len(split_tokens(item))
+            )
+            vector = embedding_vector(text, dimensions)
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": index,
+                    "embedding": base64.b64encode(
+                        struct.pack(f"<{dimensions}f", *vector)
+                    ).decode()
+                    if as_base64
+                    else vector,
+                }
+            )
+        body = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+        conn.send_response(200, _JSON_HEADERS, _dumps(body))
 
     async def _prelude(self, conn: _HTTPConnection, behaviour: Behaviour) -> bool:
         """Wait out the latency and answer a status fault; False when done."""
@@ -996,6 +1077,22 @@ class SimulatedUpstream:
                 self._stats.client_disconnects += 1
         finally:
             self._stats.open_streams -= 1
+
+
+def embedding_vector(text: str, dimensions: int = 16) -> list[float]:
+    """A unit vector that depends only on the text: equal texts, equal vectors."""
+    seed = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    raw = []
+    block = b""
+    counter = 0
+    while len(raw) < dimensions:
+        if not block:
+            block = hashlib.sha256(seed + counter.to_bytes(4, "big")).digest()
+            counter += 1
+        raw.append(int.from_bytes(block[:2], "big") / 32767.5 - 1.0)
+        block = block[2:]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [round(x / norm, 6) for x in raw]
 
 
 def _normalise_prefix(prefix: str) -> str:

@@ -1,4 +1,4 @@
-"""The shapes of an OpenAI chat completion request, checked before anything runs.
+"""The shapes of OpenAI chat and embeddings requests, checked before anything runs.
 
 What is accepted follows OpenAI's own API reference for the Chat Completions
 endpoint, strictly on types: a value the gateway (token counting, context
@@ -14,6 +14,9 @@ with a sentence and the ``param`` path of the value, never later with a 500.
 - ``tool_calls``: a list of {id, type: "function", function: {name, arguments}}
   with string values; ``tool_call_id`` a string (required for a tool result).
 - Sampling parameters: numbers in OpenAI's ranges; booleans are not numbers.
+
+An embeddings request (`check_embedding_input`, `check_embedding_params`)
+passes on only ``input``, ``encoding_format``, ``dimensions`` and ``user``.
 
 Parameters not listed here pass upstream as they are; `gateway.inbound`
 has already refused NUL, lone surrogates, non-finite numbers and deep nesting
@@ -247,6 +250,8 @@ def check_params(data: Mapping[str, Any]) -> None:
         not _is_int(top_logprobs) or not 0 <= top_logprobs <= 20
     ):
         raise _fail("'top_logprobs' must be an integer from 0 to 20.", "top_logprobs")
+    if top_logprobs is not None and data.get("logprobs") is not True:
+        raise _fail("'top_logprobs' needs 'logprobs' set to true.", "top_logprobs")
     options = data.get("stream_options")
     if options is not None:
         options = _object(options, "stream_options")
@@ -289,3 +294,66 @@ def _check_stop(stop: Any) -> None:
         )
     for index, item in enumerate(stop):
         _string(item, f"stop[{index}]")
+
+
+# --- Embeddings -------------------------------------------------------------------
+
+# OpenAI's own bounds on one embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
+MAX_EMBEDDING_DIMENSIONS = 65536
+MAX_TOKEN_ID = 2**31 - 1
+ENCODING_FORMATS = frozenset({"float", "base64"})
+
+
+def check_embedding_input(value: Any) -> list[str | list[int]]:
+    """`input` as a list: a string, a list of strings, token ids or lists of them.
+
+    Each text is non-empty and each token list has ids in 0..2^31-1; there are
+    at most MAX_EMBEDDING_INPUTS. How long one input may be is the route's
+    window (the router), and the body size bounds the whole.
+    """
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, list) and value and all(_is_int(v) for v in value):
+        items = [value]
+    elif isinstance(value, list) and value:
+        items = value
+    else:
+        raise _fail(
+            "'input' must be a string, a list of strings or a list of token ids.",
+            "input",
+        )
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise _fail(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} items.", "input")
+    for index, item in enumerate(items):
+        path = f"input[{index}]" if items is value else "input"
+        if isinstance(item, str):
+            if not item:
+                raise _fail(f"'{path}' must not be empty.", path)
+        elif isinstance(item, list) and item:
+            if not all(_is_int(v) and 0 <= v <= MAX_TOKEN_ID for v in item):
+                raise _fail(f"'{path}' must hold token ids (integers >= 0).", path)
+        else:
+            raise _fail(
+                f"'{path}' must be a non-empty string or list of token ids.", path
+            )
+    return items
+
+
+def check_embedding_params(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The other parameters of an embeddings request, the ones passed upstream."""
+    params: dict[str, Any] = {}
+    encoding = data.get("encoding_format")
+    if encoding is not None:
+        if encoding not in ENCODING_FORMATS:
+            raise _fail("'encoding_format' must be float or base64.", "encoding_format")
+        params["encoding_format"] = encoding
+    dimensions = data.get("dimensions")
+    if dimensions is not None:
+        if not _is_int(dimensions) or not 1 <= dimensions <= MAX_EMBEDDING_DIMENSIONS:
+            raise _fail("'dimensions' must be a positive integer.", "dimensions")
+        params["dimensions"] = dimensions
+    user = data.get("user")
+    if user is not None:
+        params["user"] = _string(user, "user", max_chars=MAX_NAME_CHARS)
+    return params

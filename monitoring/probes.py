@@ -54,7 +54,7 @@ from gateway.client import (
     create_completion,
     health_check,
 )
-from gateway.models import Endpoint, EndpointStatus, ModelRoute, ProbeMode
+from gateway.models import Endpoint, EndpointStatus, ModelRoute, ProbeMode, RouteKind
 from gateway.signals import endpoint_status_changed
 from monitoring import conf
 from monitoring.conf import Thresholds
@@ -205,7 +205,10 @@ def _with_completion_models(targets: list[Target]) -> list[Target]:
         return targets
     first_route: dict[int, str] = {}
     routes = (
-        ModelRoute.objects.filter(endpoint_id__in=need, enabled=True)
+        # A completion probe needs a chat model.
+        ModelRoute.objects.filter(
+            endpoint_id__in=need, enabled=True, kind=RouteKind.CHAT
+        )
         .order_by("endpoint_id", "priority", "id")
         .values_list("endpoint_id", "upstream_model")
     )

@@ -285,8 +285,8 @@ async def test_unknown_model_names_are_not_kept(endpoints, policy):
     for name in ("nope-1", "nope-2"):
         await router.load_routes(name)
 
-    assert "nope-1" not in router._routes
-    assert "nope-2" not in router._routes
+    assert ("chat", "nope-1") not in router._routes
+    assert ("chat", "nope-2") not in router._routes
 
 
 async def test_usage_is_estimated_when_the_upstream_sends_none(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -17,6 +20,7 @@ import pytest
 from gateway.simulator import (
     Behaviour,
     SimulatedUpstream,
+    embedding_vector,
     generated_tokens,
     parse_directives,
 )
@@ -77,7 +81,7 @@ async def test_models_are_listed_in_openai_shape(client: httpx.AsyncClient) -> N
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == ["sim-small", "sim-large"]
+    assert [m["id"] for m in body["data"]] == ["sim-small", "sim-large", "sim-embed"]
     assert all(m["object"] == "model" for m in body["data"])
     assert all(m["owned_by"] == "simulator" for m in body["data"])
     assert all(isinstance(m["created"], int) for m in body["data"])
@@ -565,7 +569,7 @@ async def test_any_path_prefix_poses_as_its_own_endpoint(
 async def test_unknown_path_model_and_bad_json_get_openai_errors(
     client: httpx.AsyncClient,
 ) -> None:
-    unknown_path = await client.get("/embeddings")
+    unknown_path = await client.get("/images/generations")
     unknown_model = await client.post(
         "/chat/completions", json={**chat(), "model": "gpt-9"}
     )
@@ -736,3 +740,50 @@ def test_command_prints_its_url_serves_and_stops_on_sigterm() -> None:
     assert answer["choices"][0]["message"]["content"] == "from the command"
     assert process.returncode == 0
     assert "Stopped after 2 requests" in stderr
+
+
+# Embeddings
+
+
+async def test_embeddings_are_unit_vectors_that_depend_only_on_the_text(
+    client: httpx.AsyncClient,
+) -> None:
+    first = await client.post(
+        "/embeddings", json={"model": "sim-embed", "input": ["cat", "dog", "cat"]}
+    )
+    again = await client.post(
+        "/embeddings", json={"model": "sim-embed", "input": "cat"}
+    )
+
+    assert first.status_code == 200
+    vectors = [item["embedding"] for item in first.json()["data"]]
+    assert vectors[0] == vectors[2] == again.json()["data"][0]["embedding"]
+    assert vectors[0] != vectors[1]
+    assert len(vectors[0]) == 16
+    assert math.isclose(math.fsum(x * x for x in vectors[0]), 1.0, abs_tol=1e-4)
+    assert first.json()["usage"]["prompt_tokens"] == 3
+
+
+async def test_embeddings_honour_dimensions_base64_and_faults(
+    client: httpx.AsyncClient,
+) -> None:
+    packed = await client.post(
+        "/embeddings",
+        json={
+            "model": "sim-embed",
+            "input": [[1, 2, 3]],
+            "dimensions": 3,
+            "encoding_format": "base64",
+        },
+    )
+    failing = await client.post(
+        "/embeddings",
+        json={"model": "sim-embed", "input": "/sim fault=status status=503\nhi"},
+    )
+
+    raw = base64.b64decode(packed.json()["data"][0]["embedding"])
+    assert struct.unpack("<3f", raw) == pytest.approx(
+        embedding_vector("[1, 2, 3]", 3), abs=1e-6
+    )
+    assert packed.json()["usage"]["prompt_tokens"] == 3
+    assert failing.status_code == 503

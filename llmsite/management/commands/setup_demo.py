@@ -10,10 +10,13 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
 from gateway import transport_policy
-from gateway.models import Endpoint, ModelRoute
+from gateway.models import Endpoint, ModelRoute, RouteKind
 
 DEMO_MODEL = "demo-chat"
 DEMO_UPSTREAM_MODEL = "sim-small"
+# Embeddings, with the same primary/fallback pair (the simulator embeds too).
+DEMO_EMBED_MODEL = "demo-embed"
+DEMO_UPSTREAM_EMBED_MODEL = "sim-embed"
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"", "0", "false", "no", "off"}
 
@@ -93,8 +96,18 @@ class Command(BaseCommand):
                 endpoint=endpoint,
                 defaults={"upstream_model": DEMO_UPSTREAM_MODEL, "priority": priority},
             )
+            ModelRoute.objects.update_or_create(
+                model_name=DEMO_EMBED_MODEL,
+                endpoint=endpoint,
+                defaults={
+                    "kind": RouteKind.EMBEDDING,
+                    "upstream_model": DEMO_UPSTREAM_EMBED_MODEL,
+                    "priority": priority,
+                },
+            )
         self.stdout.write(
-            f"Demo model {DEMO_MODEL!r}: simulated upstreams on ports "
+            f"Demo models {DEMO_MODEL!r} and {DEMO_EMBED_MODEL!r} (embeddings): "
+            "simulated upstreams on ports "
             f"{primary_port} (primary) and {fallback_port} (fallback). To watch a "
             "fallback, send a message with the line "
             "'/sim prefix=/primary fault=status status=503'."
