@@ -126,6 +126,9 @@ class Generation:
         self.remote: set[str] = set()
         self.stop_reason: str | None = None
         self._rejected: service.Rejected | None = None
+        # What is left of the asker's rate limits once counted, by (scope,
+        # kind): the browser shows "N requests left this minute" when low.
+        self.rate_limits: dict[tuple[str, str], dict[str, Any]] = {}
         self._streaming = False
         self._grace: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
@@ -245,6 +248,7 @@ class Generation:
                     conversation_id=self.conversation_id,
                     request_id=self.request_id,
                     on_admitted=self._commit,
+                    on_limits=self._on_limits,
                 )
                 events = service.stream_chat(caller, self.model, self.history)
                 async with contextlib.aclosing(events):
@@ -289,6 +293,10 @@ class Generation:
         finally:
             self._streaming = False
         await self._finish(done, error)
+
+    def _on_limits(self, states: Any) -> None:
+        for state in states:
+            self.rate_limits[(state.scope, state.kind)] = state.to_dict()
 
     async def _commit(self) -> None:
         """The gateway admitted the request: store the turn, tell the sockets."""
@@ -428,6 +436,7 @@ class Generation:
         budget: dict[str, Any] = record_budget
         if done is not None:
             budget = {"budget_remaining": done.budget_remaining}
+        budget["rate_limits"] = list(self.rate_limits.values())
         if error is not None:
             frame = error.frame(conversation_id=conversation_id, answer=saved, **budget)
         else:
@@ -520,7 +529,11 @@ class Generation:
                 error = ChatError(
                     "internal_error", "Something went wrong on our side; try again."
                 )
-        extra: dict[str, Any] = {"request": self.turn.kind, "refused": True}
+        extra: dict[str, Any] = {
+            "request": self.turn.kind,
+            "refused": True,
+            "rate_limits": list(self.rate_limits.values()),
+        }
         if not self.turn.is_new_conversation:
             extra["conversation_id"] = self._cid
         text = encode(error.frame(**extra))

@@ -21,6 +21,7 @@ from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.generation import registry
 from chat.models import Conversation
+from gateway import limits
 from llmsite.pages import with_policy
 
 ERROR_STATUS = {"not_found": 404, "too_large": 400, "invalid": 400}
@@ -35,6 +36,10 @@ def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str
             "default_model": models[0] if models else None,
             "max_message_chars": chat_settings().max_message_chars,
             "budget": budget.remaining_today(request.user),
+            "rate_limits": [
+                state.to_dict()
+                for state in limits.caller_limit_states(request.user.pk, None)
+            ],
             "socket_path": "/ws/chat/",
             "urls": {
                 "page": "/chat/",

@@ -8,6 +8,8 @@ from urllib.parse import urlencode
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.handlers.asgi import ASGIRequest
 from django.core.paginator import Paginator
@@ -29,7 +31,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince, timeuntil
 from django.views.decorators.http import require_POST
 
-from gateway import client, connection_check, crypto, sanitize, usage_export
+from gateway import client, connection_check, crypto, limits, sanitize, usage_export
 from gateway.models import (
     ApiKey,
     Budget,
@@ -52,6 +54,23 @@ STATUS_COLOURS = {
     EndpointStatus.DISCONNECTED: "#cf222e",
     EndpointStatus.UNKNOWN: "#6e7781",
 }
+
+
+def _limits_row(row: UserLimits | ApiKey | None) -> tuple[int | None, int | None]:
+    return (None, None) if row is None else (row.rpm_limit, row.tpm_limit)
+
+
+def _user_limits_row(user: Any) -> UserLimits | None:
+    """A user's overrides, from select_related or one query; None when none."""
+    try:
+        return user.rate_limits
+    except UserLimits.DoesNotExist:
+        return None
+
+
+def rate_limits_text(rpm: limits.EffectiveLimit, tpm: limits.EffectiveLimit) -> str:
+    """ "requests/min: default (none) · tokens/min: 5,000, user override"."""
+    return f"requests/min: {rpm} · tokens/min: {tpm}"
 
 
 def status_badge(status: str, label: str) -> str:
@@ -613,12 +632,19 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "created_at",
         "last_used_at",
         "active",
+        "effective_limits",
     ]
     list_filter = ["revoked_at"]
-    list_select_related = ["user"]
+    # user__rate_limits: the owner's limits bind the key's requests too.
+    list_select_related = ["user", "user__rate_limits"]
     search_fields = ["name", "prefix", "user__username"]
     autocomplete_fields = ["user"]
-    readonly_fields = ["prefix_display", "created_at", "last_used_at"]
+    readonly_fields = [
+        "prefix_display",
+        "created_at",
+        "last_used_at",
+        "effective_limits",
+    ]
     actions = ["revoke"]
 
     def get_readonly_fields(
@@ -628,6 +654,17 @@ class ApiKeyAdmin(admin.ModelAdmin):
         # are that user's. Another user gets a key of their own.
         fields = list(super().get_readonly_fields(request, obj))
         return fields if obj is None else ["user", *fields]
+
+    @admin.display(description="Rate limits in effect")
+    def effective_limits(self, obj: ApiKey) -> str:
+        """The limits a request with this key meets: the key's, or its owner's."""
+        if obj.pk is None:
+            return "—"
+        owner = _user_limits_row(obj.user) if obj.user_id else None
+        rpm, tpm = limits.effective_limits(
+            _limits_row(owner), _limits_row(obj), through_key=True
+        )
+        return rate_limits_text(rpm, tpm)
 
     @admin.display(description="Key")
     def prefix_display(self, obj: ApiKey) -> str:
@@ -646,6 +683,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             "prefix_display",
             "rpm_limit",
             "tpm_limit",
+            "effective_limits",
             "created_at",
             "last_used_at",
             "revoked_at",
@@ -888,3 +926,40 @@ class UsageRollupAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+
+User = get_user_model()
+
+
+class RateLimitedUserAdmin(UserAdmin):
+    """Django's user admin, plus the rate limits that apply to the user."""
+
+    # Not "rate_limits": that is the user's UserLimits row, which the admin
+    # would show instead of this method.
+    readonly_fields = [*UserAdmin.readonly_fields, "rate_limits_in_effect"]
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None:
+            return fieldsets
+        return [*fieldsets, ("Rate limits", {"fields": ["rate_limits_in_effect"]})]
+
+    @admin.display(description="In effect")
+    def rate_limits_in_effect(self, obj: Any) -> str:
+        """The user's limits and where they come from, with where to change them."""
+        row = _user_limits_row(obj)
+        rpm, tpm = limits.effective_limits(_limits_row(row))
+        if row is None:
+            url = reverse("admin:gateway_userlimits_add") + f"?user={obj.pk}"
+            action = "set limits for this user"
+        else:
+            url = reverse("admin:gateway_userlimits_change", args=[row.pk])
+            action = "change"
+        return format_html(
+            '{} (<a href="{}">{}</a>)', rate_limits_text(rpm, tpm), url, action
+        )
+
+
+if admin.site.is_registered(User):
+    admin.site.unregister(User)
+admin.site.register(User, RateLimitedUserAdmin)

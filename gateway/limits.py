@@ -141,6 +141,67 @@ def _forget_caller_limits(**kwargs: Any) -> None:
     _caller_limits.clear()
 
 
+@dataclass(frozen=True, slots=True)
+class EffectiveLimit:
+    """One per-minute limit as it applies, and where it comes from, for the admin."""
+
+    per_minute: int  # 0: none
+    # "default", "user override" or "key override".
+    source: str
+
+    def __str__(self) -> str:
+        if self.source == "default":
+            value = f"{self.per_minute:,}" if self.per_minute else "none"
+            return f"default ({value})"
+        value = f"{self.per_minute:,}" if self.per_minute else "no limit"
+        return f"{value}, {self.source}"
+
+
+def _tightest(*candidates: EffectiveLimit) -> EffectiveLimit:
+    """The limit that binds first among those that apply together (0: none)."""
+    set_ = [c for c in candidates if c.per_minute]
+    if set_:
+        return min(set_, key=lambda c: c.per_minute)
+    # None limits: say why (an override to none beats "the default is none").
+    overridden = [c for c in candidates if c.source != "default"]
+    return (overridden or list(candidates))[0]
+
+
+def effective_limits(
+    user_row: tuple[int | None, int | None] | None,
+    key_row: tuple[int | None, int | None] | None = None,
+    *,
+    through_key: bool = False,
+) -> tuple[EffectiveLimit, EffectiveLimit]:
+    """The requests and tokens per minute that bind a user, or one of their keys.
+
+    `user_row` and `key_row` are the (rpm_limit, tpm_limit) overrides, None
+    where there are none. A key's requests count against the key's limits and
+    its owner's together, so the tighter of both binds; `caller_limits` is the
+    same rule at request time.
+    """
+    defaults = (settings.RATE_LIMIT_RPM, settings.RATE_LIMIT_TPM)
+    found = []
+    for index, default in enumerate(defaults):
+        user_value = None if user_row is None else user_row[index]
+        user = (
+            EffectiveLimit(default, "default")
+            if user_value is None
+            else EffectiveLimit(user_value, "user override")
+        )
+        if not through_key:
+            found.append(user)
+            continue
+        key_value = None if key_row is None else key_row[index]
+        key = (
+            EffectiveLimit(default, "default")
+            if key_value is None
+            else EffectiveLimit(key_value, "key override")
+        )
+        found.append(_tightest(key, user))
+    return found[0], found[1]
+
+
 # --- Counters -----------------------------------------------------------------
 
 
@@ -189,18 +250,36 @@ class Decision:
 
     @property
     def message(self) -> str:
-        """A sentence for the person or program that was refused."""
+        """A sentence for the person or program that was refused: whose limit, when.
+
+        "Your limit of 5 requests per minute is used up; it resets in 23 s."
+        """
         if self.allowed or self.limit is None:
             return ""
         limit = self.limit
-        allowance = f"{limit.per_minute:,} {limit.unit} per minute for {limit.holder}"
+        allowance = f"limit of {_amount(limit.per_minute, limit.unit)} per minute"
         if self.retry_after is None:
             return (
-                f"This request needs {limit.cost:,} {limit.unit}, more than the "
-                f"limit of {allowance}."
+                f"This request needs {_amount(limit.cost, limit.unit)}, more than "
+                f"{_whose(limit, start=False)} {allowance}."
             )
         wait = max(1, math.ceil(self.retry_after))
-        return f"Rate limit reached: {allowance}. Try again in {wait} s."
+        return f"{_whose(limit)} {allowance} is used up; it resets in {wait} s."
+
+
+def _amount(count: int, unit: str) -> str:
+    """ "1 request", "5 requests", "1,000 tokens"."""
+    return f"{count:,} {unit.removesuffix('s') if count == 1 else unit}"
+
+
+def _whose(limit: Limit, *, start: bool = True) -> str:
+    """Whose limit it is, as a possessive: "Your", "This API key's", "demo's"."""
+    if limit.scope == "user":
+        return "Your" if start else "your"
+    if limit.scope == "key":
+        return "This API key's" if start else "this API key's"
+    # An endpoint's name is written as its admin wrote it.
+    return f"{limit.holder}'s"
 
 
 ALLOWED = Decision(allowed=True)
@@ -222,6 +301,16 @@ class LimitState:
     limit: int  # per minute
     remaining: int  # never negative
     resets_in: float  # seconds, never negative
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the chat's frames and page."""
+        return {
+            "scope": self.scope,
+            "kind": self.kind,
+            "limit": self.limit,
+            "remaining": self.remaining,
+            "resets_in": round(self.resets_in, 1),
+        }
 
 
 # Float noise allowed when a counter is compared with the window: timestamps
@@ -589,7 +678,7 @@ async def settle_caller(
 def endpoint_limits(endpoint: Any, tokens: int) -> list[Limit]:
     """The counters of an endpoint (anything with id, name, rpm_limit, tpm_limit)."""
     found = []
-    holder = f"endpoint {endpoint.name}"
+    holder = str(endpoint.name)
     if endpoint.rpm_limit:
         found.append(
             Limit(

@@ -27,6 +27,16 @@ class EndpointStatus(models.TextChoices):
     DISCONNECTED = "disconnected", "Disconnected"
 
 
+def default_endpoint_rpm_limit() -> int | None:
+    """A new endpoint's requests per minute: ENDPOINT_RPM_LIMIT (None: no limit)."""
+    return settings.ENDPOINT_RPM_LIMIT or None
+
+
+def default_endpoint_tpm_limit() -> int | None:
+    """A new endpoint's tokens per minute: ENDPOINT_TPM_LIMIT (None: no limit)."""
+    return settings.ENDPOINT_TPM_LIMIT or None
+
+
 class ProbeMode(models.TextChoices):
     MODELS = "models", "List models (free)"
     COMPLETION = "completion", "One-token completion (costs a request)"
@@ -139,11 +149,20 @@ class Endpoint(models.Model):
     backoff_multiplier = models.FloatField(
         default=2.0, validators=[MinValueValidator(0)]
     )
+    # The upstream's own limits: a new endpoint starts with the settings'.
     rpm_limit = models.PositiveIntegerField(
-        "requests per minute", null=True, blank=True, help_text="Empty: no limit."
+        "requests per minute",
+        null=True,
+        blank=True,
+        default=default_endpoint_rpm_limit,
+        help_text="The upstream's limit. Empty: no limit.",
     )
     tpm_limit = models.PositiveIntegerField(
-        "tokens per minute", null=True, blank=True, help_text="Empty: no limit."
+        "tokens per minute",
+        null=True,
+        blank=True,
+        default=default_endpoint_tpm_limit,
+        help_text="The upstream's limit. Empty: no limit.",
     )
     failure_threshold = models.PositiveSmallIntegerField(
         default=3,

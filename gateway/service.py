@@ -330,6 +330,9 @@ class _Request:
         self.last_admitted = 0
         self.endpoint_budgets_held: set[int] = set()
         self.endpoint_charges: dict[int, int] = {}
+        # Endpoints skipped at their own rate limit, by id: when every route
+        # was, the refusal says whose limit and when it resets.
+        self.endpoint_refusals: dict[int | None, limits.Decision] = {}
         self.pending: list[asyncio.Task[Reservation]] = []
         self.charged_tokens = 0
         self.finished = False
@@ -461,7 +464,9 @@ class _Request:
         Raises _Refused (through the router) when the caller's own tokens per
         minute or budget refuse; returns False to skip a saturated endpoint.
         """
-        if not limits.check_endpoint(config, tokens).allowed:
+        decision = limits.check_endpoint(config, tokens)
+        if not decision.allowed:
+            self.endpoint_refusals[config.id] = decision
             return False
         try:
             if not self.admitted:
@@ -689,13 +694,43 @@ class _Request:
         code, status = _classify(error)
         retry_after = getattr(error, "retry_after", None)
         info = ErrorInfo(code, _error_message(error), retry_after)
-        record = await self.finish(status, result, info, type(error).__name__)
+        error_type = type(error).__name__
+        if (limited := self.endpoints_rate_limited(error, result.hops)) is not None:
+            # Nothing went upstream: a refusal, like the caller's own limits.
+            info, status = limited, UsageStatus.REJECTED
+            code, retry_after = RejectCode.RATE_LIMITED, limited.retry_after
+            error_type = code.value
+        record = await self.finish(status, result, info, error_type)
         return Rejected(
             code,
             info.message,
             retry_after=retry_after,
             request_id=self.request_id,
             record=record,
+        )
+
+    def endpoints_rate_limited(
+        self, error: BaseException, hops: Sequence[router.Hop]
+    ) -> ErrorInfo | None:
+        """When every route was skipped at its endpoint's rate limit: which, until when.
+
+        The router counts that as "unavailable" with a generic wait; the
+        limits themselves know when each one has room again.
+        """
+        if not (
+            isinstance(error, AllEndpointsUnavailable)
+            and hops
+            and self.endpoint_refusals
+            and all(hop.reason == "rate_limited_locally" for hop in hops)
+        ):
+            return None
+        refusals = list(self.endpoint_refusals.values())
+        waits = [d.retry_after for d in refusals if d.retry_after is not None]
+        reasons = "; ".join(d.message.rstrip(".") for d in refusals)
+        return ErrorInfo(
+            RejectCode.RATE_LIMITED,
+            f"Every endpoint for {self.model_name!r} is at its rate limit: {reasons}.",
+            min(waits) if waits else None,
         )
 
     async def done(self, result: RouterResult, *, plain: bool = False) -> Done:

@@ -361,9 +361,21 @@ if not CONTEXT_TARGET_RATIO < CONTEXT_COMPRESS_RATIO:
         "CONTEXT_TARGET_RATIO must be below CONTEXT_COMPRESS_RATIO"
     )
 
-# Default per-user and per-key rate limits (overridable per user and per key).
-RATE_LIMIT_RPM = _env_int("RATE_LIMIT_RPM", 5)
-RATE_LIMIT_TPM = _env_int("RATE_LIMIT_TPM", 0)  # 0: no token limit
+# Per-user and per-key rate limits, off by default: the limits that matter are
+# the upstream's own, kept per endpoint. An admin who wants them sets these
+# (for everyone) or sets them per user and per key. 0: no limit.
+RATE_LIMIT_RPM = _env_int("RATE_LIMIT_RPM", 0)
+RATE_LIMIT_TPM = _env_int("RATE_LIMIT_TPM", 0)
+# The requests and tokens per minute a new endpoint starts with (its
+# upstream's limits); each endpoint can change its own. Unset or 0: none.
+ENDPOINT_RPM_LIMIT = _env_int("ENDPOINT_RPM_LIMIT", 0) or None
+ENDPOINT_TPM_LIMIT = _env_int("ENDPOINT_TPM_LIMIT", 0) or None
+for _name in ("RATE_LIMIT_RPM", "RATE_LIMIT_TPM"):
+    if globals()[_name] < 0:
+        raise ImproperlyConfigured(f"{_name} must be 0 (no limit) or more")
+for _name in ("ENDPOINT_RPM_LIMIT", "ENDPOINT_TPM_LIMIT"):
+    if (globals()[_name] or 0) < 0:
+        raise ImproperlyConfigured(f"{_name} must be 0 (no limit) or more")
 # The cache alias that holds rate-limit counters.
 RATE_LIMIT_CACHE = env.str("RATE_LIMIT_CACHE", default="default")
 # Per-process cache of user/key limits and budget lists; saves clear it at once.

@@ -8,6 +8,7 @@ and an answer survives its socket: a reconnect or a second tab sees it.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from typing import Any
 
@@ -388,7 +389,8 @@ async def test_a_refused_send_stores_nothing_but_its_usage_record(
     settings.RATE_LIMIT_RPM = 1
     tab = await connect(alice)
     await send(tab)
-    conversation_id = (await frames_until(tab, "done"))[0]["conversation_id"]
+    done = (await frames_until(tab, "done"))[-1]
+    conversation_id = done["conversation_id"]
 
     await send(tab, "Once more", conversation_id=conversation_id)
     frames = await frames_until(tab, "error")
@@ -397,6 +399,19 @@ async def test_a_refused_send_stores_nothing_but_its_usage_record(
     assert [f["type"] for f in frames] == ["error"]
     assert error["code"] == "rate_limited"
     assert error["retry_after"] > 0
+    # Whose limit, when it resets, and what is left: for the page's note.
+    assert re.fullmatch(
+        r"Your limit of 1 request per minute is used up; it resets in (59|60) s\. "
+        r"Nothing was sent; your text is still here\.",
+        error["message"],
+    )
+    (requests,) = [s for s in done["rate_limits"] if s["kind"] == "requests"]
+    assert (requests["scope"], requests["limit"], requests["remaining"]) == (
+        "user",
+        1,
+        0,
+    )
+    assert error["rate_limits"][0]["remaining"] == 0
     assert (error["request"], error["refused"]) == ("send", True)
     assert "your text is still here" in error["message"]
     assert "answer" not in error

@@ -319,3 +319,58 @@ def test_a_usage_record_page_shows_its_trail_as_a_table(admin_client, endpoint):
     assert "<td>13 ms</td><td>241 ms</td>" in rows
     assert "&lt;b&gt;backup&lt;/b&gt;" in rows
     assert "&quot;duration_ms&quot;" not in text
+
+
+# --- Rate limits in effect --------------------------------------------------------
+
+
+def test_a_users_page_shows_their_rate_limits_read_only(admin_client, owner, settings):
+    from gateway.models import UserLimits
+
+    settings.RATE_LIMIT_RPM = 0
+    url = reverse("admin:auth_user_change", args=[owner.pk])
+
+    before = admin_client.get(url).content.decode()
+    UserLimits.objects.create(user=owner, rpm_limit=12)
+    after = admin_client.get(url).content.decode()
+
+    assert "requests/min: default (none) · tokens/min: default (none)" in before
+    assert 'name="rate_limits_in_effect"' not in before
+    assert "requests/min: 12, user override · tokens/min: default (none)" in after
+
+
+def test_the_key_list_and_page_show_effective_limits_and_their_source(
+    admin_client, owner, settings, django_assert_max_num_queries
+):
+    from gateway.models import UserLimits
+
+    settings.RATE_LIMIT_RPM = 0
+    plain, _ = ApiKey.generate(owner, "plain")
+    limited, _ = ApiKey.generate(owner, "limited")
+    limited.rpm_limit, limited.tpm_limit = 3, 900
+    limited.save()
+    UserLimits.objects.create(user=owner, tpm_limit=500)
+
+    listing = admin_client.get(reverse("admin:gateway_apikey_changelist"))
+    page = admin_client.get(reverse("admin:gateway_apikey_change", args=[plain.pk]))
+
+    text = listing.content.decode()
+    assert "requests/min: default (none) · tokens/min: 500, user override" in text
+    assert "requests/min: 3, key override · tokens/min: 500, user override" in text
+    assert (
+        "requests/min: default (none) · tokens/min: 500, user override"
+        in page.content.decode()
+    )
+    # The owner's limits come with the list's one query, not one per row.
+    for number in range(5):
+        ApiKey.generate(owner, f"more-{number}")
+    with django_assert_max_num_queries(8):
+        admin_client.get(reverse("admin:gateway_apikey_changelist"))
+
+
+def test_a_new_endpoint_form_starts_with_the_settings_limits(admin_client, settings):
+    settings.ENDPOINT_RPM_LIMIT = 5
+
+    form = admin_client.get(reverse("admin:gateway_endpoint_add")).content.decode()
+
+    assert re.search(r'name="rpm_limit"[^>]*value="5"', form)

@@ -69,7 +69,7 @@ async def test_a_user_gets_five_requests_a_minute_then_a_retry_after(db, owner, 
     # A minute's allowance spread evenly: the next slot opens in 60 / 5 s.
     assert refused.retry_after == pytest.approx(12.0)
     assert refused.message == (
-        "Rate limit reached: 5 requests per minute for your account. Try again in 12 s."
+        "Your limit of 5 requests per minute is used up; it resets in 12 s."
     )
 
 
@@ -138,7 +138,9 @@ def test_tokens_per_minute_refuse_until_the_tokens_have_drained(
     assert not decision.allowed
     # 1,200 tokens need 72 s of a 1,000-per-minute allowance: 12 s past the minute.
     assert decision.retry_after == pytest.approx(12.0)
-    assert "1,000 tokens per minute for your account" in decision.message
+    assert decision.message == (
+        "Your limit of 1,000 tokens per minute is used up; it resets in 12 s."
+    )
 
 
 @pytest.mark.django_db
@@ -154,8 +156,8 @@ def test_a_request_larger_than_the_whole_allowance_is_told_so(owner, frozen, set
 
     assert decision.retry_after is None
     assert decision.message == (
-        "This request needs 1,500 tokens, more than the limit of 1,000 tokens "
-        "per minute for your account."
+        "This request needs 1,500 tokens, more than your limit of 1,000 tokens "
+        "per minute."
     )
 
 
@@ -436,3 +438,110 @@ def test_a_request_that_fits_exactly_is_not_refused_by_rounding(backend, owner, 
 
     assert admitted(owner.pk, times=8) == 7
     assert limits.caller_limit_states(owner.pk, None)[0].remaining == 0
+
+
+# --- Defaults: the upstream's limits are per endpoint -------------------------
+
+
+def test_out_of_the_box_no_user_or_key_limit_and_no_endpoint_limit():
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RATE_LIMIT_", "ENDPOINT_"))
+    }
+    script = (
+        "import llmsite.settings as s; "
+        "print(s.RATE_LIMIT_RPM, s.RATE_LIMIT_TPM, "
+        "s.ENDPOINT_RPM_LIMIT, s.ENDPOINT_TPM_LIMIT)"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environment,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+
+    assert shown == ["0", "0", "None", "None"]
+
+
+@pytest.mark.django_db
+def test_with_no_limits_set_a_user_is_never_refused(owner, frozen, settings):
+    settings.RATE_LIMIT_RPM = 0
+    limits._caller_limits.clear()
+
+    assert admitted(owner.pk, times=100) == 100
+    assert limits.caller_limit_states(owner.pk, None) == []
+
+
+@pytest.mark.django_db
+def test_a_new_endpoint_takes_the_upstream_limits_from_the_settings(settings):
+    from gateway.models import Endpoint
+
+    settings.ENDPOINT_RPM_LIMIT = 5
+    settings.ENDPOINT_TPM_LIMIT = 40_000
+    limited = Endpoint.objects.create(name="a", base_url="https://a.test/v1")
+    chosen = Endpoint.objects.create(
+        name="b", base_url="https://b.test/v1", rpm_limit=None, tpm_limit=100
+    )
+    settings.ENDPOINT_RPM_LIMIT = settings.ENDPOINT_TPM_LIMIT = None
+    unlimited = Endpoint.objects.create(name="c", base_url="https://c.test/v1")
+
+    assert (limited.rpm_limit, limited.tpm_limit) == (5, 40_000)
+    assert (chosen.rpm_limit, chosen.tpm_limit) == (None, 100)
+    assert (unlimited.rpm_limit, unlimited.tpm_limit) == (None, None)
+    # Changing the setting later leaves existing endpoints as they are.
+    limited.refresh_from_db()
+    assert limited.rpm_limit == 5
+
+
+def test_an_endpoint_refusal_names_the_endpoint(frozen):
+    endpoint = FakeEndpoint(id=9, name="demo-primary", rpm_limit=5)
+    for _ in range(5):
+        limits.check_endpoint(endpoint, 10)
+
+    refused = limits.check_endpoint(endpoint, 10)
+
+    assert refused.message == (
+        "demo-primary's limit of 5 requests per minute is used up; it resets in 12 s."
+    )
+
+
+@pytest.mark.django_db
+def test_a_key_refusal_says_it_is_the_keys_limit(owner, frozen):
+    key, _ = ApiKey.generate(owner, "ci")
+    key.rpm_limit = 1
+    key.save()
+    policy = limits.caller_limits(None, key.pk)
+    limits.acquire(limits.caller_request_limits(None, key.pk, policy))
+
+    refused = limits.acquire(limits.caller_request_limits(None, key.pk, policy))
+
+    assert refused.message == (
+        "This API key's limit of 1 request per minute is used up; it resets in 60 s."
+    )
+
+
+@pytest.mark.parametrize(
+    ("defaults", "user_row", "key_row", "through_key", "shown"),
+    [
+        ((0, 0), None, None, False, ("default (none)", "default (none)")),
+        ((5, 0), None, None, False, ("default (5)", "default (none)")),
+        ((0, 0), (7, None), None, False, ("7, user override", "default (none)")),
+        ((5, 0), (0, None), None, False, ("no limit, user override", "default (none)")),
+        ((0, 0), None, None, True, ("default (none)", "default (none)")),
+        ((0, 0), None, (3, 900), True, ("3, key override", "900, key override")),
+        # The owner's limit binds a key's requests when it is the tighter one.
+        ((0, 0), (2, None), (3, None), True, ("2, user override", "default (none)")),
+        ((10, 0), (None, None), (4, None), True, ("4, key override", "default (none)")),
+    ],
+)
+def test_effective_limits_say_where_they_come_from(
+    settings, defaults, user_row, key_row, through_key, shown
+):
+    settings.RATE_LIMIT_RPM, settings.RATE_LIMIT_TPM = defaults
+
+    rpm, tpm = limits.effective_limits(user_row, key_row, through_key=through_key)
+
+    assert (str(rpm), str(tpm)) == shown

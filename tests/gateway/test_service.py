@@ -226,7 +226,9 @@ async def test_a_rate_limited_request_is_rejected_with_a_record(
     assert refused.value.code == "rate_limited"
     assert refused.value.http_status == 429
     assert refused.value.retry_after == pytest.approx(60)
-    assert "1 requests per minute for your account" in refused.value.message
+    assert refused.value.message == (
+        "Your limit of 1 request per minute is used up; it resets in 60 s."
+    )
     first, second = await records()
     assert (first.status, second.status) == ("ok", "rejected")
     assert second.pk == await refused.value.recorded()
@@ -428,6 +430,34 @@ async def test_an_endpoint_over_its_own_rpm_is_skipped_not_failed(owner, db, ups
     assert second[-1].endpoint == "backup"
     (hop,) = [e.hop for e in second if isinstance(e, Fallback)]
     assert hop.reason == "rate_limited_locally"
+
+
+async def test_every_endpoint_at_its_rate_limit_says_whose_and_when_it_resets(
+    owner, db, upstream
+):
+    await sync_to_async(make_route)("primary", priority=10, rpm_limit=1)
+    await sync_to_async(make_route)("backup", priority=20, rpm_limit=2)
+
+    with time_machine.travel("2026-03-04 12:00:00+00:00", tick=False) as clock:
+        for _ in range(3):
+            await collect(Caller(owner.pk))
+        clock.shift(10)
+        with pytest.raises(Rejected) as refused:
+            # A question never answered: no degraded-mode answer to fall back on.
+            await collect(Caller(owner.pk), messages=[{"role": "user", "content": "?"}])
+
+    assert refused.value.code == "rate_limited"
+    assert refused.value.http_status == 429
+    # backup's second slot of two per minute opens first: 30 s after 12:00:00.
+    assert refused.value.retry_after == pytest.approx(20)
+    assert refused.value.message == (
+        "Every endpoint for 'chat-model' is at its rate limit: primary's limit of "
+        "1 request per minute is used up; it resets in 50 s; backup's limit of "
+        "2 requests per minute is used up; it resets in 20 s."
+    )
+    record = (await records())[-1]
+    assert (record.status, record.error_type) == ("rejected", "rate_limited")
+    assert len(upstream.requests) == 3
 
 
 async def test_an_endpoint_budget_is_charged_only_for_what_it_served(

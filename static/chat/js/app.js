@@ -28,6 +28,7 @@ const ui = {
   status: $("status"),
   gauge: $("gauge"),
   budget: $("budget"),
+  rateLimit: $("rate-limit"),
   charCount: $("char-count"),
   openSidebar: $("open-sidebar"),
   closeSidebar: $("close-sidebar"),
@@ -161,6 +162,31 @@ function applyBudget(frame) {
   }
   state.budget = budget;
   showBudget(budget);
+}
+
+// A per-minute limit shows only once it is near: a note to slow down, not a meter.
+function nearLimit(states, kind) {
+  const near = (states || []).filter(
+    (s) => s.kind === kind && (s.remaining <= 2 || s.remaining <= s.limit * 0.2),
+  );
+  return near.length ? near.reduce((a, b) => (b.remaining < a.remaining ? b : a)) : null;
+}
+
+function showRateLimits(states) {
+  const requests = nearLimit(states, "requests");
+  const tokens = nearLimit(states, "tokens");
+  const parts = [];
+  if (requests) {
+    const noun = requests.remaining === 1 ? "request" : "requests";
+    parts.push(`${formatNumber(requests.remaining)} ${noun} left this minute`);
+  }
+  if (tokens) parts.push(`${formatNumber(tokens.remaining)} tokens left this minute`);
+  ui.rateLimit.textContent = parts.join(" · ");
+  ui.rateLimit.hidden = parts.length === 0;
+}
+
+function applyRateLimits(frame) {
+  if (Array.isArray(frame.rate_limits)) showRateLimits(frame.rate_limits);
 }
 
 function showContext(status) {
@@ -527,10 +553,12 @@ const handlers = {
   done(frame) {
     finishAnswer(frame);
     applyBudget(frame);
+    applyRateLimits(frame);
     announce(frame.stopped ? "Answer stopped." : "Answer finished.");
   },
 
   error(frame) {
+    applyRateLimits(frame);
     if (frame.conversation_id && frame.answer !== undefined) {
       // The end of an answer that failed: it is stored with its error.
       finishAnswer(frame);
@@ -747,6 +775,7 @@ window.addEventListener("popstate", () => {
 
 setupModels();
 showBudget(config.budget);
+showRateLimits(config.rate_limits);
 setTitle("");
 if (state.conversationId) {
   sidebar.select(state.conversationId);
