@@ -379,16 +379,23 @@ class _Request:
         budgets: Sequence[accounting.BudgetRef],
         tokens: int,
         minimum: int | None = None,
+        *,
+        shrink: bool = True,
     ) -> Reservation:
         """Reserve so that a cancellation cannot lose a reservation once made.
 
-        With `minimum`, as much of `tokens` as the budgets have left, down to it.
+        With `minimum`, as much of `tokens` as the budgets have left, down to
+        it (see `accounting.reserve`).
         """
         if not budgets:
             return Reservation(tokens)
         task = asyncio.ensure_future(
             accounting.areserve(
-                budgets, tokens, request=self.hold_request(), minimum=minimum
+                budgets,
+                tokens,
+                request=self.hold_request(),
+                minimum=minimum,
+                shrink=shrink,
             )
         )
         self.pending.append(task)
@@ -461,7 +468,10 @@ class _Request:
                 # reservation: settle them first, so as not to shorten the
                 # answer (or refuse it) for tokens that are free already.
                 try:
-                    granted = (await self._reserve(self.budgets, tokens)).tokens
+                    reservation = await self._reserve(
+                        self.budgets, tokens, minimum, shrink=False
+                    )
+                    granted = reservation.tokens
                 except BudgetExhausted:
                     await accounting.flush()
                     granted = (

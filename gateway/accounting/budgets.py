@@ -493,27 +493,29 @@ def reserve(
     request: HoldRequest | None = None,
     *,
     minimum: int | None = None,
+    shrink: bool = True,
 ) -> Reservation:
     """Reserve `tokens` on every budget, or on none and raise BudgetExhausted.
 
     With `minimum`, a request that does not fit whole reserves what every
     budget has left instead, down to `minimum`; `Reservation.tokens` says how
-    much it got. With `request`, each hold is also recorded as a BudgetHold
-    row in the same transaction, for the sweeper should this process die
-    before settling.
+    much it got. `shrink=False` tries the whole only, but a budget is still
+    marked exhausted only when not even `minimum` fits. With `request`, each
+    hold is also recorded as a BudgetHold row in the same transaction, for
+    the sweeper should this process die before settling.
     """
     if not budgets:
         return Reservation(tokens)
     now = now or timezone.now()
     floor = tokens if minimum is None else max(0, min(minimum, tokens))
-    amount = tokens
-    for attempt in range(1, SHRINK_ATTEMPTS + 1):
+    amount, attempt = tokens, 1
+    while True:
         try:
             return _reserve_all(budgets, amount, now, request)
         except _NoRoom as refusal:
             room = refusal.room
-            if floor <= room < amount and attempt < SHRINK_ATTEMPTS:
-                amount = room
+            if shrink and floor <= room < amount and attempt < SHRINK_ATTEMPTS:
+                amount, attempt = room, attempt + 1
                 continue
             budget, used = refusal.budget, refusal.used
             assert budget.token_limit is not None
@@ -528,7 +530,6 @@ def reserve(
                 now=now,
                 at_least=floor < tokens,
             ) from None
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _NoRoom(Exception):
@@ -593,9 +594,10 @@ def _reserve_fresh(
     now: datetime | None,
     request: HoldRequest | None,
     minimum: int | None,
+    shrink: bool,
 ) -> Reservation:
     try:
-        return reserve(budgets, tokens, now, request, minimum=minimum)
+        return reserve(budgets, tokens, now, request, minimum=minimum, shrink=shrink)
     except IntegrityError:
         # A budget deleted since this process cached it.
         forget_budgets()
@@ -609,11 +611,14 @@ async def areserve(
     request: HoldRequest | None = None,
     *,
     minimum: int | None = None,
+    shrink: bool = True,
 ) -> Reservation:
     """`reserve` from async code; no thread hop when no budget applies."""
     if not budgets:
         return Reservation(tokens)
-    return await sync_to_async(_reserve_fresh)(budgets, tokens, now, request, minimum)
+    return await sync_to_async(_reserve_fresh)(
+        budgets, tokens, now, request, minimum, shrink
+    )
 
 
 def release(reservation: Reservation) -> None:

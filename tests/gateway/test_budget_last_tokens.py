@@ -262,3 +262,16 @@ async def test_a_budget_created_for_someone_else_starts_at_zero(
     await user_budget(other_user, 1000)
 
     assert not await BudgetCounter.objects.aexists()
+
+
+def test_a_whole_only_try_does_not_mark_a_budget_with_room_exhausted(owner):
+    budget = Budget.objects.create(scope=BudgetScope.USER, user=owner, token_limit=70)
+    refs = [budget_ref(budget)]
+
+    with pytest.raises(BudgetExhausted):
+        accounting.reserve(refs, 100, minimum=30, shrink=False)
+    assert BudgetCounter.objects.get().exhausted_at is None
+
+    with pytest.raises(BudgetExhausted):
+        accounting.reserve(refs, 100)
+    assert BudgetCounter.objects.get().exhausted_at is not None
