@@ -14,6 +14,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.handlers.asgi import ASGIRequest
 from django.core.paginator import Paginator
 from django.db import IntegrityError, connections, transaction
+from django.db.models import Case, DateTimeField, OuterRef, Subquery, Value, When
 from django.http import (
     Http404,
     HttpRequest,
@@ -32,10 +33,13 @@ from django.utils.timesince import timesince, timeuntil
 from django.views.decorators.http import require_POST
 
 from gateway import client, connection_check, crypto, limits, sanitize, usage_export
+from gateway.accounting.budgets import format_reset, period_bounds
 from gateway.models import (
     ApiKey,
     Budget,
     BudgetCounter,
+    BudgetPeriod,
+    BudgetScope,
     Endpoint,
     EndpointStatus,
     ModelRoute,
@@ -599,13 +603,94 @@ class BudgetCounterInline(admin.TabularInline):
     ordering = ["-period_start"]
 
 
+# Each scope as a sentence names its budgets.
+_BUDGET_KINDS = {
+    BudgetScope.GLOBAL: "a global budget",
+    BudgetScope.USER: "a user budget",
+    BudgetScope.API_KEY: "an API key budget",
+    BudgetScope.ENDPOINT: "an endpoint budget",
+}
+# The field that names each scope's target, and how a sentence names it.
+_BUDGET_TARGETS = {
+    BudgetScope.USER: ("user", "a user"),
+    BudgetScope.API_KEY: ("api_key", "an API key"),
+    BudgetScope.ENDPOINT: ("endpoint", "an endpoint"),
+}
+
+
+class BudgetForm(forms.ModelForm):
+    """Scope and target checked field by field, in sentences.
+
+    The model's constraints would say the same as `Constraint "..." is
+    violated.`; an error on a field makes the form skip the constraint.
+    """
+
+    class Meta:
+        model = Budget
+        fields = [
+            "name",
+            "scope",
+            "user",
+            "api_key",
+            "endpoint",
+            "period",
+            "token_limit",
+            "warning_percent",
+            "enabled",
+        ]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        scope = cleaned.get("scope")
+        if not scope:
+            return cleaned
+        kind = _BUDGET_KINDS[BudgetScope(scope)]
+        for target_scope, (name, article) in _BUDGET_TARGETS.items():
+            if name not in self.fields:
+                continue
+            given = cleaned.get(name) is not None
+            if target_scope == scope and not given:
+                self.add_error(name, f"{kind.capitalize()} needs {article}.")
+            elif target_scope != scope and given:
+                self.add_error(
+                    name,
+                    f"{kind.capitalize()} is not for {article}: clear this "
+                    "field or change the scope.",
+                )
+        if not self.errors and cleaned.get("period"):
+            self._check_one_per_period(scope, kind, cleaned)
+        return cleaned
+
+    def _check_one_per_period(
+        self, scope: str, kind: str, cleaned: dict[str, Any]
+    ) -> None:
+        period = cleaned["period"]
+        target = _BUDGET_TARGETS.get(scope)
+        same = Budget.objects.filter(scope=scope, period=period)
+        if target is not None:
+            same = same.filter(**{target[0]: cleaned.get(target[0])})
+        if self.instance.pk is not None:
+            same = same.exclude(pk=self.instance.pk)
+        if same.exists():
+            whose = "There is" if target is None else "Its target has"
+            self.add_error(
+                "period",
+                f"{whose} already {kind} for this period ({period}); "
+                "change that one instead.",
+            )
+
+
 @admin.register(Budget)
 class BudgetAdmin(admin.ModelAdmin):
+    form = BudgetForm
     list_display = [
         "__str__",
         "scope",
         "period",
         "token_limit",
+        "used_display",
+        "left_display",
+        "resets_display",
         "warning_percent",
         "enabled",
     ]
@@ -614,6 +699,46 @@ class BudgetAdmin(admin.ModelAdmin):
     search_fields = ["name", "user__username", "api_key__name", "endpoint__name"]
     autocomplete_fields = ["user", "api_key", "endpoint"]
     inlines = [BudgetCounterInline]
+
+    def get_queryset(self, request: HttpRequest) -> Any:
+        # This period's counter of each budget, in the list's own query.
+        now = timezone.now()
+        start = Case(
+            *(
+                When(period=period, then=Value(period_bounds(period, now)[0]))
+                for period in BudgetPeriod.values
+            ),
+            output_field=DateTimeField(),
+        )
+        counter = BudgetCounter.objects.filter(
+            budget_id=OuterRef("pk"), period_start=OuterRef("current_start")
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(current_start=start)
+            .annotate(
+                period_used=Subquery(counter.values("used_tokens")[:1]),
+                period_reserved=Subquery(counter.values("reserved_tokens")[:1]),
+            )
+        )
+
+    @admin.display(description="used")
+    def used_display(self, budget: Budget) -> str:
+        return f"{getattr(budget, 'period_used', None) or 0:,}"
+
+    @admin.display(description="left")
+    def left_display(self, budget: Budget) -> str:
+        if budget.token_limit is None:
+            return "no limit"
+        used = getattr(budget, "period_used", None) or 0
+        reserved = getattr(budget, "period_reserved", None) or 0
+        return f"{max(0, budget.token_limit - used - reserved):,}"
+
+    @admin.display(description="resets at")
+    def resets_display(self, budget: Budget) -> str:
+        now = timezone.now()
+        return format_reset(period_bounds(budget.period, now)[1], now)
 
 
 class ApiKeyForm(forms.ModelForm):

@@ -583,7 +583,9 @@ class Budget(models.Model):
     def __str__(self) -> str:
         target = self.user or self.api_key or self.endpoint or "everyone"
         limit = f"{self.token_limit:,}" if self.token_limit is not None else "unlimited"
-        return f"{self.get_period_display().split(' ')[0]} {limit} tokens: {target}"
+        text = f"{self.get_period_display().split(' ')[0]} {limit} tokens: {target}"
+        # The name an admin gave it comes first, where lists and forms show it.
+        return f"{self.name} ({text})" if self.name else text
 
 
 class BudgetCounter(models.Model):

@@ -46,6 +46,9 @@ Bounds (the client enforces the byte, chunk and idle ones, see
   max_tokens (capped at the route's max_output_tokens) by a quarter plus 16
   tokens: the stream is closed and the result ends with finish_reason
   "length" and `limit_reason` "max_tokens".  A plain answer is cut the same way;
+- when `admit` grants less output than asked (`OutputCap`: a budget's last
+  tokens), max_tokens is lowered to it on every route and the answer is cut
+  exactly there, with no slack, and `limit_reason` "budget";
 - upstream usage numbers are taken only when they are integers (not bool),
   >= 0, the prompt within 8 times our own count plus 1024 (or the window) and
   the completion within the output allowance; otherwise we count and flag
@@ -128,7 +131,21 @@ PROMPT_USAGE_FACTOR = 8
 PROMPT_USAGE_SLACK = 1024
 FINISH_REASON_CHARS = 40
 
-Admit = Callable[[EndpointConfig, int], Awaitable[bool]]
+
+@dataclass(frozen=True, slots=True)
+class OutputCap:
+    """What `admit` returns to take a route with at most `tokens` of output.
+
+    A budget with room for the prompt but not the whole answer: the request
+    goes on with max_tokens lowered to this, and the answer is cut at it
+    exactly (no slack), since these tokens are all that was reserved.
+    """
+
+    tokens: int
+
+
+# True: take the route; False: skip it; OutputCap: take it with less output.
+Admit = Callable[[EndpointConfig, int], Awaitable["bool | OutputCap"]]
 Message = ContextMessage | Mapping[str, Any]
 
 
@@ -759,6 +776,8 @@ class _Call:
         self.uncounted_chars = 0
         self.count_step = 0
         self.cut = False
+        # The most output `admit` granted (OutputCap), for every route after.
+        self.output_cap: int | None = None
 
     # -- time
 
@@ -892,11 +911,18 @@ class _Call:
             self.context_error = exc
             self.skip(route, "context_window_exceeded")
             return None
-        if self.admit is not None and not await self.admit(
-            config, status.tokens + self._output_tokens(route)
-        ):
-            self.skip(route, "rate_limited_locally")
-            return None
+        if self.admit is not None:
+            verdict = await self.admit(
+                config, status.tokens + self._output_tokens(route)
+            )
+            if not verdict:
+                self.skip(route, "rate_limited_locally")
+                return None
+            if isinstance(verdict, OutputCap):
+                cap = max(0, verdict.tokens)
+                self.output_cap = (
+                    cap if self.output_cap is None else min(cap, self.output_cap)
+                )
         trial = None
         if state is breaker.BreakerState.HALF_OPEN:
             trial = await breaker.claim_trial(config, now)
@@ -991,24 +1017,42 @@ class _Call:
         asked = self.params.get("max_completion_tokens") or self.params.get(
             "max_tokens"
         )
+        limit = self._output_limit(route)
         if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
-            return min(asked, route.max_output_tokens)
-        return route.max_output_tokens
+            return min(asked, limit)
+        return limit
+
+    def _output_limit(self, route: Route) -> int:
+        """The route's max_output_tokens, lowered to what `admit` granted."""
+        if self.output_cap is None:
+            return route.max_output_tokens
+        return min(route.max_output_tokens, self.output_cap)
 
     def output_allowance(self, route: Route) -> int:
         """The most output tokens a route's answer may have before it is cut."""
         asked = self._output_tokens(route)
-        return asked + int(asked * OUTPUT_SLACK_RATIO) + OUTPUT_SLACK_TOKENS
+        allowance = asked + int(asked * OUTPUT_SLACK_RATIO) + OUTPUT_SLACK_TOKENS
+        if self.output_cap is not None:
+            # Only these were reserved: no slack past them.
+            return min(allowance, self.output_cap)
+        return allowance
+
+    @property
+    def limit_reason(self) -> str:
+        """Which bound a cut answer reached: the budget's, or its max_tokens."""
+        return "budget" if self.output_cap is not None else "max_tokens"
 
     def payload(self, candidate: _Candidate) -> dict[str, Any]:
         """The request body for a route."""
         body = dict(self.params)
         route = candidate.route
-        # The window was fitted for this much output; more could not fit.
+        # The window was fitted for this much output; more could not fit
+        # (and a budget may have granted less).
+        limit = self._output_limit(route)
         for name in ("max_completion_tokens", "max_tokens"):
             asked = body.get(name)
-            if isinstance(asked, int) and asked > route.max_output_tokens:
-                body[name] = route.max_output_tokens
+            if isinstance(asked, int) and asked > limit:
+                body[name] = limit
         body["model"] = route.upstream_model
         body["messages"] = [_as_dict(m) for m in candidate.messages]
         return body
@@ -1318,15 +1362,17 @@ class _Call:
                 )
         if prompt is not None and completion is not None:
             return Usage(prompt, completion, False)
-        return Usage(
-            ours if prompt is None else prompt,
-            completion
-            if completion is not None
-            else counted()
-            if counted is not None
-            else tokens.count_text(text, route.upstream_model),
-            True,
-        )
+        if completion is None:
+            completion = (
+                counted()
+                if counted is not None
+                else tokens.count_text(text, route.upstream_model)
+            )
+            if self.cut:
+                # The cut kept what fits the allowance; an estimate summed
+                # over pieces may round past it, and a budget's cap is exact.
+                completion = min(completion, self.output_allowance(route))
+        return Usage(ours if prompt is None else prompt, completion, True)
 
     def unavailable(self) -> Exception:
         """The error for a call that found no route to answer."""
@@ -1389,7 +1435,7 @@ class _Call:
             stopped=stopped,
             segments=self.segments,
             raw=raw,
-            limit_reason="max_tokens" if self.cut else None,
+            limit_reason=self.limit_reason if self.cut else None,
             trail=self.trail,
             cached_age_s=cached_age_s,
         )

@@ -21,6 +21,10 @@ Budgets are reserved before anything is sent upstream, in the router's
 fitted it to that route's window, plus the output the route allows (max_tokens
 is set when the caller gave none, so no route can produce more than it
 reserved). Doing it there counts and fits the conversation once, not twice.
+When a budget has room for the prompt but not the whole output, the request
+reserves what is left instead (down to the prompt plus
+GATEWAY_BUDGET_MIN_OUTPUT_TOKENS) and the router lowers max_tokens to it and
+cuts the answer there: a budget is spent to its last tokens, never past them.
 The same hook counts the prompt against the caller's tokens per minute,
 applies each endpoint's own rpm/tpm and budgets, and tops the reservation up
 when a fallback route needs more (a bigger window keeps more history, or a
@@ -52,6 +56,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+from django.conf import settings
 from django.utils import timezone
 
 from gateway import accounting, limits, router
@@ -293,6 +298,14 @@ def _output_allowance(params: Mapping[str, Any], route: router.Route) -> int:
     return route.max_output_tokens
 
 
+def min_output_tokens() -> int:
+    """The least answer worth sending when a budget has room for little more."""
+    value = getattr(settings, "GATEWAY_BUDGET_MIN_OUTPUT_TOKENS", 16)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return 16
+
+
 def _error_message(error: BaseException) -> str:
     if isinstance(error, APIClientError):
         return error.message
@@ -368,13 +381,28 @@ class _Request:
         )
 
     async def _reserve(
-        self, budgets: Sequence[accounting.BudgetRef], tokens: int
+        self,
+        budgets: Sequence[accounting.BudgetRef],
+        tokens: int,
+        minimum: int | None = None,
+        *,
+        shrink: bool = True,
     ) -> Reservation:
-        """Reserve so that a cancellation cannot lose a reservation once made."""
+        """Reserve so that a cancellation cannot lose a reservation once made.
+
+        With `minimum`, as much of `tokens` as the budgets have left, down to
+        it (see `accounting.reserve`).
+        """
         if not budgets:
-            return Reservation()
+            return Reservation(tokens)
         task = asyncio.ensure_future(
-            accounting.areserve(budgets, tokens, request=self.hold_request())
+            accounting.areserve(
+                budgets,
+                tokens,
+                request=self.hold_request(),
+                minimum=minimum,
+                shrink=shrink,
+            )
         )
         self.pending.append(task)
         try:
@@ -421,11 +449,13 @@ class _Request:
             # is what a route's reservation covers: no route can produce more.
             self.params["max_tokens"] = max(r.max_output_tokens for r in self.routes)
 
-    async def _admit_caller(self, config: EndpointConfig, tokens: int) -> None:
+    async def _admit_caller(self, config: EndpointConfig, tokens: int) -> int:
         """The first route to be tried: tokens per minute and the reservation.
 
         Here rather than before the router because only now is the prompt
         counted, and fitted to this route's window (once, by the router).
+        Returns the tokens reserved: fewer than `tokens` when the caller's
+        budgets had room for the prompt and only part of the output.
         """
         caller = self.caller
         prompt = max(0, tokens - self.outputs.get(config.id, 0))
@@ -439,38 +469,57 @@ class _Request:
                 RejectCode.RATE_LIMITED, decision.message, decision.retry_after
             )
         self.charged_tokens = prompt
+        # Less output rather than none: refused only if not even this fits.
+        minimum = min(tokens, prompt + min_output_tokens())
         try:
-            try:
-                await self._reserve(self.budgets, tokens)
-            except BudgetExhausted:
-                if not accounting.pending():
-                    raise
+            if accounting.pending():
                 # This process's finished requests may still hold their whole
-                # reservation: settle them first, then look again.
-                await accounting.flush()
-                await self._reserve(self.budgets, tokens)
+                # reservation: settle them first, so as not to shorten the
+                # answer (or refuse it) for tokens that are free already.
+                try:
+                    reservation = await self._reserve(
+                        self.budgets, tokens, minimum, shrink=False
+                    )
+                    granted = reservation.tokens
+                except BudgetExhausted:
+                    await accounting.flush()
+                    granted = (
+                        await self._reserve(self.budgets, tokens, minimum)
+                    ).tokens
+            else:
+                granted = (await self._reserve(self.budgets, tokens, minimum)).tokens
         except BudgetExhausted as exc:
             raise _Refused(
                 RejectCode.BUDGET_EXHAUSTED, str(exc), exc.retry_after
             ) from exc
-        self.reserved_for_caller = tokens
+        self.reserved_for_caller = granted
         self.admitted = True
         if caller.on_admitted is not None:
             await caller.on_admitted()
+        return granted
 
-    async def admit_endpoint(self, config: EndpointConfig, tokens: int) -> bool:
+    async def admit_endpoint(
+        self, config: EndpointConfig, tokens: int
+    ) -> bool | router.OutputCap:
         """The router's hook before each route: limits, reservation, budgets.
 
         Raises _Refused (through the router) when the caller's own tokens per
-        minute or budget refuse; returns False to skip a saturated endpoint.
+        minute or budget refuse; returns False to skip a saturated endpoint,
+        and an OutputCap when the caller's budget had room for less output.
         """
         decision = limits.check_endpoint(config, tokens)
         if not decision.allowed:
             self.endpoint_refusals[config.id] = decision
             return False
+        asked = tokens
+        cap: router.OutputCap | None = None
         try:
             if not self.admitted:
-                await self._admit_caller(config, tokens)
+                granted = await self._admit_caller(config, tokens)
+                if granted < tokens:
+                    output = self.outputs.get(config.id, 0) - (tokens - granted)
+                    cap = router.OutputCap(output)
+                    tokens = granted
             elif self.budgets and self.committed + tokens > self.reserved_for_caller:
                 needed = self.committed + tokens
                 await self._reserve(self.budgets, needed - self.reserved_for_caller)
@@ -481,17 +530,17 @@ class _Request:
                     await self._reserve(budgets, tokens)
                     self.endpoint_budgets_held.add(config.id)
         except BudgetExhausted:
-            limits.settle_endpoint(config, tokens, 0)
+            limits.settle_endpoint(config, asked, 0)
             return False
         except BaseException:
-            limits.settle_endpoint(config, tokens, 0)
+            limits.settle_endpoint(config, asked, 0)
             raise
         if config.id is not None:
             self.endpoint_charges[config.id] = (
-                self.endpoint_charges.get(config.id, 0) + tokens
+                self.endpoint_charges.get(config.id, 0) + asked
             )
         self.last_admitted = tokens
-        return True
+        return cap or True
 
     def started_answering(self) -> None:
         """A route began to answer: what it was admitted for is now spent."""
@@ -523,9 +572,11 @@ class _Request:
         if error is None and result is not None and result.limit_reason:
             # Not an error, but the record says the gateway cut the answer.
             error_type = error_type or "output_limit"
+            bound = {"budget": "the budget's last tokens"}.get(
+                result.limit_reason, f"its {result.limit_reason}"
+            )
             error = ErrorInfo(
-                "output_limit",
-                f"answer cut at its {result.limit_reason}: the endpoint went on",
+                "output_limit", f"answer cut at {bound}: the endpoint went on"
             )
         per_endpoint: dict[int, int] = {}
         for segment in result.segments if result is not None else ():

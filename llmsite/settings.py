@@ -463,6 +463,14 @@ if not MONITOR_LEASE_SECONDS >= 3 * MONITOR_IDLE_SECONDS:
 GATEWAY_SWEEP_SECONDS = _positive(
     "GATEWAY_SWEEP_SECONDS", _env_float("GATEWAY_SWEEP_SECONDS", 30)
 )
+# A budget with room for a prompt but not its whole answer lowers max_tokens
+# to what is left, and refuses only when not even this much answer fits.
+GATEWAY_BUDGET_MIN_OUTPUT_TOKENS = int(
+    _positive(
+        "GATEWAY_BUDGET_MIN_OUTPUT_TOKENS",
+        _env_int("GATEWAY_BUDGET_MIN_OUTPUT_TOKENS", 16),
+    )
+)
 
 # Alerts: sent by the monitor on endpoint down/recovered and budget warnings,
 # to these and to the alert channels configured in the admin.

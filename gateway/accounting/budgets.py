@@ -5,8 +5,14 @@ budget that applies to it, before anything is sent upstream, with one
 conditional UPDATE per budget (`used + reserved + n <= limit`) in a single
 transaction: all of them or none. The row lock that UPDATE takes is what makes
 concurrent requests queue on PostgreSQL and SQLite alike, so a budget cannot be
-overspent however many race. Counters belong to calendar periods (midnight UTC,
-Monday, the 1st), so a reset is a new row, never a write that can race.
+overspent however many race. A request may ask for less when the whole does
+not fit (`minimum`): it then reserves what is left, down to its prompt and a
+few tokens of answer, and the caller lowers its max_tokens to match, so a
+budget can be spent to its last tokens. Each try is the same conditional
+UPDATE, so the guarantee holds for the smaller amount too. Counters belong to
+calendar periods (midnight UTC, Monday, the 1st), so a reset is a new row,
+never a write that can race. A budget created mid-period starts at what its
+holder used since the period began.
 """
 
 from __future__ import annotations
@@ -188,6 +194,64 @@ def forget_budgets(**kwargs: Any) -> None:
     _endpoint_budgets.clear()
 
 
+@receiver(post_save, sender=Budget)
+def budget_saved(instance: Budget, raw: bool = False, **kwargs: Any) -> None:
+    """Bring the current period's counter in line with the budget as saved."""
+    if not raw:
+        open_period(instance)
+
+
+def open_period(budget: Budget, now: datetime | None = None) -> None:
+    """Count what the budget's scope already used; clear a state it left behind.
+
+    A budget that starts (or starts to apply) mid-period begins at what its
+    holder used since the period began, not at zero. A limit raised, or
+    removed, above what is used gives the room back at once: the counter's
+    exhausted and warned marks go with it, so the next crossing alerts again.
+    """
+    now = now or timezone.now()
+    start, _ = period_bounds(budget.period, now)
+    counters = BudgetCounter.objects.filter(budget_id=budget.pk, period_start=start)
+    if not counters.exists():
+        used = _used_in_scope(budget, start)
+        if used:
+            BudgetCounter.objects.bulk_create(
+                [
+                    BudgetCounter(
+                        budget_id=budget.pk, period_start=start, used_tokens=used
+                    )
+                ],
+                ignore_conflicts=True,
+            )
+        return
+    limit = budget.token_limit
+    if limit is None:
+        counters.filter(
+            Q(exhausted_at__isnull=False) | Q(warned_at__isnull=False)
+        ).update(exhausted_at=None, warned_at=None)
+        return
+    counters.filter(used_tokens__lt=limit, exhausted_at__isnull=False).update(
+        exhausted_at=None
+    )
+    warning = math.ceil(limit * budget.warning_percent / 100)
+    counters.filter(used_tokens__lt=warning, warned_at__isnull=False).update(
+        warned_at=None
+    )
+
+
+def _used_in_scope(budget: Budget, start: datetime) -> int:
+    # Imported here: rollups builds on this module's periods.
+    from gateway.accounting.rollups import tokens_used_since
+
+    if budget.scope == BudgetScope.USER:
+        return tokens_used_since(start, user_id=budget.user_id)
+    if budget.scope == BudgetScope.API_KEY:
+        return tokens_used_since(start, api_key_id=budget.api_key_id)
+    if budget.scope == BudgetScope.ENDPOINT:
+        return tokens_used_since(start, endpoint_id=budget.endpoint_id)
+    return tokens_used_since(start)
+
+
 # --- Reservations -------------------------------------------------------------
 
 
@@ -204,6 +268,7 @@ class BudgetExhausted(Exception):
         remaining: int,
         resets_at: datetime,
         now: datetime,
+        at_least: bool = False,
     ) -> None:
         self.budget = budget
         self.needed = needed
@@ -211,10 +276,12 @@ class BudgetExhausted(Exception):
         self.resets_at = resets_at
         self.retry_after = max(0.0, (resets_at - now).total_seconds())
         period = budget.period if budget.period in BudgetPeriod.values else "token"
+        # `at_least`: the request would have taken less, down to `needed`.
+        needs = "needs at least" if at_least else "needs up to"
         super().__init__(
             f"Budget exhausted: the {period} budget of {budget.token_limit:,} tokens "
             f"for {budget.holder} has {self.remaining:,} left and this request "
-            f"needs up to {needed:,}; it resets at {format_reset(resets_at, now)}."
+            f"{needs} {needed:,}; it resets at {format_reset(resets_at, now)}."
         )
 
 
@@ -413,20 +480,78 @@ def _ensure_counter(budget: BudgetRef, period_start: datetime) -> None:
     )
 
 
+# How many times a request that may shrink looks again at what is left: each
+# look follows a refusal that showed less room, and racing requests may take
+# that room too; past these it is refused like any request that does not fit.
+SHRINK_ATTEMPTS = 4
+
+
 def reserve(
     budgets: Sequence[BudgetRef],
     tokens: int,
     now: datetime | None = None,
     request: HoldRequest | None = None,
+    *,
+    minimum: int | None = None,
+    shrink: bool = True,
 ) -> Reservation:
     """Reserve `tokens` on every budget, or on none and raise BudgetExhausted.
 
-    With `request`, each hold is also recorded as a BudgetHold row in the
-    same transaction, for the sweeper should this process die before settling.
+    With `minimum`, a request that does not fit whole reserves what every
+    budget has left instead, down to `minimum`; `Reservation.tokens` says how
+    much it got. `shrink=False` tries the whole only, but a budget is still
+    marked exhausted only when not even `minimum` fits. With `request`, each
+    hold is also recorded as a BudgetHold row in the same transaction, for
+    the sweeper should this process die before settling.
     """
     if not budgets:
         return Reservation(tokens)
     now = now or timezone.now()
+    floor = tokens if minimum is None else max(0, min(minimum, tokens))
+    amount, attempt = tokens, 1
+    while True:
+        try:
+            return _reserve_all(budgets, amount, now, request)
+        except _NoRoom as refusal:
+            room = refusal.room
+            if shrink and floor <= room < amount and attempt < SHRINK_ATTEMPTS:
+                amount, attempt = room, attempt + 1
+                continue
+            budget, used = refusal.budget, refusal.used
+            assert budget.token_limit is not None
+            if used + floor > budget.token_limit:
+                # Refused on settled usage alone, not on requests still running.
+                _mark_exhausted(budget, period_bounds(budget.period, now)[0], now)
+            raise BudgetExhausted(
+                budget,
+                needed=floor,
+                remaining=room,
+                resets_at=refusal.resets_at,
+                now=now,
+                at_least=floor < tokens,
+            ) from None
+
+
+class _NoRoom(Exception):
+    """One budget could not take the amount; nothing was reserved."""
+
+    def __init__(
+        self, budget: BudgetRef, used: int, reserved: int, resets_at: datetime
+    ) -> None:
+        self.budget = budget
+        self.used = used
+        self.resets_at = resets_at
+        assert budget.token_limit is not None
+        self.room = budget.token_limit - used - reserved
+
+
+def _reserve_all(
+    budgets: Sequence[BudgetRef],
+    tokens: int,
+    now: datetime,
+    request: HoldRequest | None,
+) -> Reservation:
+    """Reserve `tokens` on every budget or on none (then raise _NoRoom)."""
     holds: list[Hold] = []
     refusal: tuple[BudgetRef, int, int, datetime] | None = None
     # One order for everyone, so two requests never wait on each other's rows.
@@ -459,18 +584,7 @@ def reserve(
             )
             holds.append(Hold(budget, counter_id, tokens, resets_at, remaining))
     if refusal is not None:
-        budget, used, reserved, resets_at = refusal
-        assert budget.token_limit is not None
-        if used + tokens > budget.token_limit:
-            # Refused on settled usage alone, not on requests still running.
-            _mark_exhausted(budget, period_bounds(budget.period, now)[0], now)
-        raise BudgetExhausted(
-            budget,
-            needed=tokens,
-            remaining=budget.token_limit - used - reserved,
-            resets_at=resets_at,
-            now=now,
-        )
+        raise _NoRoom(*refusal)
     return Reservation(tokens, holds, request.request_id if request else None)
 
 
@@ -479,9 +593,11 @@ def _reserve_fresh(
     tokens: int,
     now: datetime | None,
     request: HoldRequest | None,
+    minimum: int | None,
+    shrink: bool,
 ) -> Reservation:
     try:
-        return reserve(budgets, tokens, now, request)
+        return reserve(budgets, tokens, now, request, minimum=minimum, shrink=shrink)
     except IntegrityError:
         # A budget deleted since this process cached it.
         forget_budgets()
@@ -493,11 +609,16 @@ async def areserve(
     tokens: int,
     now: datetime | None = None,
     request: HoldRequest | None = None,
+    *,
+    minimum: int | None = None,
+    shrink: bool = True,
 ) -> Reservation:
     """`reserve` from async code; no thread hop when no budget applies."""
     if not budgets:
         return Reservation(tokens)
-    return await sync_to_async(_reserve_fresh)(budgets, tokens, now, request)
+    return await sync_to_async(_reserve_fresh)(
+        budgets, tokens, now, request, minimum, shrink
+    )
 
 
 def release(reservation: Reservation) -> None:

@@ -164,11 +164,28 @@ def tokens_used_today(
 ) -> int:
     """Tokens a user (or one API key) used since midnight UTC, from the rollups."""
     start, _ = period_bounds(BudgetPeriod.DAILY, now or timezone.now())
+    return tokens_used_since(start, user_id=user_id, api_key_id=api_key_id)
+
+
+def tokens_used_since(
+    start: datetime,
+    *,
+    user_id: int | None = None,
+    api_key_id: int | None = None,
+    endpoint_id: int | None = None,
+) -> int:
+    """Tokens used since `start` (an hour's start), by one key, user or endpoint.
+
+    From the rollups, which the writer keeps in the record's own transaction;
+    with no filter, everyone's.
+    """
     rows = UsageRollup.objects.filter(bucket__gte=start)
     if api_key_id is not None:
         rows = rows.filter(api_key_id=api_key_id)
     elif user_id is not None:
         rows = rows.filter(user_id=user_id)
+    if endpoint_id is not None:
+        rows = rows.filter(endpoint_id=endpoint_id)
     totals = rows.aggregate(
         tokens=Coalesce(Sum(F("prompt_tokens") + F("completion_tokens")), 0)
     )

@@ -111,6 +111,38 @@ def test_200_racing_threads_never_overspend_a_budget_that_fits_50(
         assert (counter.used_tokens, counter.reserved_tokens) == (50 * total, 0)
 
 
+def test_200_racing_threads_spend_the_last_tokens_once_and_never_past_them(
+    owner, per_request
+):
+    prompt, total = per_request
+    # Room for 50 whole requests and half of one more: one answer is shorter.
+    limit = 50 * total + total // 2
+    assert total // 2 >= prompt + settings.GATEWAY_BUDGET_MIN_OUTPUT_TOKENS
+    mine = Budget.objects.create(scope=BudgetScope.USER, user=owner, token_limit=limit)
+    upstream = FakeUpstream()
+    # Upstream reports exactly what each request may produce: its max_tokens.
+    upstream.behaviour("primary.test").usage_from_request = prompt
+
+    with client.pools.use_transport(upstream.transport()):
+        outcomes = fire_concurrently(
+            Caller(owner.pk), "chat-model", MESSAGES, threads=4, each=50
+        )
+
+    done = [o for o in outcomes if isinstance(o, Done)]
+    refused = [o for o in outcomes if isinstance(o, Rejected)]
+    assert len(done) + len(refused) == 200
+    assert {r.code for r in refused} == {"budget_exhausted"}
+    assert (
+        sorted(d.completion_tokens for d in done)
+        == [total // 2 - prompt] + [OUTPUT] * 50
+    )
+    counter = BudgetCounter.objects.get(budget=mine)
+    assert (counter.used_tokens, counter.reserved_tokens) == (limit, 0)
+    assert sorted(body["max_tokens"] for _, body in upstream.requests)[0] == (
+        total // 2 - prompt
+    )
+
+
 _CHILD = textwrap.dedent(
     """
     import json, os, sys, time

@@ -242,7 +242,8 @@ async def test_an_exhausted_budget_refuses_with_the_reset_time(
 ):
     behaviour = upstream.behaviour("primary.test")
     behaviour.usage_from_request = 40
-    budget = await user_budget(owner, 150)
+    # After the first request (100 tokens), 10 left: not even a prompt fits.
+    budget = await user_budget(owner, 110)
 
     with time_machine.travel("2026-03-04 21:30:00+00:00", tick=False):
         await collect(Caller(owner.pk), params={"max_tokens": 60})

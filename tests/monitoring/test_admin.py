@@ -249,6 +249,11 @@ def rollup(hours_ago: int, n: int, **fields) -> UsageRollup:
 def test_the_usage_page_charts_requests_tokens_and_budgets(
     admin_client, owner, django_assert_max_num_queries
 ):
+    # Before this month's traffic, so that it has last month's counter only.
+    old = Budget.objects.create(scope="global", period="monthly", token_limit=10)
+    BudgetCounter.objects.create(  # last month's counter: not this period
+        budget=old, period_start=datetime(2026, 2, 1, tzinfo=UTC), used_tokens=10
+    )
     rollup(1, 1, user=owner)
     rollup(1, 2, model_name="sim-large", requests=5, errors=0)
     rollup(30, 3, user=owner, prompt_tokens=1000)
@@ -256,12 +261,9 @@ def test_the_usage_page_charts_requests_tokens_and_budgets(
     budget = Budget.objects.create(
         scope="user", user=owner, period="daily", token_limit=1000, warning_percent=80
     )
-    BudgetCounter.objects.create(
-        budget=budget, period_start=NOW.replace(hour=0), used_tokens=850
-    )
-    old = Budget.objects.create(scope="global", period="monthly", token_limit=10)
-    BudgetCounter.objects.create(  # last month's counter: not this period
-        budget=old, period_start=datetime(2026, 2, 1, tzinfo=UTC), used_tokens=10
+    # The budget started at what alice used today (the rollups); set it here.
+    BudgetCounter.objects.update_or_create(
+        budget=budget, period_start=NOW.replace(hour=0), defaults={"used_tokens": 850}
     )
 
     with django_assert_max_num_queries(12):

@@ -293,6 +293,10 @@ function markRetryCountdown() {
   const last = state.messages[state.messages.length - 1];
   const error = last && last.meta && last.meta.error;
   if (!error || !error.retry_after || isStreamingHere()) return;
+  // A budget refusal waits for the period to reset, unless the budget has
+  // room again (raised since): the page's budget says so.
+  const budget = state.budget;
+  if (error.code === "budget_exhausted" && budget && budget.remaining !== 0) return;
   const article = ui.messages.querySelector(`article[data-id="${last.id}"]`);
   const button = article && article.querySelector(".regenerate");
   if (!button) return;
