@@ -23,9 +23,9 @@ trap stop EXIT INT TERM
 
 # The demo upstreams answer at a readable pace, so streaming can be watched.
 $PY manage.py simulate_upstream --port "$PRIMARY_PORT" --tokens-per-second 25 \
-    --models sim-small,sim-large & pids+=($!)
+    --models sim-small,sim-large,sim-embed & pids+=($!)
 $PY manage.py simulate_upstream --port "$FALLBACK_PORT" --tokens-per-second 25 \
-    --models sim-small,sim-large & pids+=($!)
+    --models sim-small,sim-large,sim-embed & pids+=($!)
 if $PY manage.py help monitor >/dev/null 2>&1; then
     $PY manage.py monitor & pids+=($!)
 fi

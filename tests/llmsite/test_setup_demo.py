@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -40,6 +42,19 @@ def test_demo_endpoints_form_a_fallback_chain_and_are_not_duplicated():
         "http://127.0.0.1:9101/primary/v1",
         "http://127.0.0.1:9102/fallback/v1",
     ]
+    embed = ModelRoute.objects.filter(model_name="demo-embed").order_by("priority")
+    assert [(r.endpoint.name, r.kind) for r in embed] == [
+        ("demo-primary", "embedding"),
+        ("demo-fallback", "embedding"),
+    ]
+
+
+def test_the_demo_upstreams_serve_every_model_the_demo_routes_to():
+    # scripts/run.sh starts the simulated upstreams with an explicit model list.
+    _setup()
+    script = (Path(__file__).resolve().parents[2] / "scripts" / "run.sh").read_text()
+    served = set(re.findall(r"--models ([\w,.-]+)", script)[0].split(","))
+    assert set(ModelRoute.objects.values_list("upstream_model", flat=True)) <= served
 
 
 def test_a_configured_real_endpoint_goes_first_with_its_key(monkeypatch):
