@@ -41,7 +41,7 @@ from tests.gateway.test_api import (  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# Scheduling on a shared machine; the margin for every failover.
+# What a failover may add to the fallback's own time to its first token.
 MARGIN = 0.2
 # Three tokens of eight, then the connection drops.
 DROPS_MID_ANSWER = Behaviour(completion_tokens=8, fault="drop", fault_after_tokens=3)
