@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -260,6 +262,14 @@ class EndpointForm(forms.ModelForm):
             endpoint.save()
             self.save_m2m()
         return endpoint
+
+
+def _time_left(until: datetime, now: datetime) -> str:
+    """How long until `until`: seconds under a minute (timeuntil says "0 minutes")."""
+    seconds = (until - now).total_seconds()
+    if seconds < 60:
+        return f"{math.ceil(seconds)} s"
+    return timeuntil(until, now)
 
 
 class ModelRouteInline(admin.TabularInline):
@@ -527,9 +537,9 @@ class EndpointAdmin(admin.ModelAdmin):
         if obj.consecutive_failures:
             parts.append(f"{obj.consecutive_failures} failure(s) in a row")
         if obj.disabled_until and obj.disabled_until > now:
-            parts.append(f"open for {timeuntil(obj.disabled_until, now)}")
+            parts.append(f"open for {_time_left(obj.disabled_until, now)}")
         if obj.resting_until and obj.resting_until > now:
-            parts.append(f"resting for {timeuntil(obj.resting_until, now)}")
+            parts.append(f"resting for {_time_left(obj.resting_until, now)}")
         return "; ".join(parts) or "—"
 
     @admin.display(description="Latency", ordering="last_latency_ms")

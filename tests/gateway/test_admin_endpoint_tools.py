@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import httpx
@@ -258,6 +259,11 @@ def test_the_list_shows_the_breaker_and_last_check_in_few_columns(admin_client):
         disabled_until=now + timedelta(minutes=10),
     )
     Endpoint.objects.create(name="fresh", base_url="https://f.example.com/v1")
+    Endpoint.objects.create(
+        name="busy",
+        base_url="https://b.example.com/v1",
+        resting_until=now + timedelta(seconds=12),
+    )
 
     page = admin_client.get(reverse("admin:gateway_endpoint_changelist"))
     # timesince and timeuntil put a no-break space between number and unit.
@@ -265,8 +271,11 @@ def test_the_list_shows_the_breaker_and_last_check_in_few_columns(admin_client):
     rows = listing.split('id="result_list"')[1].split("<tr")
     tired = next(r for r in rows if ">tired<" in r)
     fresh = next(r for r in rows if ">fresh<" in r)
+    busy = next(r for r in rows if ">busy<" in r)
 
     assert "2 failure(s) in a row; open for 9 minutes" in tired
     assert "3 minutes ago" in tired
     assert '<td class="field-last_check">never</td>' in fresh
     assert '<td class="field-breaker">—</td>' in fresh
+    # A rest shorter than a minute in seconds, not "0 minutes".
+    assert re.search(r"resting for 1[12] s<", busy)
