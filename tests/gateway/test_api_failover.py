@@ -423,6 +423,16 @@ async def first_token_after(alice, body: dict) -> float:
     raise AssertionError("no answer text")
 
 
+async def backup_alone(alice, backup_endpoint) -> float:
+    """The backup's own time to first text through the gateway, warm.
+
+    The margin is for what a failover adds, not for the gateway's own work,
+    which a loaded machine (or PostgreSQL) makes slower.
+    """
+    body = {"model": f"warm-{backup_endpoint.name}", "messages": MESSAGES}
+    return await first_token_after(alice, body)
+
+
 async def answered() -> list[UsageRecord]:
     """The records of the measured requests, without the warm-up's."""
     return [record for record in await records() if record.model_name == MODEL]
@@ -433,10 +443,12 @@ async def test_a_503_fails_over_within_the_fallbacks_own_latency(
 ):
     primary.set_behaviour(Behaviour(fault="status", fault_status=503))
     backup.set_behaviour(Behaviour(latency=0.3))
+    alone = await backup_alone(alice, warm_routes[1])
 
     elapsed = await first_token_after(alice, {"model": MODEL, "messages": MESSAGES})
 
-    assert elapsed < 0.3 + MARGIN
+    assert alone >= 0.3
+    assert elapsed < alone + MARGIN
     (record,) = await answered()
     assert steps(record) == [("primary", "failed", 503), ("backup", "ok", None)]
 
@@ -444,13 +456,14 @@ async def test_a_503_fails_over_within_the_fallbacks_own_latency(
 async def test_a_hung_endpoint_costs_at_most_its_first_token_timeout(
     warm_routes, primary, alice
 ):
-    primary_endpoint, _ = warm_routes
+    primary_endpoint, backup_endpoint = warm_routes
     assert primary_endpoint.first_token_timeout == 0.5
     primary.set_behaviour(Behaviour(fault="stall", fault_after_tokens=0))
+    alone = await backup_alone(alice, backup_endpoint)
 
     elapsed = await first_token_after(alice, {"model": MODEL, "messages": MESSAGES})
 
-    assert elapsed < 0.5 + MARGIN
+    assert elapsed < 0.5 + alone + MARGIN
     (record,) = await answered()
     assert steps(record) == [("primary", "failed", None), ("backup", "ok", None)]
     assert record.trail[0]["reason"] == "timeout"
@@ -459,14 +472,15 @@ async def test_a_hung_endpoint_costs_at_most_its_first_token_timeout(
 async def test_a_long_retry_after_fails_over_at_once_and_rests_the_endpoint(
     warm_routes, primary, alice
 ):
-    primary_endpoint, _ = warm_routes
+    primary_endpoint, backup_endpoint = warm_routes
     primary.set_behaviour(Behaviour(fault="status", fault_status=429, retry_after=60))
     asked_before = primary.stats.chat_requests
+    alone = await backup_alone(alice, backup_endpoint)
 
     elapsed = await first_token_after(alice, {"model": MODEL, "messages": MESSAGES})
     again = await first_token_after(alice, {"model": MODEL, "messages": MESSAGES})
 
-    assert elapsed < MARGIN and again < MARGIN
+    assert elapsed < alone + MARGIN and again < alone + MARGIN
     await primary_endpoint.arefresh_from_db()
     assert primary_endpoint.resting_until > timezone.now() + timedelta(seconds=50)
     # Resting: the second request did not ask it again.
