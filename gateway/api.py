@@ -50,7 +50,7 @@ from collections.abc import (
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from django.core.exceptions import RequestDataTooBig
 from django.db.models import Q
@@ -66,6 +66,9 @@ from gateway.models import ApiKey, ModelRoute, UsageSource
 from gateway.service import Caller, Delta, Done, Fallback, RejectCode, Rejected
 
 logger = logging.getLogger("gateway.api")
+
+# A parsed request body (chat completion, embeddings).
+T = TypeVar("T")
 
 View = Callable[..., Awaitable[HttpResponse]]
 
@@ -324,6 +327,21 @@ def allow(*methods: str) -> Callable[[View], View]:
         return wrapper
 
     return decorate
+
+
+async def _caller_and_body(
+    request: HttpRequest, parse: Callable[[bytes], T]
+) -> tuple[KeyOwner, T] | HttpResponse:
+    """The key's owner and the parsed body, or the error response to send."""
+    owner = await authenticate(request)
+    if owner is None:
+        return _unauthorized()
+    try:
+        return owner, parse(request.body)
+    except RequestDataTooBig:
+        return error_response(413, "The request body is too large.")
+    except BadRequest as exc:
+        return error_response(400, exc.message, param=exc.param)
 
 
 def _caller(owner: KeyOwner, states: _LimitStates) -> Caller:
@@ -767,15 +785,10 @@ async def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
 @allow("POST")
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     """OpenAI's chat completions, plain or streamed, through the pipeline."""
-    owner = await authenticate(request)
-    if owner is None:
-        return _unauthorized()
-    try:
-        chat = parse_chat_request(request.body)
-    except RequestDataTooBig:
-        return error_response(413, "The request body is too large.")
-    except BadRequest as exc:
-        return error_response(400, exc.message, param=exc.param)
+    asked = await _caller_and_body(request, parse_chat_request)
+    if isinstance(asked, HttpResponse):
+        return asked
+    owner, chat = asked
     states = _LimitStates()
     caller = _caller(owner, states)
     created = int(time.time())
@@ -885,15 +898,10 @@ def embedding_body(done: Done, model: str) -> dict[str, Any]:
 @allow("POST")
 async def embeddings(request: HttpRequest) -> HttpResponse:
     """OpenAI's embeddings, through the same limits, budgets and records as chat."""
-    owner = await authenticate(request)
-    if owner is None:
-        return _unauthorized()
-    try:
-        parsed = parse_embedding_request(request.body)
-    except RequestDataTooBig:
-        return error_response(413, "The request body is too large.")
-    except BadRequest as exc:
-        return error_response(400, exc.message, param=exc.param)
+    asked = await _caller_and_body(request, parse_embedding_request)
+    if isinstance(asked, HttpResponse):
+        return asked
+    owner, parsed = asked
     states = _LimitStates()
     caller = _caller(owner, states)
     try:

@@ -803,6 +803,17 @@ class _Call:
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 
+    def route_failed(self, failed: _Failed) -> bool:
+        """Note a route that gave up (a hop); whether its error ends the call."""
+        candidate = failed.candidate
+        self.skip(
+            candidate.route,
+            failed.error.reason,
+            error=failed.error,
+            attempts=candidate.attempts,
+        )
+        return self.ended_by(failed.error)
+
     def ended_by(self, exc: APIClientError) -> bool:
         """Whether an error ends the whole call (no retry, no other route)."""
         if isinstance(exc, APIDeadlineError):
@@ -1671,18 +1682,11 @@ async def _stream_events(
                     if isinstance(item, Status):
                         yield item
                     elif isinstance(item, _Failed):
-                        failed = item.candidate
-                        call.skip(
-                            failed.route,
-                            item.error.reason,
-                            error=item.error,
-                            attempts=failed.attempts,
-                        )
-                        if call.ended_by(item.error):
+                        if call.route_failed(item):
                             for hop in call.take_hops(None):
                                 yield Fallback(hop)
                             yield Finished(
-                                call.finish(candidate=failed, error=item.error)
+                                call.finish(candidate=item.candidate, error=item.error)
                             )
                             return
                     else:
@@ -2038,15 +2042,8 @@ async def _first_answer(call: _Call, once: Once) -> _Opened | RouterResult | Non
         async with contextlib.aclosing(_attempts(call, candidate, once)) as items:
             async for item in items:
                 if isinstance(item, _Failed):
-                    failed = item.candidate
-                    call.skip(
-                        failed.route,
-                        item.error.reason,
-                        error=item.error,
-                        attempts=failed.attempts,
-                    )
-                    if call.ended_by(item.error):
-                        return call.finish(candidate=failed, error=item.error)
+                    if call.route_failed(item):
+                        return call.finish(candidate=item.candidate, error=item.error)
                 elif isinstance(item, _Opened):
                     opened = item
         if opened is not None:
