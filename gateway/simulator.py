@@ -362,6 +362,16 @@ class _BadRequest(Exception):
     """A request the simulator refuses with a 400 error."""
 
 
+def _requested_model(payload: Any) -> str:
+    """The model a request body names; a 400 unless it is an object that has one."""
+    if not isinstance(payload, dict):
+        raise _BadRequest("The request body must be a JSON object.")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise _BadRequest("You must provide a model parameter.")
+    return model
+
+
 @dataclass
 class Stats:
     """Counters for what the simulated upstream has served."""
@@ -791,12 +801,8 @@ class SimulatedUpstream:
         headers: Mapping[str, str],
         payload: Any,
     ) -> None:
-        if not isinstance(payload, dict):
-            raise _BadRequest("The request body must be a JSON object.")
-        model = payload.get("model")
+        model = _requested_model(payload)
         messages = payload.get("messages")
-        if not isinstance(model, str) or not model:
-            raise _BadRequest("You must provide a model parameter.")
         if (
             not isinstance(messages, list)
             or not messages
@@ -899,12 +905,8 @@ class SimulatedUpstream:
         payload: Any,
     ) -> None:
         """Deterministic unit vectors from each input; /sim lines in the first."""
-        if not isinstance(payload, dict):
-            raise _BadRequest("The request body must be a JSON object.")
-        model = payload.get("model")
+        model = _requested_model(payload)
         inputs = payload.get("input")
-        if not isinstance(model, str) or not model:
-            raise _BadRequest("You must provide a model parameter.")
         if isinstance(inputs, str) or (
             isinstance(inputs, list) and inputs and isinstance(inputs[0], int)
         ):
