@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -18,7 +19,7 @@ from django.test import AsyncClient
 from django.utils import timezone
 
 from gateway import accounting, api, client
-from gateway.models import ApiKey, Endpoint, ModelRoute, UsageRecord
+from gateway.models import ApiKey, Endpoint, ModelRoute, RouteKind, UsageRecord
 from gateway.simulator import Behaviour, SimulatedUpstream, generated_tokens
 from tests.gateway.usage_support import close_thread_connections, forget_process_state
 
@@ -54,14 +55,37 @@ async def backup():
         yield server
 
 
-async def add_route(name: str, server: SimulatedUpstream, priority: int) -> None:
-    # One attempt per endpoint: a 503 fails over at once instead of backing off.
+async def add_route(
+    name: str,
+    server: SimulatedUpstream,
+    priority: int,
+    *,
+    model_name: str = MODEL,
+    upstream_model: str = "sim-small",
+    kind: str = RouteKind.CHAT,
+    **fields: Any,
+) -> Endpoint:
+    """An endpoint on a simulated upstream, routed to by `model_name`.
+
+    One attempt where another route can answer (the default), so a 503 fails
+    over at once; `fields` set more of the endpoint.
+    """
     endpoint = await Endpoint.objects.acreate(
-        name=name, base_url=server.base_url, priority=priority, timeout=5, max_retries=1
+        name=name,
+        base_url=server.base_url,
+        priority=priority,
+        timeout=5,
+        max_retries=1,
+        **fields,
     )
     await ModelRoute.objects.acreate(
-        model_name=MODEL, endpoint=endpoint, upstream_model="sim-small"
+        model_name=model_name,
+        endpoint=endpoint,
+        upstream_model=upstream_model,
+        kind=kind,
+        priority=priority,
     )
+    return endpoint
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from tests.gateway.test_api import (  # noqa: F401 - fixtures
     MESSAGES,
     MODEL,
     _isolated,
+    add_route,
     alice,
     alice_key,
     backup,
@@ -38,34 +39,19 @@ from tests.gateway.test_api import (  # noqa: F401 - fixtures
 pytestmark = pytest.mark.django_db(transaction=True)
 
 EMBED = "house-embed"
-
-
-async def add_embedding_route(
-    name: str, server: SimulatedUpstream, priority: int, **fields
-) -> Endpoint:
-    endpoint = await Endpoint.objects.acreate(
-        name=name,
-        base_url=server.base_url,
-        priority=priority,
-        timeout=5,
-        max_retries=1,
-        **fields,
-    )
-    await ModelRoute.objects.acreate(
-        model_name=EMBED,
-        endpoint=endpoint,
-        upstream_model="sim-embed",
-        kind=RouteKind.EMBEDDING,
-        priority=priority,
-    )
-    return endpoint
+# What makes `add_route`'s route serve embeddings.
+EMBEDDING = {
+    "model_name": EMBED,
+    "upstream_model": "sim-embed",
+    "kind": RouteKind.EMBEDDING,
+}
 
 
 @pytest.fixture
 async def embed_routes(primary, backup):
     yield (
-        await add_embedding_route("embed-primary", primary, 1),
-        await add_embedding_route("embed-backup", backup, 2),
+        await add_route("embed-primary", primary, 1, **EMBEDDING),
+        await add_route("embed-backup", backup, 2, **EMBEDDING),
     )
     await client.aclose_all()
 

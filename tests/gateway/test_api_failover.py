@@ -27,6 +27,7 @@ from tests.gateway.test_api import (  # noqa: F401 - fixtures
     MESSAGES,
     MODEL,
     _isolated,
+    add_route,
     alice,
     alice_key,
     asgi_scope,
@@ -45,23 +46,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 MARGIN = 0.2
 # Three tokens of eight, then the connection drops.
 DROPS_MID_ANSWER = Behaviour(completion_tokens=8, fault="drop", fault_after_tokens=3)
-
-
-async def add_route(
-    name: str, server: SimulatedUpstream, priority: int, **fields
-) -> Endpoint:
-    endpoint = await Endpoint.objects.acreate(
-        name=name,
-        base_url=server.base_url,
-        priority=priority,
-        timeout=5,
-        max_retries=1,
-        **fields,
-    )
-    await ModelRoute.objects.acreate(
-        model_name=MODEL, endpoint=endpoint, upstream_model="sim-small"
-    )
-    return endpoint
 
 
 @pytest.fixture
