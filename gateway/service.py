@@ -233,8 +233,6 @@ class Done:
     error: ErrorInfo | None = None
     # The upstream body of a plain request, for pass-through by /v1.
     raw: dict[str, Any] | None = field(default=None, repr=False)
-    # Every attempt and skip, in order (see `router.Attempt`).
-    trail: list[dict[str, Any]] = field(default_factory=list)
     # How old a cached answer is, in seconds.
     cached_age_s: float | None = None
     record: asyncio.Future[Written] | None = field(
@@ -814,7 +812,6 @@ class _Request:
             cost=result.cost,
             cached=result.cached,
             cached_age_s=result.cached_age_s,
-            trail=[attempt.to_dict() for attempt in result.trail],
             context=result.context,
             budget_remaining=self.reservation.remaining_after(usage.total_tokens),
             error=info,
