@@ -727,6 +727,20 @@ class GenerationRegistry:
             self._channel = await self._layer.new_channel()
             self._control = asyncio.create_task(self._receive_control())
 
+    async def aclose(self) -> None:
+        """Stop the control receiver and the claim renewer of this event loop.
+
+        A process runs one loop and never needs it; a test suite runs a loop
+        per test, and a receiver left waiting on the channel layer when its
+        loop ends holds the layer's receive state for the next loop.
+        """
+        tasks = [t for t in (self._control, self._renewer) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop = None
+        self._reset()
+
     @property
     def channel(self) -> str:
         """This process's channel for control messages from other processes."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -73,7 +74,19 @@ async def _no_answer_left_running():
     for generation in registry.running():
         generation.stop()
         await generation.wait()
+    await registry.aclose()
     await upstream_client.aclose_all()
+
+
+@pytest.fixture
+async def other_process() -> AsyncIterator[GenerationRegistry]:
+    """The answers of a second web process, sharing the channel layer."""
+    other = GenerationRegistry()
+    yield other
+    for generation in other.running():
+        generation.stop()
+        await generation.wait()
+    await other.aclose()
 
 
 def session_cookie(user) -> str:
@@ -471,11 +484,10 @@ async def test_model_output_travels_as_text(alice, routes):
 
 
 async def test_another_process_can_join_and_stop_an_answer(
-    alice, routes, upstream, owner, make_conversation, settings
+    alice, routes, upstream, owner, make_conversation, settings, other_process
 ):
     settings.CHAT_RESUME_GRACE_SECONDS = 5
     upstream.set_behaviour(Behaviour(completion_tokens=400, tokens_per_second=50))
-    other_process = GenerationRegistry()
 
     class OtherProcessConsumer(ChatConsumer):
         registry = other_process

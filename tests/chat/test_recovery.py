@@ -20,7 +20,6 @@ from asgiref.sync import sync_to_async
 from django.core.cache import cache
 
 from chat import actions, leases
-from chat.generation import GenerationRegistry
 from chat.models import Conversation, Message, MessageRole, MessageStatus
 from gateway import accounting
 from gateway.models import Budget, BudgetCounter, BudgetScope, UsageStatus
@@ -34,6 +33,7 @@ from tests.chat.test_consumer_streams import (  # noqa: F401 (fixtures)
     answers,
     connect,
     frames_until,
+    other_process,
     records,
     routes,
     send,
@@ -340,10 +340,9 @@ def test_a_dead_processs_claim_frees_the_conversation_soon(owner, settings):
 
 
 async def test_a_stop_for_an_answer_no_process_runs_answers_not_running(
-    alice, routes, owner, make_conversation, monkeypatch
+    alice, routes, owner, make_conversation, monkeypatch, other_process
 ):
     monkeypatch.setattr("chat.generation.STOP_ACK_SECONDS", 0.5)
-    other_process = GenerationRegistry()
     await other_process._ready()
     conversation = await sync_to_async(make_conversation)(owner, (USER, "q"))
     # The other process holds the claim but runs nothing (it just ended, or
