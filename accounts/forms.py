@@ -16,7 +16,15 @@ from gateway.models import ApiKey
 KEY_NAME_MAX_LENGTH = ApiKey._meta.get_field("name").max_length
 
 
-class ApiKeyForm(forms.Form):
+class PlainLabels:
+    """Labels without Django's trailing colon, as on the login page."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("label_suffix", "")
+        super().__init__(*args, **kwargs)
+
+
+class ApiKeyForm(PlainLabels, forms.Form):
     """The name of a new API key."""
 
     name = forms.CharField(
@@ -39,7 +47,7 @@ class ApiKeyForm(forms.Form):
         return name
 
 
-class SignupForm(UserCreationForm):
+class SignupForm(PlainLabels, UserCreationForm):
     """Username, email and a password the validators accept."""
 
     email = forms.EmailField(
@@ -58,7 +66,7 @@ class SignupForm(UserCreationForm):
 _reset_mailer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reset-mail")
 
 
-class PasswordResetForm(auth_forms.PasswordResetForm):
+class PasswordResetForm(PlainLabels, auth_forms.PasswordResetForm):
     """Django's reset form, mailing in the background."""
 
     def send_mail(self, *args: Any, **kwargs: Any) -> None:
@@ -68,3 +76,11 @@ class PasswordResetForm(auth_forms.PasswordResetForm):
 def wait_for_reset_mail(timeout: float = 10) -> None:
     """Return once every reset mail asked for so far has been handed over."""
     _reset_mailer.submit(lambda: None).result(timeout=timeout)
+
+
+class PasswordChangeForm(PlainLabels, auth_forms.PasswordChangeForm):
+    """Django's password change form."""
+
+
+class SetPasswordForm(PlainLabels, auth_forms.SetPasswordForm):
+    """Django's form for the new password of a reset."""

@@ -21,7 +21,13 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts import keys, throttle
-from accounts.forms import ApiKeyForm, PasswordResetForm, SignupForm
+from accounts.forms import (
+    ApiKeyForm,
+    PasswordChangeForm,
+    PasswordResetForm,
+    SetPasswordForm,
+    SignupForm,
+)
 from gateway.models import ApiKey
 from llmsite.pages import with_policy
 from llmsite.throttle import clear_account
@@ -115,6 +121,7 @@ class PasswordChangeView(_PolicyMixin, auth_views.PasswordChangeView):
     """Change your password; your other sessions are signed out."""
 
     template_name = "accounts/password_change_form.html"
+    form_class = PasswordChangeForm
     success_url = reverse_lazy("account")
 
     def form_valid(self, form: Any) -> HttpResponse:
@@ -148,6 +155,7 @@ class PasswordResetConfirmView(_PolicyMixin, auth_views.PasswordResetConfirmView
     """Set a new password from the mailed link; a sign-in lockout ends with it."""
 
     template_name = "accounts/password_reset_confirm.html"
+    form_class = SetPasswordForm
     success_url = reverse_lazy("password_reset_complete")
 
     def form_valid(self, form: Any) -> HttpResponse:
