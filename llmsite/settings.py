@@ -114,6 +114,7 @@ INSTALLED_APPS = [
     "chat",
     "monitoring",
     "api",
+    "accounts",
     "llmsite",
 ]
 
@@ -241,6 +242,34 @@ if LOGIN_FAILURE_LIMIT < 0 or LOGIN_FAILURE_LIMIT_PER_ADDRESS < 0:
 LOGIN_THROTTLE_CACHE = env.str("LOGIN_THROTTLE_CACHE", default="default")
 LOGIN_REDIRECT_URL = "/chat/"
 LOGOUT_REDIRECT_URL = "login"
+
+# --- Each user's own account (accounts) --------------------------------------
+
+# Users create and revoke their own /v1 keys on their account page; when off,
+# the page lists their keys and says an administrator issues them.
+SELF_SERVICE_API_KEYS = _env_bool("SELF_SERVICE_API_KEYS", True)
+# Active (not revoked) keys one user may hold at once.
+API_KEYS_PER_USER = _env_int("API_KEYS_PER_USER", 20)
+# A sign-up page linked from the login page; off: the URL is a 404.
+SIGNUP_ENABLED = _env_bool("SIGNUP_ENABLED", False)
+# Password reset requests per email address and per client address, and
+# sign-up attempts per client address, each per hour (0: no limit).
+PASSWORD_RESET_LIMIT = _env_int("PASSWORD_RESET_LIMIT", 3)
+PASSWORD_RESET_LIMIT_PER_ADDRESS = _env_int("PASSWORD_RESET_LIMIT_PER_ADDRESS", 20)
+SIGNUP_LIMIT_PER_ADDRESS = _env_int("SIGNUP_LIMIT_PER_ADDRESS", 10)
+if API_KEYS_PER_USER < 1:
+    raise ImproperlyConfigured("API_KEYS_PER_USER must be 1 or more")
+for _name in (
+    "PASSWORD_RESET_LIMIT",
+    "PASSWORD_RESET_LIMIT_PER_ADDRESS",
+    "SIGNUP_LIMIT_PER_ADDRESS",
+):
+    if globals()[_name] < 0:
+        raise ImproperlyConfigured(f"{_name} must be 0 or more")
+# How long a password reset link stays valid (Django's setting, in seconds).
+PASSWORD_RESET_TIMEOUT = _env_int("PASSWORD_RESET_TIMEOUT", 3600)
+if PASSWORD_RESET_TIMEOUT < 60:
+    raise ImproperlyConfigured("PASSWORD_RESET_TIMEOUT must be at least 60 seconds")
 
 LANGUAGE_CODE = "en-us"
 # Budgets reset at midnight UTC and every timestamp is stored in UTC.

@@ -28,6 +28,8 @@ urlpatterns = [
         name="login",
     ),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # Your account: password change and reset, own API keys, optional sign-up.
+    path("accounts/", include("accounts.urls")),
     path("chat/", include("chat.urls")),
     # The OpenAI-compatible API for programs (personal API keys).
     path("v1/", include("gateway.urls")),
