@@ -14,7 +14,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from chat import actions, frames, protocol, sessions
-from chat.errors import ChatError
+from chat.errors import ChatError, busy_switching
 from chat.generation import check_model, group_name, prepare_for, registry
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 self.user, request.conversation_id, request.before
             )
             await self._send_all(frames.page_frames(page))
+        elif isinstance(request, protocol.Switch):
+            await self._switch(request)
         else:
             await self.send_json({"type": "pong"})
 
@@ -158,6 +160,20 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 await self.send(text_data=text)
         finally:
             self.held = None
+
+    async def _switch(self, request: protocol.Switch) -> None:
+        # Checked here as well as by the claim: an answer of this process
+        # that is about to end still counts.
+        if self.registry.get(request.conversation_id) is not None:
+            await database_sync_to_async(actions.owned_conversation)(
+                self.user, request.conversation_id
+            )
+            raise busy_switching()
+        opened = await database_sync_to_async(actions.switch_version)(
+            self.user, request.conversation_id, request.message_id
+        )
+        await self._show(request.conversation_id)
+        await self._send_all(frames.page_frames(opened))
 
     async def _send_all(self, texts: list[str]) -> None:
         for text in texts:
