@@ -174,6 +174,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
         await self._show(request.conversation_id)
         await self._send_all(frames.page_frames(opened))
+        if self.channel_layer is not None:
+            # Other tabs showing it would otherwise show a path the next
+            # message no longer continues from.
+            await self.channel_layer.group_send(
+                group_name(request.conversation_id),
+                {
+                    "type": "chat.switched",
+                    "conversation_id": str(request.conversation_id),
+                    "origin": self.channel_name,
+                },
+            )
 
     async def _send_all(self, texts: list[str]) -> None:
         for text in texts:
@@ -203,6 +214,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         owner = await self.registry.attach(conversation_id, self)
         if owner is not None:
             self.joined[conversation_id] = owner
+
+    async def chat_switched(self, event: dict[str, Any]) -> None:
+        """Another tab showed another version: show the path it now shows."""
+        if event.get("origin") == self.channel_name:
+            return
+        if uuid.UUID(event["conversation_id"]) == self.current:
+            await self.send_json(
+                {"type": "refresh", "conversation_id": event["conversation_id"]}
+            )
 
     async def chat_session_ended(self, event: dict[str, Any]) -> None:
         """The user logged out, was deactivated or changed password: close."""

@@ -267,3 +267,17 @@ def test_the_migration_links_existing_messages_in_order(owner, make_conversation
         ("q2", "1/1"),
         ("a2", "1/1"),
     ]
+
+
+def test_a_message_stored_without_a_parent_follows_the_path_shown(
+    owner, make_conversation
+):
+    conversation = make_conversation(owner, (USER, "q"), (ASSISTANT, "a1"))
+    first = conversation.messages.get(content="a1")
+    regenerate(owner, conversation, "a2")
+    actions.switch_version(owner, conversation.id, first.id)
+
+    later = Message.objects.create(conversation=conversation, role=USER, content="q2")
+
+    assert later.parent_id == first.id
+    assert shown(owner, conversation)[-1] == ("q2", "1/1")

@@ -39,17 +39,17 @@ async def answered_twice(tab) -> tuple[dict, dict]:
     return first, second
 
 
+async def switch(tab, conversation_id: str, message_id: int) -> None:
+    await tab.send_json_to(
+        {"type": "switch", "conversation_id": conversation_id, "message_id": message_id}
+    )
+
+
 async def test_switch_shows_the_earlier_answer_with_its_place(alice, routes):
     tab = await connect(alice)
     first, second = await answered_twice(tab)
 
-    await tab.send_json_to(
-        {
-            "type": "switch",
-            "conversation_id": first["conversation_id"],
-            "message_id": first["answer"]["id"],
-        }
-    )
+    await switch(tab, first["conversation_id"], first["answer"]["id"])
     opened = (await frames_until(tab, "opened"))[-1]
 
     shown = opened["messages"][-1]
@@ -64,6 +64,27 @@ async def test_switch_shows_the_earlier_answer_with_its_place(alice, routes):
     await tab.disconnect()
 
 
+async def test_other_tabs_showing_the_conversation_are_told_to_reload(alice, routes):
+    tab = await connect(alice)
+    first, _ = await answered_twice(tab)
+    other_tab = await connect(alice)
+    await other_tab.send_json_to(
+        {"type": "open", "conversation_id": first["conversation_id"]}
+    )
+    await frames_until(other_tab, "opened")
+
+    await switch(tab, first["conversation_id"], first["answer"]["id"])
+    await frames_until(tab, "opened")
+
+    assert await other_tab.receive_json_from(timeout=10) == {
+        "type": "refresh",
+        "conversation_id": first["conversation_id"],
+    }
+    assert await tab.receive_nothing(timeout=0.3)
+    await tab.disconnect()
+    await other_tab.disconnect()
+
+
 async def test_switch_to_another_users_message_is_not_found(alice, routes, other_user):
     bob_tab = await connect(await sync_to_async(session_cookie)(other_user))
     bob_first, _ = await answered_twice(bob_tab)
@@ -75,13 +96,7 @@ async def test_switch_to_another_users_message_is_not_found(alice, routes, other
         (mine["conversation_id"], bob_first["answer"]["id"]),
         (bob_first["conversation_id"], bob_first["answer"]["id"]),
     ]:
-        await tab.send_json_to(
-            {
-                "type": "switch",
-                "conversation_id": conversation_id,
-                "message_id": message_id,
-            }
-        )
+        await switch(tab, conversation_id, message_id)
         error = await tab.receive_json_from(timeout=10)
         assert (error["type"], error["code"], error["request"]) == (
             "error",
@@ -105,13 +120,7 @@ async def test_switch_while_an_answer_is_written_is_busy(alice, routes, upstream
     )
     await frames_until(tab, "start")
 
-    await tab.send_json_to(
-        {
-            "type": "switch",
-            "conversation_id": first["conversation_id"],
-            "message_id": first["answer"]["id"],
-        }
-    )
+    await switch(tab, first["conversation_id"], first["answer"]["id"])
     error = (await frames_until(tab, "error"))[-1]
 
     assert (error["code"], error["request"]) == ("busy", "switch")
