@@ -9,6 +9,7 @@ wrap it with ``database_sync_to_async``.
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -19,7 +20,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from chat import frames, leases
-from chat.errors import ChatError, not_found
+from chat.errors import ChatError, busy_switching, not_found
 from chat.models import Conversation, Message, MessageRole, MessageStatus
 from gateway import tokens
 from gateway.context import ContextMessage
@@ -82,9 +83,20 @@ def conversation_dict(conversation: Conversation) -> dict[str, Any]:
 
 
 def message_dict(message: Message) -> dict[str, Any]:
-    """What the page needs to show one message, footer included."""
+    """What the page needs to show one message, footer included.
+
+    Its ``versions`` come from `with_versions` (one version when not given).
+    """
+    versions = getattr(message, "versions", None) or {
+        "index": 1,
+        "count": 1,
+        "prev": None,
+        "next": None,
+    }
     return {
         "id": message.id,
+        "parent_id": message.parent_id,
+        "versions": versions,
         "role": message.role,
         "content": message.content,
         "status": message.status,
@@ -94,6 +106,41 @@ def message_dict(message: Message) -> dict[str, Any]:
         "created_at": message.created_at.isoformat(),
         "meta": message.meta,
     }
+
+
+def with_versions(messages: list[Message]) -> list[Message]:
+    """Give each message its place among its siblings, in one query.
+
+    ``versions`` is {``index`` (1-based), ``count``, ``prev``, ``next``}: the
+    ids of the versions before and after it (None at either end), siblings
+    taken in creation order. Regenerated answers and edited questions are
+    siblings: same parent, same role.
+    """
+    if not messages:
+        return messages
+    parents = {m.parent_id for m in messages}
+    under = Q(parent_id__in=[p for p in parents if p is not None])
+    if None in parents:
+        under |= Q(parent__isnull=True)
+    rows = (
+        Message.objects.filter(conversation_id=messages[0].conversation_id)
+        .filter(under, role__in={m.role for m in messages})
+        .order_by("created_at", "id")
+        .values_list("parent_id", "role", "id")
+    )
+    siblings: dict[tuple[int | None, str], list[int]] = defaultdict(list)
+    for parent_id, role, message_id in rows:
+        siblings[(parent_id, role)].append(message_id)
+    for message in messages:
+        ids = siblings.get((message.parent_id, message.role)) or [message.id]
+        index = ids.index(message.id) if message.id in ids else 0
+        message.versions = {  # type: ignore[attr-defined]
+            "index": index + 1,
+            "count": len(ids),
+            "prev": ids[index - 1] if index > 0 else None,
+            "next": ids[index + 1] if index + 1 < len(ids) else None,
+        }
+    return messages
 
 
 def owned_conversation(user: Any, conversation_id: uuid.UUID) -> Conversation:
@@ -178,7 +225,7 @@ def _page(
     A page always holds at least one message, however long: the frame then
     goes out in chunks (chat.frames).
     """
-    rows = conversation.messages.order_by("-created_at", "-id")
+    rows = conversation.messages.filter(active=True).order_by("-created_at", "-id")
     if hidden:
         rows = rows.exclude(id__in=hidden)
     if before is not None:
@@ -197,7 +244,7 @@ def _page(
     offset = 0
     while True:
         # Batches, so a page of a huge conversation reads only what it sends.
-        batch = list(rows[offset : offset + PAGE_BATCH])
+        batch = with_versions(list(rows[offset : offset + PAGE_BATCH]))
         for message in batch:
             item = message_dict(message)
             # One more byte for the comma between messages.
@@ -244,13 +291,17 @@ def _history(
         history.append(
             ContextMessage("system", conversation.system_prompt, pinned=True)
         )
-    rows = conversation.messages.exclude(
-        status__in=[
-            MessageStatus.ERROR,
-            MessageStatus.STREAMING,
-            MessageStatus.INTERRUPTED,
-        ]
-    ).exclude(role=MessageRole.ASSISTANT, content="")
+    rows = (
+        conversation.messages.filter(active=True)
+        .exclude(
+            status__in=[
+                MessageStatus.ERROR,
+                MessageStatus.STREAMING,
+                MessageStatus.INTERRUPTED,
+            ]
+        )
+        .exclude(role=MessageRole.ASSISTANT, content="")
+    )
     if before is not None:
         rows = rows.filter(_before_q(before))
     for message in rows:
@@ -292,7 +343,7 @@ def plan_send(
     *,
     new_id: uuid.UUID | None = None,
 ) -> Turn:
-    """A new question, in a new conversation when conversation_id is None."""
+    """A new question, after the last message shown (a new conversation: None)."""
     question = ContextMessage(MessageRole.USER, content)
     if conversation_id is None:
         now = timezone.now()
@@ -313,10 +364,10 @@ def plan_send(
 
 
 def plan_regenerate(user: Any, conversation_id: uuid.UUID, model: str | None) -> Turn:
-    """Answer the last question again; what came after it goes once admitted."""
+    """Answer the last question shown again, as a new version of its answer."""
     conversation = owned_conversation(user, conversation_id)
     last_user = (
-        conversation.messages.filter(role=MessageRole.USER)
+        conversation.messages.filter(role=MessageRole.USER, active=True)
         .order_by("-created_at", "-id")
         .first()
     )
@@ -337,7 +388,7 @@ def plan_regenerate(user: Any, conversation_id: uuid.UUID, model: str | None) ->
 
 
 def plan_edit(user: Any, message_id: int, content: str, model: str | None) -> Turn:
-    """Answer a rewritten question; the rewrite is stored once admitted."""
+    """Answer a rewritten question; stored once admitted, as a new version."""
     try:
         message = Message.objects.select_related("conversation").get(
             id=message_id, conversation__user=user
@@ -346,6 +397,12 @@ def plan_edit(user: Any, message_id: int, content: str, model: str | None) -> Tu
         raise not_found() from None
     if message.role != MessageRole.USER:
         raise ChatError("invalid", "Only your own messages can be edited.")
+    if not message.active:
+        raise ChatError(
+            "invalid",
+            "That version is not the one shown any more; open the conversation "
+            "again to edit it.",
+        )
     conversation = message.conversation
     model = model or conversation.model_name or message.model_name
     rewritten = _context(message)
@@ -390,44 +447,115 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
             conversation.title = title_from(turn.content)
         _touch(conversation, turn.model, now)
     tokens_in = tokens.count_text(turn.content, turn.model)
+    shown = conversation.messages.filter(active=True)
     if turn.kind == "send":
         question = Message.objects.create(
             conversation=conversation,
+            # The path shown goes on from its last message.
+            parent=shown.order_by("-created_at", "-id").first(),
             role=MessageRole.USER,
             content=turn.content,
             token_count=tokens_in,
             model_name=turn.model,
             created_at=now,
+            shown_at=now,
         )
         turn.history[-1].id = question.id
     else:
         assert turn.user_message is not None
         question = turn.user_message
-        if not Message.objects.filter(id=question.id).exists():
+        if not shown.filter(id=question.id).exists():
+            # Deleted, or another version shown since the turn was planned.
             raise not_found()
-        _drop_after(question)
-        if turn.kind == "edit":
-            question.content = turn.content
-            question.token_count = tokens_in
-            question.model_name = turn.model
-            question.save(update_fields=["content", "token_count", "model_name"])
-    turn.user_message = question
+        if turn.kind == "regenerate":
+            # The answers shown below the question stay, as earlier versions.
+            shown.filter(_after_q(question)).update(active=False)
+        else:
+            # The rewrite is a new version of the question: the old one and
+            # the branch that followed it stay, no longer shown.
+            shown.filter(Q(id=question.id) | _after_q(question)).update(active=False)
+            question = Message.objects.create(
+                conversation=conversation,
+                parent_id=question.parent_id,
+                role=MessageRole.USER,
+                content=turn.content,
+                token_count=tokens_in,
+                model_name=turn.model,
+                pinned=question.pinned,
+                importance=question.importance,
+                created_at=now,
+                shown_at=now,
+            )
+            turn.history[-1].id = question.id
+    turn.user_message = with_versions([question])[0]
     answer = Message.objects.create(
         conversation=conversation,
+        parent=question,
         role=MessageRole.ASSISTANT,
         content="",
         status=MessageStatus.STREAMING,
         model_name=turn.model,
         request_id=request_id,
         created_at=now,
+        shown_at=now,
     )
     turn.answer_id = answer.id
 
 
-def _drop_after(message: Message) -> None:
-    Message.objects.filter(conversation_id=message.conversation_id).filter(
-        _after_q(message)
-    ).delete()
+def switch_version(
+    user: Any, conversation_id: uuid.UUID, message_id: int
+) -> dict[str, Any]:
+    """Show another version of a message, and the branch last shown below it.
+
+    Returns the ``opened`` frame of the path now shown. Refused (``busy``)
+    while the conversation is being answered: the answer continues the path
+    it was asked on.
+    """
+    with transaction.atomic():
+        conversation = (
+            Conversation.objects.select_for_update()
+            .filter(id=conversation_id, user=user)
+            .first()
+        )
+        if conversation is None:
+            raise not_found()
+        target = conversation.messages.filter(id=message_id).first()
+        if target is None:
+            raise not_found()
+        if leases.owner_of(conversation.id) is not None:
+            raise busy_switching()
+        if not target.active:
+            _show_branch(conversation, target)
+    return open_conversation(user, conversation_id)
+
+
+def _show_branch(conversation: Conversation, target: Message) -> None:
+    shown = conversation.messages.filter(active=True)
+    if target.parent_id is None:
+        shown.update(active=False)
+    else:
+        parent = shown.filter(id=target.parent_id).first()
+        if parent is None:
+            raise ChatError(
+                "invalid",
+                "That version is not under the conversation shown; open the "
+                "conversation again.",
+            )
+        shown.filter(_after_q(parent)).update(active=False)
+    # Below the target, follow the child shown last at every level: children
+    # are always newer than their parent, so one read finds the whole branch.
+    below: dict[int | None, list[tuple[datetime, int]]] = defaultdict(list)
+    rows = conversation.messages.filter(_after_q(target)).values_list(
+        "parent_id", "shown_at", "id"
+    )
+    for parent_id, shown_at, message_id in rows:
+        below[parent_id].append((shown_at, message_id))
+    path = [target.id]
+    while below.get(path[-1]):
+        path.append(max(below[path[-1]])[1])
+    conversation.messages.filter(id__in=path).update(
+        active=True, shown_at=timezone.now()
+    )
 
 
 @dataclass(slots=True)
@@ -463,7 +591,7 @@ def save_answer(
     if not Message.objects.filter(id=answer_id).update(**fields):
         return None
     Conversation.objects.filter(id=conversation_id).update(updated_at=now)
-    return message_dict(Message.objects.get(id=answer_id))
+    return message_dict(with_versions([Message.objects.get(id=answer_id)])[0])
 
 
 def mark_interrupted(

@@ -14,7 +14,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from chat import actions, frames, protocol, sessions
-from chat.errors import ChatError
+from chat.errors import ChatError, busy_switching
 from chat.generation import check_model, group_name, prepare_for, registry
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 self.user, request.conversation_id, request.before
             )
             await self._send_all(frames.page_frames(page))
+        elif isinstance(request, protocol.Switch):
+            await self._switch(request)
         else:
             await self.send_json({"type": "pong"})
 
@@ -158,6 +160,31 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 await self.send(text_data=text)
         finally:
             self.held = None
+
+    async def _switch(self, request: protocol.Switch) -> None:
+        # Checked here as well as by the claim: an answer of this process
+        # that is about to end still counts.
+        if self.registry.get(request.conversation_id) is not None:
+            await database_sync_to_async(actions.owned_conversation)(
+                self.user, request.conversation_id
+            )
+            raise busy_switching()
+        opened = await database_sync_to_async(actions.switch_version)(
+            self.user, request.conversation_id, request.message_id
+        )
+        await self._show(request.conversation_id)
+        await self._send_all(frames.page_frames(opened))
+        if self.channel_layer is not None:
+            # Other tabs showing it would otherwise show a path the next
+            # message no longer continues from.
+            await self.channel_layer.group_send(
+                group_name(request.conversation_id),
+                {
+                    "type": "chat.switched",
+                    "conversation_id": str(request.conversation_id),
+                    "origin": self.channel_name,
+                },
+            )
 
     async def _send_all(self, texts: list[str]) -> None:
         for text in texts:
@@ -187,6 +214,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         owner = await self.registry.attach(conversation_id, self)
         if owner is not None:
             self.joined[conversation_id] = owner
+
+    async def chat_switched(self, event: dict[str, Any]) -> None:
+        """Another tab showed another version: show the path it now shows."""
+        if event.get("origin") == self.channel_name:
+            return
+        if uuid.UUID(event["conversation_id"]) == self.current:
+            await self.send_json(
+                {"type": "refresh", "conversation_id": event["conversation_id"]}
+            )
 
     async def chat_session_ended(self, event: dict[str, Any]) -> None:
         """The user logged out, was deactivated or changed password: close."""

@@ -30,6 +30,15 @@ def not_found() -> ChatError:
     return ChatError("not_found", "That conversation or message does not exist.")
 
 
+def busy_switching() -> ChatError:
+    """Refuse to show another version while the conversation is answered."""
+    return ChatError(
+        "busy",
+        "An answer is being written in this conversation. "
+        "Wait for it or stop it first.",
+    )
+
+
 def _seconds(retry_after: float | None) -> str:
     if retry_after is None:
         return "in a moment"

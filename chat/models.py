@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -56,11 +57,31 @@ class MessageStatus(models.TextChoices):
 
 
 class Message(models.Model):
-    """One turn of a conversation."""
+    """One turn of a conversation: a node of its tree of versions.
+
+    A conversation is a tree: regenerate adds an answer under the same
+    question, edit adds a question under the same parent. The messages shown
+    (and sent upstream) are one path from a root to a leaf, marked ``active``
+    so reading it is one indexed filter; the path is always in creation order.
+    """
 
     conversation = models.ForeignKey(
         Conversation, on_delete=models.CASCADE, related_name="messages"
     )
+    # None for a first question (and its edits).
+    parent = models.ForeignKey(
+        "self",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="children",
+    )
+    active = models.BooleanField(
+        default=True, help_text="On the path of the conversation shown."
+    )
+    # Switching to a version reopens the branch last shown below it: the child
+    # shown most recently.
+    shown_at = models.DateTimeField(default=timezone.now)
     role = models.CharField(max_length=16, choices=MessageRole.choices)
     content = models.TextField(blank=True)
     token_count = models.PositiveIntegerField(null=True, blank=True)
@@ -95,6 +116,18 @@ class Message(models.Model):
             models.Index(
                 fields=["conversation", "created_at"], name="message_conv_time"
             ),
+            # Paging and the context history: the shown path only.
+            models.Index(
+                fields=["conversation", "created_at", "id"],
+                name="message_conv_shown",
+                condition=models.Q(active=True),
+            ),
+            # The versions of a conversation's first question.
+            models.Index(
+                fields=["conversation"],
+                name="message_conv_roots",
+                condition=models.Q(parent__isnull=True),
+            ),
             # Marking the answers of abandoned requests interrupted.
             models.Index(
                 fields=["request_id"],
@@ -105,3 +138,16 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:60]}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # A new message without a parent continues the path shown, as a new
+        # question does; the chat's own writes name the parent themselves.
+        if self._state.adding and self.parent_id is None and self.active:
+            self.parent = (
+                Message.objects.filter(
+                    conversation_id=self.conversation_id, active=True
+                )
+                .order_by("-created_at", "-id")
+                .first()
+            )
+        super().save(*args, **kwargs)

@@ -37,7 +37,7 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class Regenerate:
-    """Answer the last user message of a conversation again."""
+    """Answer the last user message shown again: a new version of its answer."""
 
     conversation_id: uuid.UUID
     model: str | None
@@ -45,7 +45,7 @@ class Regenerate:
 
 @dataclass(frozen=True, slots=True)
 class Edit:
-    """Replace a user message, drop everything after it and answer again."""
+    """Answer a rewritten user message: a new version of it, with its own branch."""
 
     message_id: int
     content: str
@@ -68,11 +68,19 @@ class History:
 
 
 @dataclass(frozen=True, slots=True)
+class Switch:
+    """Show another version of a message (and the branch below it)."""
+
+    conversation_id: uuid.UUID
+    message_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     """Keep an idle connection alive through proxies."""
 
 
-Request = Send | Stop | Regenerate | Edit | Open | History | Ping
+Request = Send | Stop | Regenerate | Edit | Open | History | Switch | Ping
 
 FRAME_TYPES = (
     "send",
@@ -82,6 +90,7 @@ FRAME_TYPES = (
     "open",
     "resume",
     "history",
+    "switch",
     "ping",
 )
 
@@ -137,6 +146,10 @@ def parse(data: dict[str, Any]) -> Request:
         return History(
             conversation_id=_conversation_id(data),
             before=_message_id(data, "before"),
+        )
+    if kind == "switch":
+        return Switch(
+            conversation_id=_conversation_id(data), message_id=_message_id(data)
         )
     if kind == "ping":
         return Ping()

@@ -77,7 +77,7 @@ def test_nobody_can_write_into_another_users_conversation(
     assert conversation.messages.count() == 1
 
 
-def test_regenerate_drops_the_last_answer_and_keeps_the_question(
+def test_regenerate_keeps_the_last_answer_as_an_earlier_version(
     owner, make_conversation
 ):
     conversation = make_conversation(
@@ -89,15 +89,16 @@ def test_regenerate_drops_the_last_answer_and_keeps_the_question(
 
     assert turn.user_message.content == "q2"
     assert [m.content for m in turn.history] == ["q1", "a1", "q2"]
-    assert list(conversation.messages.values_list("content", "status")) == [
-        ("q1", MessageStatus.COMPLETE),
-        ("a1", MessageStatus.COMPLETE),
-        ("q2", MessageStatus.COMPLETE),
-        ("", MessageStatus.STREAMING),
+    assert list(conversation.messages.values_list("content", "status", "active")) == [
+        ("q1", MessageStatus.COMPLETE, True),
+        ("a1", MessageStatus.COMPLETE, True),
+        ("q2", MessageStatus.COMPLETE, True),
+        ("a2", MessageStatus.COMPLETE, False),
+        ("", MessageStatus.STREAMING, True),
     ]
 
 
-def test_edit_rewrites_the_question_and_forgets_what_came_after(
+def test_edit_adds_a_version_of_the_question_and_keeps_what_came_after(
     owner, make_conversation
 ):
     conversation = make_conversation(
@@ -108,11 +109,14 @@ def test_edit_rewrites_the_question_and_forgets_what_came_after(
     turn = actions.plan_edit(owner, first.id, "q1, better", None)
     actions.commit_turn(turn, uuid.uuid4())
 
-    assert turn.user_message.id == first.id
-    assert list(conversation.messages.values_list("content", flat=True)) == [
-        "q1, better",
-        "",
-    ]
+    assert turn.user_message.id != first.id
+    assert turn.user_message.versions["index"] == 2
+    assert list(
+        conversation.messages.filter(active=True).values_list("content", flat=True)
+    ) == ["q1, better", ""]
+    assert list(
+        conversation.messages.filter(active=False).values_list("content", flat=True)
+    ) == ["q1", "a1", "q2", "a2"]
 
 
 def test_only_user_messages_can_be_edited(owner, make_conversation):

@@ -436,7 +436,7 @@ async def test_a_refused_send_stores_nothing_but_its_usage_record(
     await tab.disconnect()
 
 
-async def test_regenerate_replaces_the_last_answer(alice, routes):
+async def test_regenerate_shows_a_new_answer_and_keeps_the_old_one(alice, routes):
     tab = await connect(alice)
     await send(tab)
     first = await frames_until(tab, "done")
@@ -446,12 +446,19 @@ async def test_regenerate_replaces_the_last_answer(alice, routes):
     again = await frames_until(tab, "done")
 
     assert again[0]["user_message"]["id"] == first[0]["user_message"]["id"]
-    assert [a.id for a in await answers()] == [again[-1]["answer"]["id"]]
-    assert len(await records()) == 2
+    kept = await answers()
+    assert [(a.id, a.active) for a in kept] == [
+        (first[-1]["answer"]["id"], False),
+        (again[-1]["answer"]["id"], True),
+    ]
+    assert again[-1]["answer"]["versions"]["index"] == 2
+    assert again[-1]["answer"]["versions"]["count"] == 2
+    # Each version links to the usage record of the request that wrote it.
+    assert sorted(a.usage_id for a in kept) == sorted(r.id for r in await records())
     await tab.disconnect()
 
 
-async def test_edit_rewrites_a_question_and_answers_it_again(alice, routes, upstream):
+async def test_edit_answers_a_new_version_of_the_question(alice, routes, upstream):
     upstream.set_behaviour(Behaviour(echo=True))
     tab = await connect(alice)
     await send(tab, "first version")
@@ -468,8 +475,21 @@ async def test_edit_rewrites_a_question_and_answers_it_again(alice, routes, upst
 
     assert again[0]["user_message"]["content"] == "second version"
     assert text_of(again) == "second version"
-    contents = [m.content async for m in Message.objects.order_by("created_at")]
-    assert contents == ["second version", "second version"]
+    contents = [
+        (m.content, m.active) async for m in Message.objects.order_by("created_at")
+    ]
+    assert contents == [
+        ("first version", False),
+        ("first version", False),
+        ("second version", True),
+        ("second version", True),
+    ]
+    assert again[0]["user_message"]["versions"] == {
+        "index": 2,
+        "count": 2,
+        "prev": first[0]["user_message"]["id"],
+        "next": None,
+    }
     await tab.disconnect()
 
 

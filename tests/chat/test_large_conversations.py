@@ -7,6 +7,7 @@ message, whole and in order.
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -50,6 +51,11 @@ def make_big_conversation(user, sizes: list[int]) -> tuple[Conversation, list[st
         )
         for i, text in enumerate(texts)
     )
+    # One path, each message after the one before, as the chat stores them.
+    rows = list(conversation.messages.order_by("created_at", "id").only("id"))
+    for previous, message in itertools.pairwise(rows):
+        message.parent_id = previous.id
+    Message.objects.bulk_update(rows[1:], ["parent"])
     return conversation, texts
 
 

@@ -312,7 +312,9 @@ async def test_retry_of_an_interrupted_answer_answers_the_question_again(
     )
     frames = await frames_until(tab, "done")
 
-    [answer] = await answers()
+    interrupted, answer = await answers()
+    assert interrupted.status == MessageStatus.INTERRUPTED
+    assert not interrupted.active
     assert answer.status == MessageStatus.COMPLETE
     assert answer.content == text_of(frames)
     await tab.disconnect()

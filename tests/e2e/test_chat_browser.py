@@ -162,7 +162,12 @@ def test_escape_stops_and_regenerate_writes_a_new_answer(
     wait_for_answer(page)
 
     assert page.locator(ANSWER).count() == 1
-    assert Message.objects.filter(role=MessageRole.ASSISTANT).count() == 1
+    # The stopped answer is kept as the first version.
+    assert list(
+        Message.objects.filter(role=MessageRole.ASSISTANT)
+        .order_by("created_at")
+        .values_list("status", "active")
+    ) == [(MessageStatus.PARTIAL, False), (MessageStatus.COMPLETE, True)]
     assert [r.status for r in UsageRecord.objects.order_by("created_at")] == [
         UsageStatus.CANCELLED,
         UsageStatus.OK,
@@ -542,6 +547,6 @@ def test_an_interrupted_answer_offers_retry(page, login, owner, sim_model, scree
 
     assert notice.startswith("Interrupted.")
     assert page.locator(".msg-assistant").count() == 1
-    assert Message.objects.get(role=MessageRole.ASSISTANT).status == (
+    assert Message.objects.get(role=MessageRole.ASSISTANT, active=True).status == (
         MessageStatus.COMPLETE
     )

@@ -4,6 +4,7 @@
 import { copyText } from "./markdown.js";
 import { Sidebar } from "./sidebar.js";
 import { ChatSocket } from "./socket.js";
+import { addVersions, dropBranchOf, focusSwitched } from "./versions.js";
 import {
   answerElement,
   editorElement,
@@ -58,6 +59,8 @@ const state = {
   // The beginnings of texts too long for one frame, by conversation and
   // message id ("start" for the answer so far), waiting for their frame.
   chunks: new Map(),
+  // The version asked for with "switch": {id, step}, focused once shown.
+  pendingSwitch: null,
 };
 
 const socket = new ChatSocket(config.socket_path);
@@ -224,7 +227,9 @@ function latestContext() {
 // --- Drawing the conversation ---------------------------------------------------------
 
 function messageElement(message) {
-  return message.role === "user" ? userMessageElement(message) : answerElement(message);
+  const article = message.role === "user" ? userMessageElement(message) : answerElement(message);
+  addVersions(article, message, { disabled: isStreamingHere() });
+  return article;
 }
 
 function earlierButton() {
@@ -403,6 +408,14 @@ function regenerate() {
   sendFrame({ type: "regenerate", conversation_id: state.conversationId, model: ui.model.value });
 }
 
+function switchVersion(button) {
+  if (isStreamingHere() || !state.conversationId) return;
+  const id = Number(button.dataset.target);
+  if (socket.send({ type: "switch", conversation_id: state.conversationId, message_id: id })) {
+    state.pendingSwitch = { id, step: button.dataset.step };
+  }
+}
+
 function startEdit(article) {
   const id = Number(article.dataset.id);
   const message = state.messages.find((m) => m.id === id);
@@ -454,6 +467,8 @@ const handlers = {
     if (config.models.includes(frame.conversation.model)) ui.model.value = frame.conversation.model;
     sidebar.upsert(frame.conversation, { place: "keep" });
     renderConversation();
+    focusSwitched(ui.messages, state.pendingSwitch);
+    state.pendingSwitch = null;
   },
 
   history(frame) {
@@ -494,7 +509,10 @@ const handlers = {
     const question = frame.user_message;
     const index = state.messages.findIndex((m) => m.id === question.id);
     if (index >= 0) state.messages.splice(index, state.messages.length - index, question);
-    else state.messages.push(question);
+    else {
+      dropBranchOf(state.messages, question);
+      state.messages.push(question);
+    }
     state.live = {
       conversationId: id,
       userMessageId: question.id,
@@ -571,6 +589,7 @@ const handlers = {
       return;
     }
     if (frame.request === "send" || frame.code === "busy") state.pendingSend = null;
+    if (frame.request === "switch") state.pendingSwitch = null;
     if (frame.refused) restoreRefused(frame);
     if (frame.request === "history") {
       state.loadingHistory = false;
@@ -763,6 +782,7 @@ ui.messages.addEventListener("click", async (event) => {
   const action = target.dataset.action;
   if (action === "regenerate") regenerate();
   else if (action === "edit") startEdit(article);
+  else if (action === "version") switchVersion(target);
   else if (action === "copy") {
     const message = state.messages.find((m) => m.id === Number(article.dataset.id));
     const ok = message && (await copyText(message.content));
