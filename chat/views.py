@@ -11,6 +11,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
+from django.core.handlers.asgi import ASGIRequest
 from django.http import (
     Http404,
     HttpRequest,
@@ -29,6 +30,7 @@ from chat.errors import ChatError
 from chat.generation import registry
 from chat.models import Conversation
 from gateway import limits
+from gateway.usage_export import aiter_chunks
 from llmsite.pages import with_policy
 
 ERROR_STATUS = {"not_found": 404, "too_large": 400, "invalid": 400}
@@ -175,7 +177,9 @@ def export_conversation(
 @require_GET
 def export_all(request: HttpRequest) -> StreamingHttpResponse:
     """All the user's conversations as one JSON file, streamed."""
-    response = StreamingHttpResponse(
-        export.stream_all(request.user), content_type="application/json"
-    )
+    body: Any = export.stream_all(request.user)
+    if isinstance(request, ASGIRequest):
+        # One piece per step in the request's sync thread, never all at once.
+        body = aiter_chunks(body)
+    response = StreamingHttpResponse(body, content_type="application/json")
     return _download(response, "llmsite-conversations.json")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import uuid
+import warnings
 
 import pytest
 from django.db import connection
-from django.test import Client
+from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
 from markdown_it import MarkdownIt
 
@@ -15,6 +16,7 @@ from chat import export
 from chat.models import Conversation, Message, MessageStatus
 from gateway.models import Endpoint, UsageRecord, UsageStatus
 from tests.chat.conftest import ASSISTANT, MODEL, USER
+from tests.gateway.usage_support import close_thread_connections
 
 pytestmark = pytest.mark.django_db
 
@@ -332,6 +334,29 @@ def test_all_conversations_come_as_one_json_file_without_others(
         "The **moon** pulls the sea.",
     ]
     assert "bob's secret" not in json.dumps(document)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_under_asgi_the_file_streams_from_an_async_iterator(owner, monkeypatch):
+    """A sync iterator would be read whole into a list by Django under ASGI."""
+    monkeypatch.setattr(export, "FLUSH_CHARS", 10)
+    conversation = await Conversation.objects.acreate(user=owner, title="Async")
+    await Message.objects.acreate(conversation=conversation, role=USER, content="hi")
+    client = AsyncClient()
+    await client.aforce_login(owner)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        response = await client.get("/chat/export/all.json")
+        assert response.status_code == 200
+        assert response.is_async
+        pieces = [piece async for piece in response.streaming_content]
+
+    assert len(pieces) > 1
+    [exported] = json.loads(b"".join(pieces))["conversations"]
+    assert exported["id"] == str(conversation.id)
+    assert [m["content"] for m in exported["messages"]] == ["hi"]
+    close_thread_connections()
 
 
 def test_a_user_without_conversations_gets_an_empty_list(bob):
