@@ -185,15 +185,30 @@ def fenced(text: str, info: str = "") -> str:
     return f"{fence}{info}\n{text}\n{fence}"
 
 
-def closed_fences(text: str) -> str:
-    """Text as is, with a code block left open at its end closed.
+# The start of a raw HTML block that only its own end tag closes (CommonMark
+# kinds 1 to 5: <script>, <pre>, <style>, <textarea>, comments, <?, <!X,
+# CDATA): left open, it would hide the rest of the file.
+_OPEN_HTML = re.compile(
+    r"^( {0,3})(<(?:script|pre|style|textarea)(?:[\s>]|$)"
+    r"|<!--|<\?|<![A-Za-z]|<!\[CDATA\[)",
+    re.IGNORECASE,
+)
 
-    An answer cut off mid-block (stopped, failed) would otherwise swallow
-    every heading that follows it in the file.
+
+def contained(text: str) -> str:
+    """Text as is, kept from swallowing what follows it in the file.
+
+    A code block left open at its end (an answer stopped mid-block) is
+    closed, and a line outside code that would open a raw HTML block ends
+    only by its own closing tag gets its ``<`` escaped, so it shows as text.
     """
+    lines = text.split("\n")
     open_fence: str | None = None
-    for line in text.splitlines():
+    for index, line in enumerate(lines):
         match = _FENCE.match(line)
+        if open_fence is None and match is None:
+            lines[index] = _OPEN_HTML.sub(r"\1\\\2", line)
+            continue
         if match is None:
             continue
         fence, rest = match.groups()
@@ -207,6 +222,7 @@ def closed_fences(text: str) -> str:
             and not rest.strip()
         ):
             open_fence = None
+    text = "\n".join(lines)
     if open_fence is None:
         return text
     return f"{text.rstrip()}\n{open_fence}"
@@ -273,7 +289,7 @@ def message_markdown(message: Message) -> str:
     heading += f" · {message.created_at:%Y-%m-%d %H:%M} UTC"
     parts = [heading]
     if message.content:
-        parts.append(closed_fences(message.content))
+        parts.append(contained(message.content))
     meta = message.meta if isinstance(message.meta, dict) else {}
     error = meta.get("error")
     if isinstance(error, dict) and error.get("message"):

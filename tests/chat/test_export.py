@@ -226,6 +226,27 @@ def test_a_block_left_open_by_a_stopped_answer_is_closed(owner, make_conversatio
     assert "partial" in text
 
 
+def test_raw_html_that_would_hide_the_rest_shows_as_text(owner, make_conversation):
+    conversation = make_conversation(
+        owner,
+        (USER, "What is <!-- this?"),
+        (ASSISTANT, "<script>\nalert(1)\n\n```html\n<!-- a comment\n```"),
+        (USER, "and <pre>?"),
+    )
+    text = export.document_markdown(*export.owned(owner, conversation.id))
+
+    assert [h.split(" · ")[0] for h in headings(text)[1:]] == [
+        "You",
+        "Assistant",
+        "You",
+    ]
+    assert "\\<script>\nalert(1)" in text
+    assert code_blocks(text) == ["<!-- a comment\n"]
+    html = MarkdownIt("commonmark").render(text)
+    assert "<script>" not in html
+    assert "&lt;script&gt;" in html
+
+
 def test_a_system_prompt_with_fences_sits_in_a_longer_fence(owner, make_conversation):
     conversation = make_conversation(owner, (USER, "hi"))
     conversation.system_prompt = "Answer in code:\n```\nlike this\n```\n## Rules"
