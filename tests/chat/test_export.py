@@ -83,6 +83,11 @@ def headings(markdown: str) -> list[str]:
     ]
 
 
+def roles(markdown: str) -> list[str]:
+    """Who speaks, by the message headings after the title."""
+    return [heading.split(" · ")[0] for heading in headings(markdown)[1:]]
+
+
 def code_blocks(markdown: str) -> list[str]:
     tokens = MarkdownIt("commonmark").parse(markdown)
     return [token.content for token in tokens if token.type == "fence"]
@@ -200,11 +205,7 @@ def test_code_in_a_message_does_not_swallow_the_messages_after_it(
     )
     text = export.document_markdown(*export.owned(owner, conversation.id))
 
-    assert [h.split(" · ")[0] for h in headings(text)[1:]] == [
-        "You",
-        "Assistant",
-        "You",
-    ]
+    assert roles(text) == ["You", "Assistant", "You"]
     assert code_blocks(text) == ["print('## not a heading')\n", "## not a heading\n"]
 
 
@@ -217,11 +218,7 @@ def test_a_block_left_open_by_a_stopped_answer_is_closed(owner, make_conversatio
     )
     text = export.document_markdown(*export.owned(owner, conversation.id))
 
-    assert [h.split(" · ")[0] for h in headings(text)[1:]] == [
-        "You",
-        "Assistant",
-        "You",
-    ]
+    assert roles(text) == ["You", "Assistant", "You"]
     assert code_blocks(text) == ["echo ```\necho hi\n"]
     assert "partial" in text
 
@@ -235,11 +232,7 @@ def test_raw_html_that_would_hide_the_rest_shows_as_text(owner, make_conversatio
     )
     text = export.document_markdown(*export.owned(owner, conversation.id))
 
-    assert [h.split(" · ")[0] for h in headings(text)[1:]] == [
-        "You",
-        "Assistant",
-        "You",
-    ]
+    assert roles(text) == ["You", "Assistant", "You"]
     assert "\\<script>\nalert(1)" in text
     assert code_blocks(text) == ["<!-- a comment\n"]
     html = MarkdownIt("commonmark").render(text)
