@@ -8,6 +8,7 @@ wrap it with ``database_sync_to_async``.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -272,12 +273,43 @@ def conversation_of_message(user: Any, message_id: int) -> uuid.UUID:
     return found
 
 
+# Markdown that a title shows as plain text: images and links keep their text;
+# headings, quotes, list markers, emphasis and code marks go.
+_TITLE_MARKUP = [
+    (re.compile(r"!?\[([^\]]*)\]\([^)]*\)"), r"\1"),
+    (re.compile(r"<(https?://[^>\s]+)>"), r"\1"),
+    (
+        re.compile(r"^\s{0,3}(?:#{1,6}\s+|>\s*|[-*+]\s+(?:\[[ xX]\]\s+)?|\d+[.)]\s+)+"),
+        "",
+    ),
+    (re.compile(r"(\*{1,3}|~~)(\S(?:.*?\S)?)\1"), r"\2"),
+    # Underscores inside a word (snake_case) are not emphasis.
+    (re.compile(r"(?<!\w)(_{1,3})(\S(?:.*?\S)?)\1(?!\w)"), r"\2"),
+    (re.compile(r"`+"), ""),
+]
+_TITLE_SKIPPED = re.compile(r"^\s*(?:/sim(?:\s.*)?|`{3,}.*|~{3,}.*|[-*_=\s]*)$")
+
+
 def title_from(content: str) -> str:
-    """A conversation title made from its first message."""
-    words = " ".join(content.split())
-    if len(words) <= TITLE_CHARS:
-        return words
-    return words[: TITLE_CHARS - 1].rstrip() + "…"
+    """A conversation title from its first question's first line of text.
+
+    Simulator lines (``/sim ...``), code fences and rules are skipped, and
+    Markdown markup is taken off, so the title reads as plain text; it is
+    cut at TITLE_CHARS.
+    """
+    line = ""
+    for raw in content.splitlines():
+        if _TITLE_SKIPPED.match(raw):
+            continue
+        line = raw
+        for pattern, replacement in _TITLE_MARKUP:
+            line = pattern.sub(replacement, line)
+        line = " ".join(line.split())
+        if line:
+            break
+    if len(line) <= TITLE_CHARS:
+        return line
+    return line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
 def _history(
@@ -474,6 +506,10 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
             # The rewrite is a new version of the question: the old one and
             # the branch that followed it stay, no longer shown.
             shown.filter(Q(id=question.id) | _after_q(question)).update(active=False)
+            # The title follows the first question, unless its owner chose one.
+            if not conversation.title_set_by_hand and question.parent_id is None:
+                conversation.title = title_from(turn.content)
+                conversation.save(update_fields=["title"])
             question = Message.objects.create(
                 conversation=conversation,
                 parent_id=question.parent_id,
@@ -645,8 +681,24 @@ def rename(user: Any, conversation_id: uuid.UUID, title: str) -> dict[str, Any]:
     max_length = Conversation._meta.get_field("title").max_length
     if len(title) > max_length:
         raise ChatError("too_large", f"A title can be at most {max_length} characters.")
+    by_hand = bool(title)
+    if not by_hand:
+        # A blank title gives the conversation back its title from the
+        # first question shown.
+        first = (
+            Message.objects.filter(
+                conversation_id=conversation_id,
+                conversation__user=user,
+                role=MessageRole.USER,
+                active=True,
+            )
+            .order_by("created_at", "id")
+            .values_list("content", flat=True)
+            .first()
+        )
+        title = title_from(first or "")
     updated = Conversation.objects.filter(id=conversation_id, user=user).update(
-        title=title
+        title=title, title_set_by_hand=by_hand
     )
     if not updated:
         raise not_found()

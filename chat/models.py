@@ -21,6 +21,8 @@ class Conversation(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
     )
     title = models.CharField(max_length=200, blank=True)
+    # Renamed by its owner: the title is no longer made from the first question.
+    title_set_by_hand = models.BooleanField(default=False)
     model_name = models.CharField(max_length=200, blank=True)
     system_prompt = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)

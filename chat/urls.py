@@ -11,6 +11,19 @@ app_name = "chat"
 urlpatterns = [
     path("", views.chat_page, name="page"),
     path("c/<uuid:conversation_id>/", views.conversation_page, name="conversation"),
+    path("export/all.json", views.export_all, name="export-all"),
+    path(
+        "export/<uuid:conversation_id>.md",
+        views.export_conversation,
+        {"extension": "md"},
+        name="export-markdown",
+    ),
+    path(
+        "export/<uuid:conversation_id>.json",
+        views.export_conversation,
+        {"extension": "json"},
+        name="export-json",
+    ),
     path("api/conversations/", views.conversations, name="conversations"),
     path(
         "api/conversations/<uuid:conversation_id>/",

@@ -11,17 +11,26 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.core.handlers.asgi import ASGIRequest
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.shortcuts import render
 from django.utils.dateparse import parse_datetime
+from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_GET, require_http_methods
 
-from chat import actions, budget
+from chat import actions, budget, export
 from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.generation import registry
 from chat.models import Conversation
 from gateway import limits
+from gateway.usage_export import aiter_chunks
 from llmsite.pages import with_policy
 
 ERROR_STATUS = {"not_found": 404, "too_large": 400, "invalid": 400}
@@ -44,6 +53,7 @@ def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str
             "urls": {
                 "page": "/chat/",
                 "conversations": "/chat/api/conversations/",
+                "export": "/chat/export/",
             },
         },
     }
@@ -129,3 +139,47 @@ async def conversation(
         raise ChatError("invalid", "title must be text.")
     renamed = await sync_to_async(actions.rename)(user, conversation_id, title)
     return JsonResponse({"conversation": renamed})
+
+
+# --- Export: files to download; a link, so a signed-out visitor is sent to sign in.
+
+EXPORTS = {
+    "md": ("text/markdown; charset=utf-8", export.document_markdown),
+    "json": ("application/json", export.document_json),
+}
+
+
+def _download(response: HttpResponse, name: str) -> HttpResponse:
+    response["Content-Disposition"] = content_disposition_header(True, name)
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@login_required
+@require_GET
+def export_conversation(
+    request: HttpRequest, conversation_id: uuid.UUID, extension: str
+) -> HttpResponse:
+    """One of the user's conversations as a Markdown or JSON file."""
+    content_type, render_file = EXPORTS[extension]
+    try:
+        conversation, messages = export.owned(request.user, conversation_id)
+    except ChatError:
+        raise Http404("No such conversation.") from None
+    response = HttpResponse(
+        render_file(conversation, messages), content_type=content_type
+    )
+    return _download(response, export.filename(conversation, extension))
+
+
+@login_required
+@require_GET
+def export_all(request: HttpRequest) -> StreamingHttpResponse:
+    """All the user's conversations as one JSON file, streamed."""
+    body: Any = export.stream_all(request.user)
+    if isinstance(request, ASGIRequest):
+        # One piece per step in the request's sync thread, never all at once.
+        body = aiter_chunks(body)
+    response = StreamingHttpResponse(body, content_type="application/json")
+    return _download(response, "llmsite-conversations.json")

@@ -27,7 +27,7 @@ def test_a_first_message_creates_a_conversation_titled_after_it(owner, model_rou
     actions.commit_turn(turn, uuid.uuid4())
 
     assert Conversation.objects.get().id == new_id
-    assert turn.conversation.title == "How do tides work? And why twice a day?"
+    assert turn.conversation.title == "How do tides work?"
     assert turn.user_message.content.startswith("  How do")
     assert turn.user_message.token_count > 0
     assert [m.role for m in turn.history] == ["user"]
@@ -39,6 +39,69 @@ def test_long_first_messages_give_a_shortened_title():
 
     assert len(title) <= actions.TITLE_CHARS
     assert title.endswith("…")
+
+
+@pytest.mark.parametrize(
+    ("question", "title"),
+    [
+        ("/sim tps=50\nWhy is the sky blue?", "Why is the sky blue?"),
+        ("## Fix my *flaky* test\nIt fails on CI", "Fix my flaky test"),
+        (
+            "Read [the docs](https://example.com/x) and **then** `run()`",
+            "Read the docs and then run()",
+        ),
+        ("```python\nprint(1)\n```\nWhat does it print?", "print(1)"),
+        ("> - [ ] quoted task\n", "quoted task"),
+        ("Rename snake_case_name to __camel__", "Rename snake_case_name to camel"),
+        ("\n\n---\n   \nplain line", "plain line"),
+        ("/sim echo", ""),
+    ],
+)
+def test_titles_are_the_first_line_of_text_without_markup(question, title):
+    assert actions.title_from(question) == title
+
+
+def test_editing_the_first_question_gives_a_new_title(owner, make_conversation):
+    conversation = make_conversation(owner, (USER, "q1"), (ASSISTANT, "a1"), title="q1")
+    first = conversation.messages.first()
+
+    turn = actions.plan_edit(owner, first.id, "# Better question\nmore", None)
+    actions.commit_turn(turn, uuid.uuid4())
+
+    conversation.refresh_from_db()
+    assert conversation.title == "Better question"
+    assert turn.conversation.title == "Better question"
+
+
+def test_editing_a_later_question_keeps_the_title(owner, make_conversation):
+    conversation = make_conversation(
+        owner, (USER, "q1"), (ASSISTANT, "a1"), (USER, "q2"), title="q1"
+    )
+    second = conversation.messages.last()
+
+    actions.commit_turn(
+        actions.plan_edit(owner, second.id, "q2 again", None), uuid.uuid4()
+    )
+
+    conversation.refresh_from_db()
+    assert conversation.title == "q1"
+
+
+def test_a_title_set_by_hand_survives_an_edit_until_cleared(owner, make_conversation):
+    conversation = make_conversation(owner, (USER, "q1"), (ASSISTANT, "a1"))
+    first = conversation.messages.first()
+    actions.rename(owner, conversation.id, "My name")
+
+    actions.commit_turn(
+        actions.plan_edit(owner, first.id, "q1 edited", None), uuid.uuid4()
+    )
+    conversation.refresh_from_db()
+    assert (conversation.title, conversation.title_set_by_hand) == ("My name", True)
+
+    cleared = actions.rename(owner, conversation.id, "  ")
+    conversation.refresh_from_db()
+    assert cleared["title"] == "q1 edited"
+    assert conversation.title_set_by_hand is False
 
 
 def test_history_keeps_the_system_prompt_and_skips_failed_answers(

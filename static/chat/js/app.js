@@ -2,6 +2,7 @@
 // protocol of chat/PROTOCOL.md. Plain ES modules, no build step.
 
 import { copyText } from "./markdown.js";
+import { setupShortcuts } from "./shortcuts.js";
 import { Sidebar } from "./sidebar.js";
 import { ChatSocket } from "./socket.js";
 import { addVersions, dropBranchOf, focusSwitched } from "./versions.js";
@@ -66,6 +67,7 @@ const state = {
 const socket = new ChatSocket(config.socket_path);
 const sidebar = new Sidebar({
   url: config.urls.conversations,
+  exportUrl: config.urls.export,
   onOpen: (id) => openConversation(id, { push: true }),
   onDeleted: (id) => {
     if (id === state.conversationId) newChat({ push: true });
@@ -768,6 +770,18 @@ document.addEventListener("keydown", (event) => {
     if (ui.chat.classList.contains("sidebar-open")) closeSidebar();
     else if (isStreamingHere()) stop();
   }
+});
+
+setupShortcuts({
+  newChat: () => newChat({ push: true }),
+  search: () => {
+    if (getComputedStyle(ui.openSidebar).display !== "none") openSidebar();
+    $("search").focus();
+    $("search").select();
+  },
+  helpButton: $("shortcuts-help"),
+  newChatButton: ui.newChat,
+  searchInput: $("search"),
 });
 
 // Scrolling up to the top loads the earlier messages, like the button does.

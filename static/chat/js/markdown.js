@@ -58,6 +58,11 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
 export function renderMarkdown(element, text, { final = false } = {}) {
   const html = DOMPurify.sanitize(marked.parse(text || ""), PURIFY);
   element.innerHTML = html;
+  // DOMPurify drops an href with an unsafe scheme (javascript:, data:, ...)
+  // and leaves the <a>: show its text as plain text, not as a dead link.
+  for (const link of element.querySelectorAll("a:not([href])")) {
+    link.replaceWith(...link.childNodes);
+  }
   for (const code of element.querySelectorAll("pre > code")) {
     highlight(code, final);
     addCopyButton(code.parentElement);
@@ -83,7 +88,8 @@ function addCopyButton(pre) {
   wrapper.className = "code-block";
   const bar = document.createElement("div");
   bar.className = "code-bar";
-  const lang = [...code.classList].find((c) => c.startsWith("language-"));
+  // highlight.js marks a block whose language it could not guess "undefined".
+  const lang = [...code.classList].find((c) => c.startsWith("language-") && c !== "language-undefined");
   const label = document.createElement("span");
   label.textContent = lang ? lang.slice(9) : "code";
   const button = document.createElement("button");

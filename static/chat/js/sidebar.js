@@ -30,8 +30,9 @@ async function api(url, { method = "GET", body } = {}) {
 }
 
 export class Sidebar {
-  constructor({ url, onOpen, onDeleted, onRenamed, onError }) {
+  constructor({ url, exportUrl, onOpen, onDeleted, onRenamed, onError }) {
     this.url = url;
+    this.exportUrl = exportUrl;
     this.onOpen = onOpen;
     this.onDeleted = onDeleted;
     this.onRenamed = onRenamed;
@@ -125,8 +126,58 @@ export class Sidebar {
     remove.textContent = "✕";
     remove.setAttribute("aria-label", "Delete");
     remove.addEventListener("click", () => this.remove(id));
-    item.append(link, rename, remove);
+    item.append(link, this.downloadMenu(id), rename, remove);
     return item;
+  }
+
+  /** A "Download" button that shows the conversation's two files under its row. */
+  downloadMenu(id) {
+    const wrapper = document.createDocumentFragment();
+    const toggle = document.createElement("button");
+    toggle.type = "button";
+    toggle.className = "icon-btn download-toggle";
+    toggle.textContent = "⤓";
+    toggle.setAttribute("aria-label", "Download");
+    toggle.setAttribute("aria-expanded", "false");
+    const menu = document.createElement("div");
+    menu.className = "download-menu";
+    menu.id = `download-${id}`;
+    menu.hidden = true;
+    menu.setAttribute("role", "group");
+    menu.setAttribute("aria-label", "Download as");
+    toggle.setAttribute("aria-controls", menu.id);
+    for (const [label, extension] of [["Markdown", "md"], ["JSON", "json"]]) {
+      const file = document.createElement("a");
+      file.className = "btn btn-quiet";
+      file.href = `${this.exportUrl}${id}.${extension}`;
+      file.download = "";
+      file.textContent = label;
+      file.addEventListener("click", () => setTimeout(() => close(true), 0));
+      menu.append(file);
+    }
+    const close = (refocus) => {
+      menu.hidden = true;
+      toggle.setAttribute("aria-expanded", "false");
+      if (refocus) toggle.focus();
+    };
+    toggle.addEventListener("click", () => {
+      const opening = menu.hidden;
+      for (const other of this.list.querySelectorAll(".download-menu:not([hidden])")) {
+        other.hidden = true;
+        other.parentElement.querySelector(".download-toggle").setAttribute("aria-expanded", "false");
+      }
+      menu.hidden = !opening;
+      toggle.setAttribute("aria-expanded", String(opening));
+      if (opening) menu.querySelector("a").focus();
+    });
+    menu.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.stopPropagation();
+        close(true);
+      }
+    });
+    wrapper.append(toggle, menu);
+    return wrapper;
   }
 
   select(id) {

@@ -105,6 +105,34 @@ export function answerElement(message, { live = false } = {}) {
   return article;
 }
 
+// Elements whose last child the text being written continues in.
+const CONTINUED = new Set([
+  "P", "UL", "OL", "LI", "BLOCKQUOTE", "PRE", "CODE", "DIV", "TABLE", "THEAD", "TBODY",
+  "TR", "TD", "TH", "H1", "H2", "H3", "H4", "H5", "H6",
+]);
+
+function lastNode(node) {
+  let last = node.lastChild;
+  while (last && last.nodeType === Node.TEXT_NODE && !last.textContent.trim()) {
+    last = last.previousSibling;
+  }
+  return last;
+}
+
+/**
+ * Where the streaming cursor goes: at the end of the text, inside the last
+ * paragraph, list item, table cell or code block, so it sits inline after
+ * the last character rather than on a line of its own.
+ */
+export function cursorHost(bubble) {
+  let host = bubble;
+  for (;;) {
+    const last = lastNode(host);
+    if (!last || last.nodeType !== Node.ELEMENT_NODE || !CONTINUED.has(last.tagName)) return host;
+    host = last;
+  }
+}
+
 /**
  * Redraw an answer element from a message (or the live state of one).
  *
@@ -116,7 +144,7 @@ export function updateAnswer(article, message, { live = false, textOnly = false 
   const waiting = (live && message.waiting) || "";
   renderMarkdown(bubble, message.content, { final: !live });
   // The status line stands in for the cursor until text flows again.
-  if (live && !waiting) bubble.append(element("span", "cursor"));
+  if (live && !waiting) cursorHost(bubble).append(element("span", "cursor"));
   const line = article.querySelector(".msg-waiting");
   if (line.textContent !== waiting) line.textContent = waiting;
   article.classList.toggle("waiting", Boolean(waiting));
