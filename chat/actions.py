@@ -18,7 +18,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.dispatch import receiver
 from django.utils import timezone
 
-from chat import frames, leases
+from chat import attachments, frames, leases
 from chat.errors import ChatError, not_found
 from chat.models import Conversation, Message, MessageRole, MessageStatus
 from gateway import tokens
@@ -53,6 +53,8 @@ class Turn:
     is_new_conversation: bool = False
     # The placeholder answer, once committed.
     answer_id: int | None = None
+    # New uploads sent with the question, bound to it when it is stored.
+    attachment_ids: list[uuid.UUID] = field(default_factory=list)
 
     @property
     def committed(self) -> bool:
@@ -93,6 +95,7 @@ def message_dict(message: Message) -> dict[str, Any]:
         "token_count": message.token_count,
         "created_at": message.created_at.isoformat(),
         "meta": message.meta,
+        "attachments": attachments.of_message(message),
     }
 
 
@@ -178,7 +181,9 @@ def _page(
     A page always holds at least one message, however long: the frame then
     goes out in chunks (chat.frames).
     """
-    rows = conversation.messages.order_by("-created_at", "-id")
+    rows = attachments.with_attachments(
+        conversation.messages.order_by("-created_at", "-id")
+    )
     if hidden:
         rows = rows.exclude(id__in=hidden)
     if before is not None:
@@ -412,6 +417,7 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
             question.model_name = turn.model
             question.save(update_fields=["content", "token_count", "model_name"])
     turn.user_message = question
+    attachments.bind(turn, question)
     answer = Message.objects.create(
         conversation=conversation,
         role=MessageRole.ASSISTANT,
