@@ -1,6 +1,7 @@
 // The chat page: conversation list, message list, composer and the websocket
 // protocol of chat/PROTOCOL.md. Plain ES modules, no build step.
 
+import { Attachments, imagesElement } from "./attachments.js";
 import { copyText } from "./markdown.js";
 import { Sidebar } from "./sidebar.js";
 import { ChatSocket } from "./socket.js";
@@ -72,6 +73,8 @@ const sidebar = new Sidebar({
   },
   onError: (message) => showBanner(message),
 });
+// Images waiting in the composer (attachments.js); set up once the page is.
+let images = null;
 
 // --- Small helpers -------------------------------------------------------------
 
@@ -118,8 +121,9 @@ function updateControls() {
   ui.send.hidden = streaming;
   // A blank message is never sent: Send stays disabled until there is text.
   const blank = !ui.input.value.trim();
-  ui.send.disabled = !ui.model.value || state.pendingSend !== null || blank;
-  ui.send.title = blank ? "Type a message to send" : "";
+  const imagesWait = images ? images.blocker() : "";
+  ui.send.disabled = !ui.model.value || state.pendingSend !== null || blank || imagesWait !== "";
+  ui.send.title = blank ? "Type a message to send" : imagesWait;
   const length = ui.input.value.length;
   const max = config.max_message_chars;
   ui.charCount.textContent =
@@ -224,7 +228,12 @@ function latestContext() {
 // --- Drawing the conversation ---------------------------------------------------------
 
 function messageElement(message) {
-  return message.role === "user" ? userMessageElement(message) : answerElement(message);
+  if (message.role !== "user") return answerElement(message);
+  const article = userMessageElement(message);
+  if (message.attachments && message.attachments.length) {
+    article.querySelector(".bubble").after(imagesElement(message.attachments));
+  }
+  return article;
 }
 
 function earlierButton() {
@@ -374,12 +383,17 @@ function submit() {
     );
     return;
   }
+  if (images.blocker()) {
+    showBanner(images.blocker());
+    return;
+  }
   const frame = {
     type: "send",
     conversation_id: state.conversationId,
     content,
     model: ui.model.value,
   };
+  if (images.ids().length) frame.attachments = images.ids();
   if (!socket.connected) {
     // Right after the page loads, or while reconnecting: send it on open.
     state.queuedFrame = frame;
@@ -484,6 +498,7 @@ const handlers = {
     if (state.pendingSend !== null && (mine || id === state.conversationId)) {
       state.pendingSend = null;
       ui.input.value = "";
+      images.clear();
       autoGrow();
       updateControls();
     }
@@ -778,6 +793,19 @@ window.addEventListener("popstate", () => {
 });
 
 setupModels();
+images = new Attachments({
+  config,
+  composer: ui.composer,
+  input: ui.input,
+  model: ui.model,
+  before: ui.send,
+  announce: (text, error = false) => {
+    announce(text);
+    if (error) showBanner(text);
+  },
+  onChange: updateControls,
+});
+images.markModels();
 showBudget(config.budget);
 showRateLimits(config.rate_limits);
 setTitle("");
