@@ -319,3 +319,22 @@ def test_a_page_of_messages_lists_their_images_in_one_query(
 
     shown = [len(m["attachments"]) for m in opened["messages"]]
     assert shown == [1, 0, 1, 0]
+
+
+def test_an_edit_keeps_the_questions_images_and_adds_new_ones(
+    owner, image_model, make_conversation
+):
+    conversation = make_conversation(owner, (USER, "first"), ("assistant", "ok"))
+    question = conversation.messages.get(role=USER)
+    kept = upload(owner)
+    kept.message = question
+    kept.save()
+    added = upload(owner, image_bytes("JPEG"))
+
+    turn = actions.plan_edit(owner, question.id, "first, rewritten", MODEL)
+    attachments.prepare(owner, turn, [added.id])
+    actions.commit_turn(turn, uuid.uuid4())
+
+    types = [p["image_url"]["url"].split(";")[0] for p in turn.history[-1].content[1:]]
+    assert types == ["data:image/png", "data:image/jpeg"]
+    assert set(question.attachments.values_list("id", flat=True)) == {kept.id, added.id}
