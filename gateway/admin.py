@@ -285,7 +285,6 @@ class ModelRouteInline(admin.TabularInline):
         "max_output_tokens",
         "input_price_per_1k",
         "output_price_per_1k",
-        "accepts_images",
         "hedge_after_ms",
     ]
 
