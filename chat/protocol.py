@@ -218,14 +218,12 @@ def _attachments(data: dict[str, Any]) -> tuple[uuid.UUID, ...]:
             "invalid",
             f"A message can carry at most {limit} images; this one has {len(value)}.",
         )
-    ids: list[uuid.UUID] = []
-    for item in value:
-        try:
-            ids.append(uuid.UUID(item) if isinstance(item, str) else None)
-        except ValueError:
-            ids.append(None)
-        if ids[-1] is None:
-            raise ChatError("invalid", "attachments must be a list of image ids.")
+    try:
+        ids = [uuid.UUID(item) for item in value if isinstance(item, str)]
+    except ValueError:
+        ids = []
+    if len(ids) != len(value):
+        raise ChatError("invalid", "attachments must be a list of image ids.")
     if len(set(ids)) != len(ids):
         raise ChatError("invalid", "The same image is attached twice.")
     return tuple(ids)
