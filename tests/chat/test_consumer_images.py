@@ -9,16 +9,20 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from chat import attachments
-from chat.generation import registry
 from chat.models import Attachment, Conversation, Message
-from gateway import client as upstream_client
 from gateway import router
 from gateway.models import Endpoint, ModelRoute
 from gateway.simulator import Behaviour, SimulatedUpstream
 from tests.chat.conftest import MODEL
 from tests.chat.images import image_bytes
+
+# The autouse fixture ends each test with its answers stored.
+from tests.chat.test_consumer_streams import (  # noqa: F401
+    _no_answer_left_running,
+    frames_until,
+    session_cookie,
+)
 from tests.chat.test_consumer_streams import connect as connect_with
-from tests.chat.test_consumer_streams import frames_until, session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,15 +48,6 @@ def image_route(upstream, settings):
     )
     router.forget_routes()
     return route
-
-
-@pytest.fixture(autouse=True)
-async def _no_answer_left_running():
-    yield
-    for generation in registry.running():
-        generation.stop()
-        await generation.wait()
-    await upstream_client.aclose_all()
 
 
 async def connect(user) -> WebsocketCommunicator:
