@@ -90,3 +90,33 @@ def test_a_model_without_images_offers_no_attach_button(page, login, owner, sim_
 
     assert page.locator("#attach").is_hidden()
     assert page.locator("#model option").all_inner_texts() == [SIM_MODEL]
+
+
+def test_the_images_fit_a_phone_in_dark_mode(
+    browser, live_server_url, login, owner, vision_model, screenshot
+):
+    context = browser.new_context(
+        base_url=live_server_url,
+        viewport={"width": 390, "height": 800},
+        color_scheme="dark",
+    )
+    page = context.new_page()
+    try:
+        login(page, owner)
+        page.wait_for_function("window.llmsiteChat.socket.connected")
+        page.set_input_files(
+            "#image-picker", [png_file("a-photo-with-a-long-name.png")]
+        )
+        page.locator(".attachment-ready").wait_for()
+        page.fill("#input", "/sim images\nAnd on a phone?")
+        page.press("#input", "Enter")
+        page.locator(
+            ".msg-assistant:not([data-status=streaming]) .msg-footer"
+        ).wait_for()
+        page.locator(".msg-user .msg-images img").wait_for()
+        width = page.evaluate("document.documentElement.scrollWidth")
+        screenshot(page, "images-03-phone-dark")
+    finally:
+        context.close()
+
+    assert width <= 390
