@@ -20,7 +20,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.dispatch import receiver
 from django.utils import timezone
 
-from chat import frames, leases
+from chat import attachments, frames, leases
 from chat.errors import ChatError, busy_switching, not_found
 from chat.models import Conversation, Message, MessageRole, MessageStatus
 from gateway import tokens
@@ -55,6 +55,8 @@ class Turn:
     is_new_conversation: bool = False
     # The placeholder answer, once committed.
     answer_id: int | None = None
+    # New uploads sent with the question, bound to it when it is stored.
+    attachment_ids: list[uuid.UUID] = field(default_factory=list)
 
     @property
     def committed(self) -> bool:
@@ -106,6 +108,7 @@ def message_dict(message: Message) -> dict[str, Any]:
         "token_count": message.token_count,
         "created_at": message.created_at.isoformat(),
         "meta": message.meta,
+        "attachments": attachments.of_message(message),
     }
 
 
@@ -226,7 +229,9 @@ def _page(
     A page always holds at least one message, however long: the frame then
     goes out in chunks (chat.frames).
     """
-    rows = conversation.messages.filter(active=True).order_by("-created_at", "-id")
+    rows = attachments.with_attachments(
+        conversation.messages.filter(active=True).order_by("-created_at", "-id")
+    )
     if hidden:
         rows = rows.exclude(id__in=hidden)
     if before is not None:
@@ -522,8 +527,11 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
                 created_at=now,
                 shown_at=now,
             )
+            # The images of the question edited come along to its new version.
+            attachments.carry_over(turn.user_message, question)
             turn.history[-1].id = question.id
     turn.user_message = with_versions([question])[0]
+    attachments.bind(turn, question)
     answer = Message.objects.create(
         conversation=conversation,
         parent=question,

@@ -7,7 +7,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.text import Truncator
 
-from chat.models import Conversation, Message
+from chat.models import Attachment, Conversation, Message
 
 # Characters of a message shown in lists; the whole text is on its page.
 EXCERPT_CHARS = 120
@@ -83,3 +83,32 @@ class MessageAdmin(admin.ModelAdmin):
         # The list never shows the footer data. (The text stays: each row's
         # checkbox is labelled with the message's __str__, which quotes it.)
         return super().get_queryset(request).defer("meta")
+
+
+@admin.register(Attachment)
+class AttachmentAdmin(admin.ModelAdmin):
+    """Uploaded images, described: their bytes are never read for the list."""
+
+    list_display = (
+        "id",
+        "owner",
+        "content_type",
+        "width",
+        "height",
+        "size",
+        "message",
+        "created_at",
+    )
+    list_filter = ("content_type",)
+    list_select_related = ("owner", "message")
+    search_fields = ("owner__username", "sha256")
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+    fields = (*list_display[1:], "sha256")
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Attachment]:
+        return super().get_queryset(request).defer("data", "thumbnail")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False

@@ -25,6 +25,8 @@ DEFAULTS: dict[str, float] = {
     # Largest frame the server sends, in bytes of UTF-8: history is paged and
     # long texts split to stay under it. Daphne refuses frames over 1 MiB.
     "CHAT_MAX_SEND_FRAME_BYTES": 256 * 1024,
+    # Images one message may carry (chat.attachments).
+    "CHAT_MAX_IMAGES_PER_MESSAGE": 4,
 }
 
 
@@ -38,6 +40,7 @@ class ChatSettings:
     resume_grace: float
     lease_seconds: float
     max_send_frame_bytes: int
+    max_images_per_message: int = 4
 
     @property
     def max_frame_chars(self) -> int:
@@ -61,6 +64,7 @@ def chat_settings() -> ChatSettings:
         lease_seconds=float(read("CHAT_LEASE_SECONDS")),
         # Below a few KiB a frame could not hold a message's footer.
         max_send_frame_bytes=max(16 * 1024, int(read("CHAT_MAX_SEND_FRAME_BYTES"))),
+        max_images_per_message=int(read("CHAT_MAX_IMAGES_PER_MESSAGE")),
     )
 
 

@@ -26,7 +26,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 
-from chat import actions
+from chat import actions, attachments
 from chat.models import Conversation, Message, MessageRole
 from gateway.models import UsageRecord
 
@@ -51,8 +51,9 @@ ROLE_NAMES = {
 
 
 def _messages(conversation_ids: Iterable[uuid.UUID]):
-    # Usage records come in the same query: the footer of every answer.
-    return (
+    # Usage records come in the same query: the footer of every answer; the
+    # images' descriptions (never their bytes) in one more.
+    return attachments.with_attachments(
         Message.objects.filter(conversation_id__in=list(conversation_ids))
         .select_related("usage")
         .order_by("conversation_id", "created_at", "id")
@@ -119,6 +120,11 @@ def usage_json(message: Message) -> dict[str, Any] | None:
     }
 
 
+def images_json(message: Message) -> list[dict[str, Any]]:
+    """A question's images: what they are, and where their owner fetches them."""
+    return [attachments.describe(image) for image in message.attachments.all()]
+
+
 def message_json(message: Message) -> dict[str, Any]:
     """One message: who said what, when, and for answers how it was made."""
     meta = message.meta if isinstance(message.meta, dict) else {}
@@ -138,6 +144,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "endpoint": message.endpoint_name,
         "token_count": message.token_count,
         "pinned": message.pinned,
+        "images": images_json(message),
         "usage": usage_json(message) if message.role == MessageRole.ASSISTANT else None,
         "fallback": [hop for hop in meta.get("hops") or [] if isinstance(hop, dict)],
         "error": error.get("message") if isinstance(error, dict) else None,
@@ -295,6 +302,13 @@ def message_markdown(message: Message) -> str:
     parts = [heading]
     if message.content:
         parts.append(contained(message.content))
+    if images := images_json(message):
+        parts.append(
+            "\n".join(
+                f"- Image: {image['content_type']}, {image['width']} x {image['height']} px"
+                for image in images
+            )
+        )
     meta = message.meta if isinstance(message.meta, dict) else {}
     error = meta.get("error")
     if isinstance(error, dict) and error.get("message"):

@@ -47,7 +47,7 @@ from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
-from chat import actions, errors, frames, leases
+from chat import actions, attachments, errors, frames, leases
 from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.models import MessageStatus
@@ -682,7 +682,11 @@ def prepare_for(
         limit = chat_settings().max_concurrent_generations
         lease = leases.claim(user.pk, conversation_id, limit, owner)
         try:
-            return build(), lease
+            turn = build()
+            # Images: the new uploads checked, and every image of the history
+            # put into the messages sent upstream.
+            attachments.prepare(user, turn, getattr(request, "attachments", ()))
+            return turn, lease
         except BaseException:
             leases.release(lease)
             raise

@@ -153,3 +153,58 @@ class Message(models.Model):
                 .first()
             )
         super().save(*args, **kwargs)
+
+
+class Attachment(models.Model):
+    """An image a user uploaded, stored in the database, bound to one question.
+
+    The bytes live in the database (not on a disk one web process has), so
+    any process serves them. An upload is unbound (``message`` empty) until
+    the question it was sent with is stored; unbound ones older than a day
+    are deleted (chat.attachments.purge_stale).
+    """
+
+    # Random ids: an image's URL reveals nothing about others.
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="chat_attachments",
+    )
+    message = models.ForeignKey(
+        Message,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="attachments",
+    )
+    # Set by the server from the decoded image, never from the client.
+    content_type = models.CharField(max_length=32)
+    data = models.BinaryField()
+    thumbnail = models.BinaryField()
+    thumbnail_content_type = models.CharField(max_length=32)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    size = models.PositiveIntegerField(help_text="Bytes stored (after re-encoding).")
+    sha256 = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [
+            # Deleting stale uploads: unbound ones older than a day.
+            models.Index(
+                fields=["created_at"],
+                name="attachment_unbound_age",
+                condition=models.Q(message__isnull=True),
+            ),
+            # Counting one user's pending uploads.
+            models.Index(
+                fields=["owner", "created_at"],
+                name="attachment_owner_unbound",
+                condition=models.Q(message__isnull=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.content_type} {self.width}x{self.height} ({self.size} bytes)"

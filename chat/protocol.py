@@ -26,6 +26,8 @@ class Send:
     conversation_id: uuid.UUID | None
     content: str
     model: str
+    # Ids of the user's own uploads (chat.attachments), sent with the text.
+    attachments: tuple[uuid.UUID, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,8 @@ class Edit:
     message_id: int
     content: str
     model: str | None
+    # New uploads added to the rewritten question; its earlier images stay.
+    attachments: tuple[uuid.UUID, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,7 @@ def parse(data: dict[str, Any]) -> Request:
             conversation_id=_conversation_id(data, required=False),
             content=_content(data),
             model=_model(data, required=True),
+            attachments=_attachments(data),
         )
     if kind == "stop":
         return Stop(conversation_id=_conversation_id(data))
@@ -139,6 +144,7 @@ def parse(data: dict[str, Any]) -> Request:
             message_id=_message_id(data),
             content=_content(data),
             model=_model(data, required=False),
+            attachments=_attachments(data),
         )
     if kind in ("open", "resume"):
         return Open(conversation_id=_conversation_id(data))
@@ -211,3 +217,26 @@ def _message_id(data: dict[str, Any], field: str = "message_id") -> int:
     ):
         raise ChatError("invalid", f"{field} must be a message's id.")
     return value
+
+
+def _attachments(data: dict[str, Any]) -> tuple[uuid.UUID, ...]:
+    value = data.get("attachments")
+    if value is None:
+        return ()
+    limit = chat_settings().max_images_per_message
+    if not isinstance(value, list):
+        raise ChatError("invalid", "attachments must be a list of image ids.")
+    if len(value) > limit:
+        raise ChatError(
+            "invalid",
+            f"A message can carry at most {limit} images; this one has {len(value)}.",
+        )
+    try:
+        ids = [uuid.UUID(item) for item in value if isinstance(item, str)]
+    except ValueError:
+        ids = []
+    if len(ids) != len(value):
+        raise ChatError("invalid", "attachments must be a list of image ids.")
+    if len(set(ids)) != len(ids):
+        raise ChatError("invalid", "The same image is attached twice.")
+    return tuple(ids)

@@ -30,4 +30,15 @@ urlpatterns = [
         views.conversation,
         name="conversation-api",
     ),
+    path("api/attachments/", views.upload_attachment, name="attachments"),
+    path(
+        "api/attachments/<uuid:attachment_id>/",
+        views.attachment,
+        name="attachment",
+    ),
+    path(
+        "api/attachments/<uuid:attachment_id>/thumbnail/",
+        views.attachment_thumbnail,
+        name="attachment-thumbnail",
+    ),
 ]

@@ -22,9 +22,13 @@ from django.http import (
 from django.shortcuts import render
 from django.utils.dateparse import parse_datetime
 from django.utils.http import content_disposition_header
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import (
+    require_GET,
+    require_http_methods,
+    require_POST,
+)
 
-from chat import actions, budget, export
+from chat import actions, attachments, budget, export
 from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.generation import registry
@@ -33,7 +37,12 @@ from gateway import limits
 from gateway.usage_export import aiter_chunks
 from llmsite.pages import with_policy
 
-ERROR_STATUS = {"not_found": 404, "too_large": 400, "invalid": 400}
+ERROR_STATUS = {
+    "not_found": 404,
+    "too_large": 400,
+    "invalid": 400,
+    "too_many_uploads": 429,
+}
 
 
 def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str, Any]:
@@ -54,6 +63,13 @@ def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str
                 "page": "/chat/",
                 "conversations": "/chat/api/conversations/",
                 "export": "/chat/export/",
+                "attachments": "/chat/api/attachments/",
+            },
+            # Models whose every route takes images: the page offers attaching.
+            "image_models": sorted(attachments.models_taking_images()),
+            "images": {
+                "max_bytes": attachments.max_bytes(),
+                "max_per_message": chat_settings().max_images_per_message,
             },
         },
     }
@@ -183,3 +199,62 @@ def export_all(request: HttpRequest) -> StreamingHttpResponse:
         body = aiter_chunks(body)
     response = StreamingHttpResponse(body, content_type="application/json")
     return _download(response, "llmsite-conversations.json")
+
+
+# --- Images ---------------------------------------------------------------------
+
+
+@require_POST
+@_api
+async def upload_attachment(request: HttpRequest, user: Any) -> JsonResponse:
+    """Store an image (multipart field ``file``) for the next message; its id."""
+
+    def store() -> dict[str, Any]:
+        # The body itself is bounded while it is read (chat.upload_limit).
+        upload = request.FILES.get("file")
+        if upload is None:
+            raise ChatError("invalid", "Choose an image to upload (field “file”).")
+        if upload.size is None or upload.size > attachments.max_bytes():
+            raise attachments.too_large(upload.size)
+        data = upload.read(attachments.max_bytes() + 1)
+        return attachments.describe(attachments.store_upload(user, data))
+
+    described = await sync_to_async(store)()
+    return JsonResponse({"attachment": described}, status=201)
+
+
+def _image_response(data: bytes, content_type: str) -> HttpResponse:
+    response = HttpResponse(data, content_type=content_type)
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Disposition"] = "inline"
+    # An id always names the same bytes; only its owner may see them.
+    response["Cache-Control"] = "private, max-age=86400"
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response
+
+
+@require_http_methods(["GET", "DELETE"])
+@_api
+async def attachment(
+    request: HttpRequest, user: Any, attachment_id: uuid.UUID
+) -> HttpResponse:
+    """The full image (GET), or remove an upload not sent yet (DELETE)."""
+    if request.method == "DELETE":
+        await sync_to_async(attachments.remove_upload)(user, attachment_id)
+        return JsonResponse({"deleted": str(attachment_id)})
+    data, content_type = await sync_to_async(attachments.owned)(
+        user, attachment_id, thumbnail=False
+    )
+    return _image_response(data, content_type)
+
+
+@require_GET
+@_api
+async def attachment_thumbnail(
+    request: HttpRequest, user: Any, attachment_id: uuid.UUID
+) -> HttpResponse:
+    """The image's small thumbnail."""
+    data, content_type = await sync_to_async(attachments.owned)(
+        user, attachment_id, thumbnail=True
+    )
+    return _image_response(data, content_type)

@@ -589,9 +589,10 @@ class ModelRouteAdmin(admin.ModelAdmin):
         "max_output_tokens",
         "input_price_per_1k",
         "output_price_per_1k",
+        "accepts_images",
         "hedge_after_ms",
     ]
-    list_filter = ["enabled", "kind", "model_name", "endpoint"]
+    list_filter = ["enabled", "kind", "accepts_images", "model_name", "endpoint"]
     list_select_related = ["endpoint"]
     search_fields = ["model_name", "upstream_model", "endpoint__name"]
     autocomplete_fields = ["endpoint"]

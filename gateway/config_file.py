@@ -79,6 +79,7 @@ ROUTE_KEYS = {
     "input_price_per_1k": "input_price_per_1k",
     "output_price_per_1k": "output_price_per_1k",
     "hedge_after_ms": "hedge_after_ms",
+    "accepts_images": "accepts_images",
 }
 BUDGET_KEYS = {
     "name": "name",
@@ -457,6 +458,9 @@ def _import_routes(
             if k in ROUTE_KEYS and k not in {"model", "endpoint"}
         }
         values.setdefault("upstream_model", model)
+        if not isinstance(values.get("accepts_images", False), bool):
+            problems.add("routes", i, "accepts_images", "must be true or false")
+            continue
         try:
             for price in ("input_price_per_1k", "output_price_per_1k"):
                 if price in values:
@@ -576,6 +580,9 @@ def export_text() -> str:
                 float(route.output_price_per_1k) if route.output_price_per_1k else None
             ),
             "hedge_after_ms": route.hedge_after_ms,
+            # Written only when set: the default keeps exports of text-only
+            # routes as they were.
+            "accepts_images": route.accepts_images or None,
         }
         routes.append(_drop_none(table))
     budgets = []

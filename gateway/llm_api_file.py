@@ -20,7 +20,8 @@ problem named by the spec's key and line (`line 9: llm_api.request_timeout`).
   a route to every endpoint, in priority order, each to that endpoint's model.
 - A fallback inherits every per-endpoint setting of `[llm_api]` it does not
   set, and its `model`, but never the key or the plain-HTTP opt-in: those
-  belong to one server.
+  belong to one server. `accepts_images` (the model takes image parts) is
+  inherited only by a fallback that inherits the model too.
 - The rate limits are the upstream's, so they become each endpoint's own
   rpm_limit / tpm_limit (0 = none), not a limit on users.
 - `daily_token_budget` (0 = unlimited) becomes the global daily budget and
@@ -59,6 +60,7 @@ ENDPOINT_KEYS = {
 ROUTE_KEYS = {
     "context_window": "context_window",
     "max_tokens_per_request": "max_output_tokens",
+    "accepts_images": "accepts_images",
 }
 # Belong to one server: set per table, never inherited by a fallback.
 OWN_KEYS = {
@@ -110,6 +112,7 @@ NUMBER_KEYS = {
     "health_check_timeout",
 }
 BOOLEAN_KEYS = {
+    "accepts_images",
     "allow_plain_http",
     "enable_token_tracking",
     "enable_streaming",
@@ -271,6 +274,10 @@ def _endpoint_and_route(
         """The table's own value, else the primary's (for what may be inherited)."""
         if key in table:
             return table[key], (fallback, key)
+        # Whether images are taken belongs to the model: a fallback naming a
+        # model of its own does not inherit it.
+        if key == "accepts_images" and "model" in table:
+            return None
         if fallback is not None and key in PER_ENDPOINT and key in top:
             return top[key], (None, key)
         return None

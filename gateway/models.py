@@ -359,6 +359,13 @@ class ModelRoute(models.Model):
     output_price_per_1k = models.DecimalField(
         max_digits=12, decimal_places=6, null=True, blank=True
     )
+    accepts_images = models.BooleanField(
+        default=False,
+        help_text=(
+            "The upstream model takes image content parts. The chat offers "
+            "images for a model only when all its enabled routes take them."
+        ),
+    )
     hedge_after_ms = models.PositiveIntegerField(
         "hedge after (ms)",
         null=True,

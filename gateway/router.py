@@ -169,6 +169,8 @@ class Route:
     hedge_after_ms: int | None = None
     # RouteKind: "chat" or "embedding".
     kind: str = RouteKind.CHAT
+    # The upstream model takes image content parts.
+    accepts_images: bool = False
 
     @classmethod
     def from_model(cls, route: ModelRoute) -> Route:
@@ -185,6 +187,7 @@ class Route:
             output_price_per_1k=route.output_price_per_1k,
             hedge_after_ms=route.hedge_after_ms,
             kind=route.kind,
+            accepts_images=route.accepts_images,
         )
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal | None:

@@ -22,6 +22,7 @@ How a chat request is answered (later steps override earlier ones field by field
        /sim reply="<img src=x onerror=alert(1)>"
        /sim tps=20 ttft=0.5 tokens=200
        /sim echo
+       /sim images                                # report the image parts received
        /sim fault=status status=503 times=1       # only the first such request
        /sim fault=drop after=3 prefix=/e/1        # only under /e/1/v1/...
 
@@ -29,6 +30,9 @@ How a chat request is answered (later steps override earlier ones field by field
    pairs. Keys are ``Behaviour`` field names or the aliases ``status``
    (fault_status), ``after`` (fault_after_tokens), ``tps`` (tokens_per_second)
    and ``tokens`` (completion_tokens); a bare ``echo`` means ``echo=true``;
+   a bare ``images`` answers with the image parts of the last user message
+   (``Received 1 image: image/png 1234 bytes.``: count, media type and the
+   decoded size of each ``data:`` URL, or ``url`` for a link);
    ``fault=none`` clears a fault; in ``reply`` a literal ``\\n`` is a newline.
    ``times=N`` applies the line to the first N requests carrying the same message
    (so a retry or a regenerate succeeds) and ``prefix=/p`` only to requests under
@@ -141,6 +145,7 @@ class Behaviour:
     completion_tokens: int = 64  # length of the generated reply
     reply: str | None = None  # fixed answer text instead of the generated one
     echo: bool = False  # answer with the last user message
+    images: bool = False  # answer with a report of the image parts received
     fault: Fault | None = None
     fault_status: int = 500
     retry_after: float | None = None  # seconds, sent as Retry-After
@@ -191,6 +196,7 @@ _FIELD_KINDS = {
     "completion_tokens": "int",
     "reply": "text",
     "echo": "bool",
+    "images": "bool",
     "fault": "fault",
     "fault_status": "int",
     "retry_after": "optional_float",
@@ -268,9 +274,9 @@ def parse_directives(text: str) -> tuple[list[Directive], str]:
             key, sep, value = word.partition("=")
             try:
                 if not sep:
-                    if key != "echo":
+                    if key not in ("echo", "images"):
                         raise ValueError(f"expected key=value, got {word!r}")
-                    overrides["echo"] = True
+                    overrides[key] = True
                 elif key == "times":
                     times = int(value)
                     if times < 1:
@@ -292,6 +298,37 @@ def parse_directives(text: str) -> tuple[list[Directive], str]:
             raise ValueError(f"bad /sim directive {stripped!r}: {exc}") from None
         directives.append(Directive(stripped, overrides, times, prefix))
     return directives, "\n".join(kept).strip()
+
+
+def image_report(messages: list[dict[str, Any]]) -> str:
+    """Describe the image parts of the last user message: count, type, bytes."""
+    content = next(
+        (m.get("content") for m in reversed(messages) if m.get("role") == "user"), None
+    )
+    found = []
+    for part in content if isinstance(content, list) else ():
+        if not isinstance(part, dict) or part.get("type") != "image_url":
+            continue
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else None
+        if not isinstance(url, str):
+            found.append("unreadable")
+            continue
+        header, comma, data = url.partition(",")
+        if url.startswith("data:") and comma and header.endswith(";base64"):
+            media = header[5 : -len(";base64")]
+            try:
+                size = len(base64.b64decode(data, validate=True))
+            except ValueError:
+                found.append(f"{media} bad base64")
+                continue
+            found.append(f"{media} {size} bytes")
+        else:
+            found.append("url")
+    noun = "image" if len(found) == 1 else "images"
+    if not found:
+        return "Received 0 images."
+    return f"Received {len(found)} {noun}: {'; '.join(found)}."
 
 
 _INTRO = (
@@ -831,7 +868,9 @@ class SimulatedUpstream:
                 param="stream_options",
             )
             return
-        if behaviour.echo:
+        if behaviour.images:
+            tokens = split_tokens(image_report(messages))
+        elif behaviour.echo:
             tokens = split_tokens(text)
         elif behaviour.reply is not None:
             tokens = split_tokens(behaviour.reply)

@@ -8,9 +8,13 @@ itself expects, and are loaded into tiktoken's own (Rust) `Encoding`.
 Chat messages follow OpenAI's documented accounting ("How to count tokens with
 tiktoken" in the OpenAI cookbook): every message costs 3 tokens plus the tokens
 of its role, content and name (a name costs 1 more), and every reply is primed
-with 3 tokens.  Image parts cannot be counted without their size, so they get
-a fixed estimate: 85 tokens at ``detail: "low"`` and 765 tokens otherwise (a
-1024x1024 image at high detail: 85 + 4 tiles * 170).
+with 3 tokens.  Image parts follow OpenAI's image rule (`image_tokens`): 85
+tokens at ``detail: "low"``; otherwise the image is scaled down to fit
+2048x2048, then down so its shortest side is at most 768, and costs 85 plus
+170 per 512-pixel tile.  The size is read from the header of a ``data:`` URL
+image (the chat's images, and a program's inline ones); an image given by an
+http(s) URL, or one whose header cannot be read, gets the fixed estimate of
+a 1024x1024 image: 765 tokens (85 + 4 tiles * 170).
 
 Models without a known OpenAI tokenizer (Llama, Mistral, Qwen, local names,
 the simulator's ``sim-*``) get an estimate of one token per 4 bytes of UTF-8,
@@ -21,10 +25,14 @@ per character for CJK text, where 4 characters per token would undercount.
 from __future__ import annotations
 
 import base64
+import binascii
 import gzip
 import hashlib
 import importlib.util
+import io
+import math
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -46,6 +54,15 @@ IMAGE_TOKENS = 765
 # high-detail image keeps the window check from treating them as free.
 OTHER_PART_TOKENS = IMAGE_TOKENS
 BYTES_PER_ESTIMATED_TOKEN = 4
+IMAGE_BASE_TOKENS = 85
+IMAGE_TILE_TOKENS = 170
+IMAGE_TILE = 512
+IMAGE_FIT = 2048
+IMAGE_SHORT_SIDE = 768
+# How much of a data URL's base64 is decoded to find the image's size: the
+# headers of PNG, GIF and WebP, and a JPEG's frame header after modest
+# metadata, are well within it.
+IMAGE_HEADER_BASE64_CHARS = 64 * 1024
 
 _ENDOFTEXT = "<|endoftext|>"
 _FIM_PREFIX = "<|fim_prefix|>"
@@ -254,6 +271,52 @@ def estimate_text(text: str) -> int:
     return -(-len(text.encode("utf-8", "surrogatepass")) // BYTES_PER_ESTIMATED_TOKEN)
 
 
+def image_tokens(width: int, height: int, detail: str | None = "high") -> int:
+    """The tokens of an image as OpenAI counts them (detail high or auto)."""
+    if detail == "low":
+        return IMAGE_TOKENS_LOW_DETAIL
+    if width <= 0 or height <= 0:
+        return IMAGE_BASE_TOKENS
+    w, h = float(width), float(height)
+    if max(w, h) > IMAGE_FIT:
+        scale = IMAGE_FIT / max(w, h)
+        w, h = w * scale, h * scale
+    if min(w, h) > IMAGE_SHORT_SIDE:
+        scale = IMAGE_SHORT_SIDE / min(w, h)
+        w, h = w * scale, h * scale
+    tiles = math.ceil(w / IMAGE_TILE) * math.ceil(h / IMAGE_TILE)
+    return IMAGE_BASE_TOKENS + IMAGE_TILE_TOKENS * tiles
+
+
+def data_url_image_size(url: str) -> tuple[int, int] | None:
+    """Width and height of a ``data:image/...;base64,`` URL's image, if readable."""
+    if not url.startswith("data:image/"):
+        return None
+    comma = url.find(",", 0, 200)
+    if comma < 0 or not url[:comma].endswith(";base64"):
+        return None
+    head = url[comma + 1 : comma + 1 + IMAGE_HEADER_BASE64_CHARS]
+    return _image_size(head[: len(head) - len(head) % 4])
+
+
+@lru_cache(maxsize=64)
+def _image_size(head: str) -> tuple[int, int] | None:
+    # Only the header is read (Image.open does not decode pixels); Pillow is
+    # imported on first use, as most requests carry no image.
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = base64.b64decode(head, validate=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError):
+        return None
+    except Image.DecompressionBombError:
+        return None
+
+
 class TokenCounter:
     """Counts text and chat messages for one model; get one with counter_for()."""
 
@@ -300,7 +363,11 @@ class TokenCounter:
             image = part.get("image_url")
             detail = image.get("detail") if isinstance(image, Mapping) else None
             detail = detail or part.get("detail")
-            return IMAGE_TOKENS_LOW_DETAIL if detail == "low" else IMAGE_TOKENS
+            if detail == "low":
+                return IMAGE_TOKENS_LOW_DETAIL
+            url = image.get("url") if isinstance(image, Mapping) else image
+            size = data_url_image_size(url) if isinstance(url, str) else None
+            return IMAGE_TOKENS if size is None else image_tokens(*size)
         if kind is None and isinstance(part.get("text"), str):
             return self.text(part["text"])
         return OTHER_PART_TOKENS

@@ -18,11 +18,14 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.upload_limit import UploadSizeLimit  # noqa: E402
 from gateway import tokens  # noqa: E402
 from llmsite.origins import SameOriginValidator  # noqa: E402
 from llmsite.shutdown import GracefulApp, install_daphne_hook  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_http) if settings.SERVE_STATIC else django_http
+# Image uploads are refused while they are read once over CHAT_IMAGE_MAX_BYTES.
+http_app = UploadSizeLimit(http_app)
 
 router = ProtocolTypeRouter(
     {

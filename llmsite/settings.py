@@ -449,6 +449,22 @@ if CHAT_MAX_MESSAGE_CHARS * 6 + 16 * 1024 > CHAT_MAX_SEND_FRAME_BYTES:
         f"+ 16384 = {CHAT_MAX_MESSAGE_CHARS * 6 + 16 * 1024} bytes"
     )
 
+# Images in the chat: the largest upload (bytes, refused while it is read),
+# the most pixels a decoded image may have (decompression bombs), and how many
+# images one message may carry.
+CHAT_IMAGE_MAX_BYTES = _env_int("CHAT_IMAGE_MAX_BYTES", 5 * 1024 * 1024)
+CHAT_IMAGE_MAX_PIXELS = _env_int("CHAT_IMAGE_MAX_PIXELS", 40_000_000)
+CHAT_MAX_IMAGES_PER_MESSAGE = _env_int("CHAT_MAX_IMAGES_PER_MESSAGE", 4)
+if (
+    CHAT_IMAGE_MAX_BYTES < 1024
+    or CHAT_IMAGE_MAX_PIXELS < 1
+    or not (1 <= CHAT_MAX_IMAGES_PER_MESSAGE <= 20)
+):
+    raise ImproperlyConfigured(
+        "CHAT_IMAGE_MAX_BYTES must be at least 1024, CHAT_IMAGE_MAX_PIXELS at "
+        "least 1 and CHAT_MAX_IMAGES_PER_MESSAGE between 1 and 20"
+    )
+
 # --- Monitoring ------------------------------------------------------------
 
 # Probes: how many run at once, and the hard cap on each one (seconds).

@@ -243,8 +243,9 @@ def test_a_page_reads_its_versions_in_one_query(
     )
     regenerate(owner, conversation, "again")
 
-    # The conversation, streaming answers, one page batch, its versions.
-    with django_assert_num_queries(4):
+    # The conversation, streaming answers, one page batch, its images, its
+    # versions.
+    with django_assert_num_queries(5):
         opened = actions.open_conversation(owner, conversation.id, running=True)
 
     assert len(opened["messages"]) == 20

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from django.test import Client
 
+from chat.attachments import store_upload
 from chat.models import Conversation, Message
+from tests.chat.images import image_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -120,3 +122,17 @@ def test_the_admin_is_branded(admin_client_for):
     assert "llmsite administration" in page
     assert "Django administration" not in page
     assert "css/admin.css" in page
+
+
+def test_the_image_list_describes_uploads_without_their_bytes(
+    admin_client_for, owner, django_assert_max_num_queries
+):
+    stored = store_upload(owner, image_bytes())
+    with django_assert_max_num_queries(12) as queries:
+        response = admin_client_for.get("/admin/chat/attachment/")
+    page = admin_client_for.get(f"/admin/chat/attachment/{stored.id}/change/")
+
+    assert response.status_code == 200
+    assert "image/png" in response.content.decode()
+    assert not any('"data"' in q["sql"] for q in queries.captured_queries)
+    assert stored.sha256 in page.content.decode()

@@ -148,3 +148,44 @@ def test_a_history_frame_names_the_oldest_message_shown():
 )
 def test_hostile_frames_are_refused_with_a_code(text, code):
     assert refused(text).code == code
+
+
+def test_send_and_edit_carry_attachment_ids():
+    first, second = uuid.uuid4(), uuid.uuid4()
+    send = protocol.parse(
+        {
+            "type": "send",
+            "content": "look",
+            "model": "m",
+            "attachments": [str(first), str(second)],
+        }
+    )
+    edit = protocol.parse(
+        {"type": "edit", "message_id": 3, "content": "x", "attachments": [str(first)]}
+    )
+
+    assert send.attachments == (first, second)
+    assert edit.attachments == (first,)
+    assert (
+        protocol.parse({"type": "send", "content": "a", "model": "m"}).attachments == ()
+    )
+
+
+@pytest.mark.parametrize(
+    ("attachments", "words"),
+    [
+        ("abc", "a list of image ids"),
+        ([1, 2], "a list of image ids"),
+        (["not-a-uuid"], "a list of image ids"),
+        ([str(uuid.UUID(int=1))] * 2, "attached twice"),
+        ([str(uuid.uuid4()) for _ in range(5)], "at most 4 images; this one has 5"),
+    ],
+)
+def test_bad_attachment_lists_are_refused_with_a_sentence(attachments, words):
+    frame = {"type": "send", "content": "a", "model": "m", "attachments": attachments}
+
+    with pytest.raises(ChatError) as refused:
+        protocol.parse(frame)
+
+    assert refused.value.code == "invalid"
+    assert words in refused.value.message

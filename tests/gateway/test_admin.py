@@ -8,7 +8,7 @@ import pytest
 from django.contrib.messages import get_messages
 from django.urls import reverse
 
-from gateway.models import ApiKey, Endpoint, UsageRecord
+from gateway.models import ApiKey, Endpoint, ModelRoute, UsageRecord
 
 pytestmark = pytest.mark.django_db
 
@@ -374,3 +374,15 @@ def test_a_new_endpoint_form_starts_with_the_settings_limits(admin_client, setti
     form = admin_client.get(reverse("admin:gateway_endpoint_add")).content.decode()
 
     assert re.search(r'name="rpm_limit"[^>]*value="5"', form)
+
+
+def test_a_route_is_marked_as_taking_images_in_its_admin(admin_client, endpoint):
+    route = ModelRoute.objects.create(
+        model_name="vision", endpoint=endpoint, upstream_model="gpt-4o"
+    )
+
+    listed = admin_client.get("/admin/gateway/modelroute/?accepts_images__exact=0")
+    form = admin_client.get(f"/admin/gateway/modelroute/{route.pk}/change/")
+
+    assert "vision" in listed.content.decode()
+    assert 'name="accepts_images"' in form.content.decode()

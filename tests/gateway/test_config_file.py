@@ -239,3 +239,23 @@ def test_withdrawing_the_opt_in_in_the_file_is_refused_while_the_url_is_http():
         import_text(PLAIN_HTTP.replace("priority = 2\n", "allow_plain_http = false\n"))
 
     assert Endpoint.objects.get(name="lan").allow_plain_http is True
+
+
+def test_accepts_images_imports_exports_and_must_be_a_boolean():
+    text = VALID.replace(
+        'upstream_model = "gpt-4o-mini"',
+        'upstream_model = "gpt-4o-mini"\naccepts_images = true',
+    )
+
+    import_text(text)
+
+    flags = dict(ModelRoute.objects.values_list("upstream_model", "accepts_images"))
+    assert flags == {"gpt-4o-mini": True, "llama3": False}
+    exported = export_text()
+    assert exported.count("accepts_images = true") == 1
+    assert "accepts_images = false" not in exported
+    with pytest.raises(ConfigFileError) as caught:
+        import_text(text.replace("accepts_images = true", "accepts_images = 1"))
+    assert any(
+        "accepts_images" in p and "true or false" in p for p in caught.value.problems
+    )

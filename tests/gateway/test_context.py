@@ -467,3 +467,46 @@ def test_fitting_200_messages_costs_well_under_two_milliseconds_beyond_counting(
 
     assert status.dropped_count > 100
     assert statistics.median(timings) < 0.002
+
+
+# --- Image parts ----------------------------------------------------------------------
+
+
+def _image_message(id_: str, text: str, width: int, height: int) -> ContextMessage:
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    parts = [
+        {"type": "text", "text": text},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
+    return ContextMessage("user", parts, id=id_)
+
+
+def test_images_count_by_their_size_and_old_ones_are_dropped_whole():
+    # An old question with 3000 tokens of text and a 1024 square image (765),
+    # then a small new one with a 40x30 image (255).
+    old = _image_message("old", words(3000), 1024, 1024)
+    answer = ContextMessage("assistant", words(10, "ok"), id="a")
+    new = _image_message("new", words(10), 40, 30)
+
+    roomy = fit_context([old, answer, new], model=MODEL, context_window=20_000)
+    assert roomy.status.tokens == 3 + (4 + 3000 + 765) + (4 + 10) + (4 + 10 + 255)
+
+    fitted = fit_context([old, answer, new], model=MODEL, context_window=6000)
+    # Text with an image is never cut in the middle: its turn is left out.
+    assert ids(fitted.messages) == ["new"]
+    assert fitted.messages[0].content[1]["type"] == "image_url"
+    assert fitted.status.dropped_ids == ("old", "a")
+
+
+def test_a_new_image_too_large_for_the_window_is_refused():
+    big = _image_message("new", "look", 2048, 2048)
+
+    with pytest.raises(ContextWindowExceeded):
+        fit_context([big], model=MODEL, context_window=1000, max_output_tokens=300)

@@ -318,7 +318,11 @@ def test_both_shipped_files_describe_the_same_chain(monkeypatch):
     def chain() -> list[tuple]:
         return list(
             ModelRoute.objects.order_by("model_name", "priority").values_list(
-                "model_name", "upstream_model", "context_window", "max_output_tokens"
+                "model_name",
+                "upstream_model",
+                "context_window",
+                "max_output_tokens",
+                "accepts_images",
             )
         )
 
@@ -329,3 +333,35 @@ def test_both_shipped_files_describe_the_same_chain(monkeypatch):
     import_text((CONFIG / "llm_api.toml").read_text())
 
     assert chain() == from_example
+
+
+# --- Images ----------------------------------------------------------------------
+
+
+def test_accepts_images_is_inherited_only_with_the_model():
+    text = SPEC.replace(
+        "max_tokens_per_request = 2000\n",
+        "max_tokens_per_request = 2000\naccepts_images = true\n",
+    ) + (
+        "\n[[llm_api.fallbacks]]\n"
+        'name = "same-model"\n'
+        'endpoint = "http://127.0.0.1:9103/v1/chat/completions"\n'
+    )
+
+    import_text(text)
+
+    flags = dict(ModelRoute.objects.values_list("endpoint__name", "accepts_images"))
+    # The gpt-4 fallback names a model of its own: it says for itself.
+    assert flags == {"primary": True, "fallback-1": False, "same-model": True}
+
+
+def test_accepts_images_must_be_true_or_false():
+    text = SPEC.replace(
+        "max_tokens_per_request = 2000\n",
+        'max_tokens_per_request = 2000\naccepts_images = "yes"\n',
+    )
+
+    problems = _problems(text)
+
+    assert any("llm_api.accepts_images" in p and "true or false" in p for p in problems)
+    assert not ModelRoute.objects.exists()

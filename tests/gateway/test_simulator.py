@@ -787,3 +787,23 @@ async def test_embeddings_honour_dimensions_base64_and_faults(
     )
     assert packed.json()["usage"]["prompt_tokens"] == 3
     assert failing.status_code == 503
+
+
+async def test_sim_images_reports_the_image_parts_it_received(client):
+    png = base64.b64encode(b"\x89PNG fake bytes").decode()
+    parts = [
+        {"type": "text", "text": "/sim images\nWhat is this?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}},
+    ]
+
+    response = await client.post("/chat/completions", json=chat(parts))
+
+    text = response.json()["choices"][0]["message"]["content"]
+    assert text == "Received 2 images: image/png 15 bytes; url."
+
+
+async def test_sim_images_without_images_says_none_came(client):
+    response = await client.post("/chat/completions", json=chat("/sim images\nhi"))
+
+    assert response.json()["choices"][0]["message"]["content"] == ("Received 0 images.")

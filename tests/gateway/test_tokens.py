@@ -345,3 +345,61 @@ def test_a_2k_token_conversation_counts_in_well_under_ten_milliseconds():
     per_call = (time.perf_counter() - started) / 50
 
     assert per_call < 0.01
+
+
+# --- Images ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "expected"),
+    [
+        # OpenAI's worked examples: 1024 square -> 768 square, 4 tiles.
+        (1024, 1024, 85 + 170 * 4),
+        # 2048x4096 -> 1024x2048 -> 768x1536: 2 x 3 tiles.
+        (2048, 4096, 85 + 170 * 6),
+        # Small images are not scaled up: one tile.
+        (40, 30, 85 + 170),
+        (512, 513, 85 + 170 * 2),
+        # Very wide: fit into 2048 first (2048x256), no side over 768 after.
+        (8192, 1024, 85 + 170 * 4),
+    ],
+)
+def test_images_are_counted_by_tiles_after_scaling(width, height, expected):
+    assert tokens.image_tokens(width, height) == expected
+    assert tokens.image_tokens(width, height, "low") == 85
+
+
+def _data_url(width: int, height: int, fmt: str = "PNG") -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, fmt)
+    return (
+        f"data:image/{fmt.lower()};base64,{base64.b64encode(out.getvalue()).decode()}"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
+def test_a_data_url_image_is_counted_from_its_own_size(fmt):
+    part = {"type": "image_url", "image_url": {"url": _data_url(2048, 4096, fmt)}}
+
+    assert tokens.counter_for("gpt-4o").content([part]) == 85 + 170 * 6
+    low = {
+        "type": "image_url",
+        "image_url": {"url": part["image_url"]["url"], "detail": "low"},
+    }
+    assert tokens.counter_for("llama3").content([low]) == 85
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://example.com/cat.png", "data:image/png;base64,bm90IGFuIGltYWdl", "data:,"],
+    ids=["link", "not-an-image", "empty"],
+)
+def test_an_image_whose_size_cannot_be_read_keeps_the_fixed_estimate(url):
+    part = {"type": "image_url", "image_url": {"url": url}}
+
+    assert tokens.counter_for("gpt-4o").content([part]) == tokens.IMAGE_TOKENS

@@ -1,6 +1,7 @@
 // The chat page: conversation list, message list, composer and the websocket
 // protocol of chat/PROTOCOL.md. Plain ES modules, no build step.
 
+import { Attachments, imagesElement } from "./attachments.js";
 import { copyText } from "./markdown.js";
 import { setupShortcuts } from "./shortcuts.js";
 import { Sidebar } from "./sidebar.js";
@@ -77,6 +78,8 @@ const sidebar = new Sidebar({
   },
   onError: (message) => showBanner(message),
 });
+// Images waiting in the composer (attachments.js); set up once the page is.
+let images = null;
 
 // --- Small helpers -------------------------------------------------------------
 
@@ -123,8 +126,9 @@ function updateControls() {
   ui.send.hidden = streaming;
   // A blank message is never sent: Send stays disabled until there is text.
   const blank = !ui.input.value.trim();
-  ui.send.disabled = !ui.model.value || state.pendingSend !== null || blank;
-  ui.send.title = blank ? "Type a message to send" : "";
+  const imagesWait = images ? images.blocker() : "";
+  ui.send.disabled = !ui.model.value || state.pendingSend !== null || blank || imagesWait !== "";
+  ui.send.title = blank ? "Type a message to send" : imagesWait;
   const length = ui.input.value.length;
   const max = config.max_message_chars;
   ui.charCount.textContent =
@@ -230,6 +234,9 @@ function latestContext() {
 
 function messageElement(message) {
   const article = message.role === "user" ? userMessageElement(message) : answerElement(message);
+  if (message.role === "user" && message.attachments && message.attachments.length) {
+    article.querySelector(".bubble").after(imagesElement(message.attachments));
+  }
   addVersions(article, message, { disabled: isStreamingHere() });
   return article;
 }
@@ -381,12 +388,17 @@ function submit() {
     );
     return;
   }
+  if (images.blocker()) {
+    showBanner(images.blocker());
+    return;
+  }
   const frame = {
     type: "send",
     conversation_id: state.conversationId,
     content,
     model: ui.model.value,
   };
+  if (images.ids().length) frame.attachments = images.ids();
   if (!socket.connected) {
     // Right after the page loads, or while reconnecting: send it on open.
     state.queuedFrame = frame;
@@ -501,6 +513,7 @@ const handlers = {
     if (state.pendingSend !== null && (mine || id === state.conversationId)) {
       state.pendingSend = null;
       ui.input.value = "";
+      images.clear();
       autoGrow();
       updateControls();
     }
@@ -812,6 +825,19 @@ window.addEventListener("popstate", () => {
 });
 
 setupModels();
+images = new Attachments({
+  config,
+  composer: ui.composer,
+  input: ui.input,
+  model: ui.model,
+  before: ui.send,
+  announce: (text, error = false) => {
+    announce(text);
+    if (error) showBanner(text);
+  },
+  onChange: updateControls,
+});
+images.markModels();
 showBudget(config.budget);
 showRateLimits(config.rate_limits);
 setTitle("");
