@@ -22,13 +22,16 @@ How a chat request is answered (later steps override earlier ones field by field
        /sim reply="<img src=x onerror=alert(1)>"
        /sim tps=20 ttft=0.5 tokens=200
        /sim echo
+       /sim echo_settings                         # the system prompt and sampling
        /sim fault=status status=503 times=1       # only the first such request
        /sim fault=drop after=3 prefix=/e/1        # only under /e/1/v1/...
 
    A directive line starts with ``/sim`` and holds shell-quoted ``key=value``
    pairs. Keys are ``Behaviour`` field names or the aliases ``status``
    (fault_status), ``after`` (fault_after_tokens), ``tps`` (tokens_per_second)
-   and ``tokens`` (completion_tokens); a bare ``echo`` means ``echo=true``;
+   and ``tokens`` (completion_tokens); a bare ``echo`` means ``echo=true``
+   (and a bare ``echo_settings``, which answers with the system prompt and
+   the temperature, top_p and max_tokens received, one per line);
    ``fault=none`` clears a fault; in ``reply`` a literal ``\\n`` is a newline.
    ``times=N`` applies the line to the first N requests carrying the same message
    (so a retry or a regenerate succeeds) and ``prefix=/p`` only to requests under
@@ -141,6 +144,8 @@ class Behaviour:
     completion_tokens: int = 64  # length of the generated reply
     reply: str | None = None  # fixed answer text instead of the generated one
     echo: bool = False  # answer with the last user message
+    # Answer with the system prompt and the sampling parameters received.
+    echo_settings: bool = False
     fault: Fault | None = None
     fault_status: int = 500
     retry_after: float | None = None  # seconds, sent as Retry-After
@@ -191,6 +196,7 @@ _FIELD_KINDS = {
     "completion_tokens": "int",
     "reply": "text",
     "echo": "bool",
+    "echo_settings": "bool",
     "fault": "fault",
     "fault_status": "int",
     "retry_after": "optional_float",
@@ -268,9 +274,9 @@ def parse_directives(text: str) -> tuple[list[Directive], str]:
             key, sep, value = word.partition("=")
             try:
                 if not sep:
-                    if key != "echo":
+                    if key not in ("echo", "echo_settings"):
                         raise ValueError(f"expected key=value, got {word!r}")
-                    overrides["echo"] = True
+                    overrides[key] = True
                 elif key == "times":
                     times = int(value)
                     if times < 1:
@@ -329,6 +335,21 @@ def generated_tokens(count: int) -> list[str]:
         tokens += next(paragraphs)
     del tokens[count:]
     return tokens
+
+
+def settings_echo(payload: Mapping[str, Any]) -> str:
+    """What ``/sim echo_settings`` answers: the system prompt and the sampling."""
+    messages = payload.get("messages") or []
+    system = "\n".join(
+        _message_text(m.get("content"))
+        for m in messages
+        if isinstance(m, dict) and m.get("role") in ("system", "developer")
+    )
+    lines = [f"system: {system or '(none)'}"]
+    for name in ("temperature", "top_p", "max_tokens"):
+        value = payload.get(name)
+        lines.append(f"{name}: {'(none)' if value is None else value}")
+    return "\n".join(lines)
 
 
 def _message_text(content: Any) -> str:
@@ -831,7 +852,9 @@ class SimulatedUpstream:
                 param="stream_options",
             )
             return
-        if behaviour.echo:
+        if behaviour.echo_settings:
+            tokens = split_tokens(settings_echo(payload))
+        elif behaviour.echo:
             tokens = split_tokens(text)
         elif behaviour.reply is not None:
             tokens = split_tokens(behaviour.reply)
