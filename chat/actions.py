@@ -53,6 +53,9 @@ class Turn:
     is_new_conversation: bool = False
     # The placeholder answer, once committed.
     answer_id: int | None = None
+    # Sampling parameters for the upstream request body (the conversation's
+    # temperature, top_p, max_tokens that are set).
+    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def committed(self) -> bool:
@@ -135,7 +138,10 @@ def open_conversation(
     header = {
         "type": "opened",
         "conversation_id": str(conversation.id),
-        "conversation": conversation_dict(conversation),
+        "conversation": {
+            **conversation_dict(conversation),
+            "settings": _settings_dict(conversation),
+        },
         "more": False,
         "messages": [],
     }
@@ -144,6 +150,16 @@ def open_conversation(
     )
     messages, more = _page(conversation, None, room, hidden)
     return {**header, "messages": messages, "more": more}
+
+
+def _settings_dict(conversation: Conversation) -> dict[str, Any]:
+    # The fields of chat.conversation_settings.ConversationSettings.
+    return {
+        "system_prompt": conversation.system_prompt,
+        "temperature": conversation.temperature,
+        "top_p": conversation.top_p,
+        "max_tokens": conversation.max_tokens,
+    }
 
 
 def message_page(
@@ -239,11 +255,7 @@ def _history(
     # Failed, empty and unfinished answers are shown to the user but never
     # sent upstream. Ids, pins and importance let context fitting choose what
     # to leave out, and the page mark which messages were left out.
-    history: list[ContextMessage] = []
-    if conversation.system_prompt:
-        history.append(
-            ContextMessage("system", conversation.system_prompt, pinned=True)
-        )
+    history = _system(conversation)
     rows = conversation.messages.exclude(
         status__in=[
             MessageStatus.ERROR,
@@ -264,6 +276,13 @@ def _history(
             )
         )
     return history
+
+
+def _system(conversation: Conversation) -> list[ContextMessage]:
+    # The system prompt goes first, and is always kept when fitting.
+    if not conversation.system_prompt:
+        return []
+    return [ContextMessage("system", conversation.system_prompt, pinned=True)]
 
 
 def _before_q(message: Message) -> Q:
@@ -291,8 +310,13 @@ def plan_send(
     model: str,
     *,
     new_id: uuid.UUID | None = None,
+    settings: Any = None,
 ) -> Turn:
-    """A new question, in a new conversation when conversation_id is None."""
+    """A new question, in a new conversation when conversation_id is None.
+
+    A new conversation takes `settings` (chat.conversation_settings), its
+    system prompt first in the history sent upstream.
+    """
     question = ContextMessage(MessageRole.USER, content)
     if conversation_id is None:
         now = timezone.now()
@@ -304,8 +328,11 @@ def plan_send(
             created_at=now,
             updated_at=now,
         )
+        if settings is not None:
+            settings.apply(conversation)
+        history = [*_system(conversation), question]
         return Turn(
-            conversation, "send", content, model, [question], is_new_conversation=True
+            conversation, "send", content, model, history, is_new_conversation=True
         )
     conversation = owned_conversation(user, conversation_id)
     history = [*_history(conversation), question]

@@ -7,7 +7,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.text import Truncator
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, Preset
 
 # Characters of a message shown in lists; the whole text is on its page.
 EXCERPT_CHARS = 120
@@ -83,3 +83,11 @@ class MessageAdmin(admin.ModelAdmin):
         # The list never shows the footer data. (The text stays: each row's
         # checkbox is labelled with the message's __str__, which quotes it.)
         return super().get_queryset(request).defer("meta")
+
+
+@admin.register(Preset)
+class PresetAdmin(admin.ModelAdmin):
+    list_display = ("name", "user", "model_name", "created_at")
+    list_select_related = ("user",)
+    search_fields = ("name", "user__username")
+    raw_id_fields = ("user",)

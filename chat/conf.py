@@ -25,6 +25,10 @@ DEFAULTS: dict[str, float] = {
     # Largest frame the server sends, in bytes of UTF-8: history is paged and
     # long texts split to stay under it. Daphne refuses frames over 1 MiB.
     "CHAT_MAX_SEND_FRAME_BYTES": 256 * 1024,
+    # Longest system prompt of a conversation or preset, in characters.
+    "CHAT_MAX_SYSTEM_PROMPT_CHARS": 16_000,
+    # Presets one user may keep.
+    "CHAT_MAX_PRESETS": 50,
 }
 
 
@@ -38,6 +42,8 @@ class ChatSettings:
     resume_grace: float
     lease_seconds: float
     max_send_frame_bytes: int
+    max_system_prompt_chars: int = 16_000
+    max_presets: int = 50
 
     @property
     def max_frame_chars(self) -> int:
@@ -61,6 +67,8 @@ def chat_settings() -> ChatSettings:
         lease_seconds=float(read("CHAT_LEASE_SECONDS")),
         # Below a few KiB a frame could not hold a message's footer.
         max_send_frame_bytes=max(16 * 1024, int(read("CHAT_MAX_SEND_FRAME_BYTES"))),
+        max_system_prompt_chars=int(read("CHAT_MAX_SYSTEM_PROMPT_CHARS")),
+        max_presets=int(read("CHAT_MAX_PRESETS")),
     )
 
 

@@ -47,8 +47,9 @@ from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
-from chat import actions, errors, frames, leases
+from chat import actions, conversation_settings, errors, frames, leases
 from chat.conf import chat_settings
+from chat.conversation_settings import ConversationSettings
 from chat.errors import ChatError
 from chat.models import MessageStatus
 from chat.protocol import Edit, Regenerate, Send
@@ -250,7 +251,9 @@ class Generation:
                     on_admitted=self._commit,
                     on_limits=self._on_limits,
                 )
-                events = service.stream_chat(caller, self.model, self.history)
+                events = service.stream_chat(
+                    caller, self.model, self.history, self.turn.params
+                )
                 async with contextlib.aclosing(events):
                     async for event in events:
                         if not isinstance(event, service.Fallback | service.Status):
@@ -661,6 +664,7 @@ def prepare_for(
                     request.content,
                     request.model,
                     new_id=conversation_id,
+                    settings=_new_settings(request),
                 )
 
         elif isinstance(request, Regenerate):
@@ -682,12 +686,37 @@ def prepare_for(
         limit = chat_settings().max_concurrent_generations
         lease = leases.claim(user.pk, conversation_id, limit, owner)
         try:
-            return build(), lease
+            return _with_settings(build()), lease
         except BaseException:
             leases.release(lease)
             raise
 
     return prepare
+
+
+def _new_settings(request: Send) -> ConversationSettings | None:
+    """A new conversation's settings: the ones sent, else the model's defaults."""
+    if request.conversation_id is not None:
+        return None
+    if request.settings is not None:
+        return request.settings
+    return conversation_settings.model_defaults(request.model)
+
+
+def _with_settings(turn: actions.Turn) -> actions.Turn:
+    """Check the conversation's settings against the model; its params go along.
+
+    A system prompt too large for every route of the model is refused here,
+    before anything is sent or stored. max_tokens chosen for the settings is
+    checked against the routes only when set (a new conversation's, the
+    ``settings`` frame): the router caps it at each route's own limit.
+    """
+    settings = ConversationSettings.of(turn.conversation)
+    conversation_settings.check_for_model(
+        settings, turn.model, max_tokens=turn.is_new_conversation
+    )
+    turn.params = settings.params()
+    return turn
 
 
 async def check_model(model: str) -> None:

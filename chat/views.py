@@ -16,12 +16,13 @@ from django.shortcuts import render
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.http import require_GET, require_http_methods
 
-from chat import actions, budget
+from chat import actions, budget, conversation_settings
 from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.generation import registry
 from chat.models import Conversation
 from gateway import limits
+from gateway.models import MAX_TOKENS_LIMIT
 from llmsite.pages import with_policy
 
 ERROR_STATUS = {"not_found": 404, "too_large": 400, "invalid": 400}
@@ -35,6 +36,11 @@ def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str
             "models": models,
             "default_model": models[0] if models else None,
             "max_message_chars": chat_settings().max_message_chars,
+            # Per model: context window, output limit, defaults (the picker,
+            # the settings panel); the limits the panel checks before sending.
+            "model_info": conversation_settings.model_info(),
+            "max_system_prompt_chars": chat_settings().max_system_prompt_chars,
+            "max_tokens_limit": MAX_TOKENS_LIMIT,
             "budget": budget.remaining_today(request.user),
             "rate_limits": [
                 state.to_dict()
@@ -44,6 +50,7 @@ def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str
             "urls": {
                 "page": "/chat/",
                 "conversations": "/chat/api/conversations/",
+                "presets": "/chat/api/presets/",
             },
         },
     }
