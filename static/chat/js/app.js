@@ -2,6 +2,7 @@
 // protocol of chat/PROTOCOL.md. Plain ES modules, no build step.
 
 import { copyText } from "./markdown.js";
+import { SettingsPanel } from "./settings.js";
 import { Sidebar } from "./sidebar.js";
 import { ChatSocket } from "./socket.js";
 import {
@@ -61,6 +62,13 @@ const state = {
 };
 
 const socket = new ChatSocket(config.socket_path);
+const settingsPanel = new SettingsPanel({
+  config,
+  modelSelect: ui.model,
+  send: (frame) => sendFrame(frame),
+  conversationId: () => state.conversationId,
+  announce: (text) => announce(text),
+});
 const sidebar = new Sidebar({
   url: config.urls.conversations,
   onOpen: (id) => openConversation(id, { push: true }),
@@ -338,6 +346,7 @@ function newChat({ push = false } = {}) {
   state.conversation = null;
   state.messages = [];
   sidebar.select(null);
+  settingsPanel.reset();
   setTitle("");
   renderConversation();
   ui.input.focus();
@@ -380,6 +389,7 @@ function submit() {
     content,
     model: ui.model.value,
   };
+  if (!state.conversationId) frame.settings = settingsPanel.forNewChat();
   if (!socket.connected) {
     // Right after the page loads, or while reconnecting: send it on open.
     state.queuedFrame = frame;
@@ -452,6 +462,7 @@ const handlers = {
     if (state.live && state.live.conversationId === state.conversationId) state.live = null;
     setTitle(frame.conversation.title);
     if (config.models.includes(frame.conversation.model)) ui.model.value = frame.conversation.model;
+    settingsPanel.showConversation(frame.conversation);
     sidebar.upsert(frame.conversation, { place: "keep" });
     renderConversation();
   },
@@ -571,6 +582,7 @@ const handlers = {
       return;
     }
     if (frame.request === "send" || frame.code === "busy") state.pendingSend = null;
+    if (frame.request === "settings") settingsPanel.failed(frame);
     if (frame.refused) restoreRefused(frame);
     if (frame.request === "history") {
       state.loadingHistory = false;
@@ -588,6 +600,10 @@ const handlers = {
     if (frame.conversation_id === state.conversationId) {
       socket.send({ type: "open", conversation_id: frame.conversation_id });
     }
+  },
+
+  settings(frame) {
+    settingsPanel.saved(frame);
   },
 
   pong() {},
@@ -720,6 +736,7 @@ function setupModels() {
   } else {
     ui.model.value = config.default_model;
   }
+  settingsPanel.labelModels();
 }
 
 ui.composer.addEventListener("submit", (event) => {
