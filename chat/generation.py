@@ -686,7 +686,9 @@ def prepare_for(
         limit = chat_settings().max_concurrent_generations
         lease = leases.claim(user.pk, conversation_id, limit, owner)
         try:
-            return _with_settings(build()), lease
+            # max_tokens is checked against the routes when the user chose it.
+            chosen = isinstance(request, Send) and request.settings is not None
+            return _with_settings(build(), max_tokens=chosen), lease
         except BaseException:
             leases.release(lease)
             raise
@@ -703,18 +705,18 @@ def _new_settings(request: Send) -> ConversationSettings | None:
     return conversation_settings.model_defaults(request.model)
 
 
-def _with_settings(turn: actions.Turn) -> actions.Turn:
+def _with_settings(turn: actions.Turn, *, max_tokens: bool) -> actions.Turn:
     """Check the conversation's settings against the model; its params go along.
 
     A system prompt too large for every route of the model is refused here,
-    before anything is sent or stored. max_tokens chosen for the settings is
-    checked against the routes only when set (a new conversation's, the
-    ``settings`` frame): the router caps it at each route's own limit.
+    before anything is sent or stored. ``max_tokens`` is checked against the
+    routes only when the user has just chosen it (a new conversation's
+    ``settings``; the ``settings`` frame checks its own): otherwise the router
+    caps it at each route's limit, so a model's defaults or a change of model
+    never lock a conversation.
     """
     settings = ConversationSettings.of(turn.conversation)
-    conversation_settings.check_for_model(
-        settings, turn.model, max_tokens=turn.is_new_conversation
-    )
+    conversation_settings.check_for_model(settings, turn.model, max_tokens=max_tokens)
     turn.params = settings.params()
     return turn
 

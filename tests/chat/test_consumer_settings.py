@@ -235,3 +235,28 @@ async def test_a_settings_frame_with_a_too_large_prompt_changes_nothing(alice, r
     conversation = await Conversation.objects.aget(id=conversation_id)
     assert conversation.system_prompt == ""
     await tab.disconnect()
+
+
+async def test_model_defaults_above_the_routes_limit_do_not_lock_new_chats(
+    alice, routes
+):
+    await ModelDefaults.objects.acreate(model_name=MODEL, max_tokens=999_999)
+    tab = await connect(alice)
+
+    frames = await new_chat(tab)
+
+    assert frames[-1]["type"] == "done"
+    # The router capped it at the route's own limit.
+    assert text_of(frames).splitlines()[-1] == "max_tokens: 2000"
+    await tab.disconnect()
+
+
+async def test_a_new_chats_max_tokens_above_the_routes_limit_is_refused(alice, routes):
+    tab = await connect(alice)
+
+    [error] = await new_chat(tab, settings={"max_tokens": 2001})
+
+    assert (error["code"], error["request"]) == ("invalid", "send")
+    assert "at most 2,000" in error["message"]
+    assert not await Conversation.objects.aexists()
+    await tab.disconnect()
