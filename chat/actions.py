@@ -57,6 +57,9 @@ class Turn:
     answer_id: int | None = None
     # New uploads sent with the question, bound to it when it is stored.
     attachment_ids: list[uuid.UUID] = field(default_factory=list)
+    # Sampling parameters for the upstream request body (the conversation's
+    # temperature, top_p, max_tokens that are set).
+    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def committed(self) -> bool:
@@ -186,7 +189,10 @@ def open_conversation(
     header = {
         "type": "opened",
         "conversation_id": str(conversation.id),
-        "conversation": conversation_dict(conversation),
+        "conversation": {
+            **conversation_dict(conversation),
+            "settings": _settings_dict(conversation),
+        },
         "more": False,
         "messages": [],
     }
@@ -195,6 +201,16 @@ def open_conversation(
     )
     messages, more = _page(conversation, None, room, hidden)
     return {**header, "messages": messages, "more": more}
+
+
+def _settings_dict(conversation: Conversation) -> dict[str, Any]:
+    # The fields of chat.conversation_settings.ConversationSettings.
+    return {
+        "system_prompt": conversation.system_prompt,
+        "temperature": conversation.temperature,
+        "top_p": conversation.top_p,
+        "max_tokens": conversation.max_tokens,
+    }
 
 
 def message_page(
@@ -323,11 +339,7 @@ def _history(
     # Failed, empty and unfinished answers are shown to the user but never
     # sent upstream. Ids, pins and importance let context fitting choose what
     # to leave out, and the page mark which messages were left out.
-    history: list[ContextMessage] = []
-    if conversation.system_prompt:
-        history.append(
-            ContextMessage("system", conversation.system_prompt, pinned=True)
-        )
+    history = _system(conversation)
     rows = (
         conversation.messages.filter(active=True)
         .exclude(
@@ -352,6 +364,13 @@ def _history(
             )
         )
     return history
+
+
+def _system(conversation: Conversation) -> list[ContextMessage]:
+    # The system prompt goes first, and is always kept when fitting.
+    if not conversation.system_prompt:
+        return []
+    return [ContextMessage("system", conversation.system_prompt, pinned=True)]
 
 
 def _before_q(message: Message) -> Q:
@@ -379,8 +398,13 @@ def plan_send(
     model: str,
     *,
     new_id: uuid.UUID | None = None,
+    settings: Any = None,
 ) -> Turn:
-    """A new question, after the last message shown (a new conversation: None)."""
+    """A new question, after the last message shown (a new conversation: None).
+
+    A new conversation takes `settings` (chat.conversation_settings), its
+    system prompt first in the history sent upstream.
+    """
     question = ContextMessage(MessageRole.USER, content)
     if conversation_id is None:
         now = timezone.now()
@@ -392,8 +416,11 @@ def plan_send(
             created_at=now,
             updated_at=now,
         )
+        if settings is not None:
+            settings.apply(conversation)
+        history = [*_system(conversation), question]
         return Turn(
-            conversation, "send", content, model, [question], is_new_conversation=True
+            conversation, "send", content, model, history, is_new_conversation=True
         )
     conversation = owned_conversation(user, conversation_id)
     history = [*_history(conversation), question]

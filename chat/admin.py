@@ -7,7 +7,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.text import Truncator
 
-from chat.models import Attachment, Conversation, Message
+from chat.models import Attachment, Conversation, Message, Preset
 
 # Characters of a message shown in lists; the whole text is on its page.
 EXCERPT_CHARS = 120
@@ -112,3 +112,11 @@ class AttachmentAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+
+@admin.register(Preset)
+class PresetAdmin(admin.ModelAdmin):
+    list_display = ("name", "user", "model_name", "created_at")
+    list_select_related = ("user",)
+    search_fields = ("name", "user__username")
+    raw_id_fields = ("user",)

@@ -27,6 +27,10 @@ DEFAULTS: dict[str, float] = {
     "CHAT_MAX_SEND_FRAME_BYTES": 256 * 1024,
     # Images one message may carry (chat.attachments).
     "CHAT_MAX_IMAGES_PER_MESSAGE": 4,
+    # Longest system prompt of a conversation or preset, in characters.
+    "CHAT_MAX_SYSTEM_PROMPT_CHARS": 16_000,
+    # Presets one user may keep.
+    "CHAT_MAX_PRESETS": 50,
 }
 
 
@@ -41,6 +45,8 @@ class ChatSettings:
     lease_seconds: float
     max_send_frame_bytes: int
     max_images_per_message: int = 4
+    max_system_prompt_chars: int = 16_000
+    max_presets: int = 50
 
     @property
     def max_frame_chars(self) -> int:
@@ -65,6 +71,8 @@ def chat_settings() -> ChatSettings:
         # Below a few KiB a frame could not hold a message's footer.
         max_send_frame_bytes=max(16 * 1024, int(read("CHAT_MAX_SEND_FRAME_BYTES"))),
         max_images_per_message=int(read("CHAT_MAX_IMAGES_PER_MESSAGE")),
+        max_system_prompt_chars=int(read("CHAT_MAX_SYSTEM_PROMPT_CHARS")),
+        max_presets=int(read("CHAT_MAX_PRESETS")),
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from chat import actions, frames, protocol, sessions
+from chat import actions, conversation_settings, frames, protocol, sessions
 from chat.errors import ChatError, busy_switching
 from chat.generation import check_model, group_name, prepare_for, registry
 
@@ -127,6 +127,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 raise ChatError(
                     "not_running", "Nothing is being written in this conversation."
                 )
+        elif isinstance(request, protocol.Settings):
+            saved = await database_sync_to_async(conversation_settings.save)(
+                self.user, request.conversation_id, request.settings
+            )
+            await self.send_json(saved)
         elif isinstance(request, protocol.Open):
             await self._open(request.conversation_id)
         elif isinstance(request, protocol.History):

@@ -27,6 +27,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from chat import actions, attachments
+from chat.conversation_settings import ConversationSettings
 from chat.models import Conversation, Message, MessageRole
 from gateway.models import UsageRecord
 
@@ -86,8 +87,12 @@ def header_json(conversation: Conversation) -> dict[str, Any]:
 
 
 def settings_json(conversation: Conversation) -> dict[str, Any]:
-    """What the conversation asks of the model besides its messages."""
-    return {"system_prompt": conversation.system_prompt}
+    """What the conversation asks of the model besides its messages.
+
+    The system prompt and the sampling parameters; ``null`` is the model's
+    default.
+    """
+    return ConversationSettings.of(conversation).to_dict()
 
 
 def usage_json(message: Message) -> dict[str, Any] | None:
@@ -256,10 +261,15 @@ def header_markdown(conversation: Conversation) -> str:
 
 
 def settings_markdown(conversation: Conversation) -> str:
-    """The system prompt, verbatim; nothing when there is none."""
-    if not conversation.system_prompt:
-        return ""
-    return "## System prompt\n\n" + fenced(conversation.system_prompt, "text")
+    """The sampling parameters set, and the system prompt verbatim."""
+    settings = ConversationSettings.of(conversation)
+    blocks = [
+        f"- {name.replace('_', ' ').capitalize()}: {value}"
+        for name, value in settings.params().items()
+    ]
+    if settings.system_prompt:
+        blocks.append("## System prompt\n\n" + fenced(settings.system_prompt, "text"))
+    return "\n\n".join(blocks)
 
 
 def _ms(value: Any) -> str:
@@ -305,8 +315,8 @@ def message_markdown(message: Message) -> str:
     if images := images_json(message):
         parts.append(
             "\n".join(
-                f"- Image: {image['content_type']}, {image['width']} x {image['height']} px"
-                for image in images
+                f"- Image: {i['content_type']}, {i['width']} x {i['height']} px"
+                for i in images
             )
         )
     meta = message.meta if isinstance(message.meta, dict) else {}

@@ -47,8 +47,9 @@ from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
-from chat import actions, attachments, errors, frames, leases
+from chat import actions, attachments, conversation_settings, errors, frames, leases
 from chat.conf import chat_settings
+from chat.conversation_settings import ConversationSettings
 from chat.errors import ChatError
 from chat.models import MessageStatus
 from chat.protocol import Edit, Regenerate, Send
@@ -250,7 +251,9 @@ class Generation:
                     on_admitted=self._commit,
                     on_limits=self._on_limits,
                 )
-                events = service.stream_chat(caller, self.model, self.history)
+                events = service.stream_chat(
+                    caller, self.model, self.history, self.turn.params
+                )
                 async with contextlib.aclosing(events):
                     async for event in events:
                         if not isinstance(event, service.Fallback | service.Status):
@@ -661,6 +664,7 @@ def prepare_for(
                     request.content,
                     request.model,
                     new_id=conversation_id,
+                    settings=_new_settings(request),
                 )
 
         elif isinstance(request, Regenerate):
@@ -682,7 +686,9 @@ def prepare_for(
         limit = chat_settings().max_concurrent_generations
         lease = leases.claim(user.pk, conversation_id, limit, owner)
         try:
-            turn = build()
+            # max_tokens is checked against the routes when the user chose it.
+            chosen = isinstance(request, Send) and request.settings is not None
+            turn = _with_settings(build(), max_tokens=chosen)
             # Images: the new uploads checked, and every image of the history
             # put into the messages sent upstream.
             attachments.prepare(user, turn, getattr(request, "attachments", ()))
@@ -692,6 +698,31 @@ def prepare_for(
             raise
 
     return prepare
+
+
+def _new_settings(request: Send) -> ConversationSettings | None:
+    """A new conversation's settings: the ones sent, else the model's defaults."""
+    if request.conversation_id is not None:
+        return None
+    if request.settings is not None:
+        return request.settings
+    return conversation_settings.model_defaults(request.model)
+
+
+def _with_settings(turn: actions.Turn, *, max_tokens: bool) -> actions.Turn:
+    """Check the conversation's settings against the model; its params go along.
+
+    A system prompt too large for every route of the model is refused here,
+    before anything is sent or stored. ``max_tokens`` is checked against the
+    routes only when the user has just chosen it (a new conversation's
+    ``settings``; the ``settings`` frame checks its own): otherwise the router
+    caps it at each route's limit, so a model's defaults or a change of model
+    never lock a conversation.
+    """
+    settings = ConversationSettings.of(turn.conversation)
+    conversation_settings.check_for_model(settings, turn.model, max_tokens=max_tokens)
+    turn.params = settings.params()
+    return turn
 
 
 async def check_model(model: str) -> None:

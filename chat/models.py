@@ -12,7 +12,21 @@ from django.utils import timezone
 from gateway.models import Endpoint, UsageRecord
 
 
-class Conversation(models.Model):
+class SamplingSettings(models.Model):
+    """Sampling for a conversation's answers; null: the model's default.
+
+    Ranges are checked by chat.conversation_settings.
+    """
+
+    temperature = models.FloatField(null=True, blank=True)
+    top_p = models.FloatField(null=True, blank=True)
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class Conversation(SamplingSettings):
     """A user's chat thread; only its owner may read or write it."""
 
     # Random ids: a conversation's URL reveals nothing about others.
@@ -208,3 +222,27 @@ class Attachment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.content_type} {self.width}x{self.height} ({self.size} bytes)"
+
+
+class Preset(SamplingSettings):
+    """A user's own saved settings, picked for a new conversation."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="presets"
+    )
+    name = models.CharField(max_length=100)
+    # Blank: the preset suits any model.
+    model_name = models.CharField(max_length=200, blank=True)
+    system_prompt = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["name", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "name"], name="preset_unique_user_name"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name

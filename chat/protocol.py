@@ -11,7 +11,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from chat import conversation_settings
 from chat.conf import chat_settings
+from chat.conversation_settings import ConversationSettings
 from chat.errors import ChatError
 from gateway import inbound
 
@@ -28,6 +30,8 @@ class Send:
     model: str
     # Ids of the user's own uploads (chat.attachments), sent with the text.
     attachments: tuple[uuid.UUID, ...] = ()
+    # A new conversation's settings (None: the model's defaults).
+    settings: ConversationSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +84,19 @@ class Switch:
 
 
 @dataclass(frozen=True, slots=True)
+class Settings:
+    """Store a conversation's system prompt and sampling parameters."""
+
+    conversation_id: uuid.UUID
+    settings: ConversationSettings
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     """Keep an idle connection alive through proxies."""
 
 
-Request = Send | Stop | Regenerate | Edit | Open | History | Switch | Ping
+Request = Send | Stop | Regenerate | Edit | Open | History | Switch | Settings | Ping
 
 FRAME_TYPES = (
     "send",
@@ -95,6 +107,7 @@ FRAME_TYPES = (
     "resume",
     "history",
     "switch",
+    "settings",
     "ping",
 )
 
@@ -132,6 +145,12 @@ def parse(data: dict[str, Any]) -> Request:
             content=_content(data),
             model=_model(data, required=True),
             attachments=_attachments(data),
+            settings=_new_settings(data),
+        )
+    if kind == "settings":
+        return Settings(
+            conversation_id=_conversation_id(data),
+            settings=conversation_settings.parse(data.get("settings")),
         )
     if kind == "stop":
         return Stop(conversation_id=_conversation_id(data))
@@ -179,6 +198,19 @@ def _conversation_id(
         raise ChatError(
             "invalid", "conversation_id must be a conversation's id."
         ) from None
+
+
+def _new_settings(data: dict[str, Any]) -> ConversationSettings | None:
+    value = data.get("settings")
+    if value is None:
+        return None
+    if data.get("conversation_id") is not None:
+        raise ChatError(
+            "invalid",
+            "settings go with the first message of a new conversation; "
+            "change an existing one's with a settings frame.",
+        )
+    return conversation_settings.parse(value)
 
 
 def _content(data: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from chat import views
+from chat import preset_views, views
 
 app_name = "chat"
 
@@ -41,4 +41,6 @@ urlpatterns = [
         views.attachment_thumbnail,
         name="attachment-thumbnail",
     ),
+    path("api/presets/", preset_views.preset_list, name="presets"),
+    path("api/presets/<int:preset_id>/", preset_views.preset_detail, name="preset-api"),
 ]

@@ -28,12 +28,13 @@ from django.views.decorators.http import (
     require_POST,
 )
 
-from chat import actions, attachments, budget, export
+from chat import actions, attachments, budget, conversation_settings, export
 from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.generation import registry
 from chat.models import Conversation
 from gateway import limits
+from gateway.models import MAX_TOKENS_LIMIT
 from gateway.usage_export import aiter_chunks
 from llmsite.pages import with_policy
 
@@ -53,6 +54,11 @@ def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str
             "models": models,
             "default_model": models[0] if models else None,
             "max_message_chars": chat_settings().max_message_chars,
+            # Per model: context window, output limit, defaults (the picker,
+            # the settings panel); the limits the panel checks before sending.
+            "model_info": conversation_settings.model_info(),
+            "max_system_prompt_chars": chat_settings().max_system_prompt_chars,
+            "max_tokens_limit": MAX_TOKENS_LIMIT,
             "budget": budget.remaining_today(request.user),
             "rate_limits": [
                 state.to_dict()
@@ -70,6 +76,7 @@ def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str
             "images": {
                 "max_bytes": attachments.max_bytes(),
                 "max_per_message": chat_settings().max_images_per_message,
+                "presets": "/chat/api/presets/",
             },
         },
     }

@@ -44,6 +44,7 @@ from gateway.models import (
     BudgetScope,
     Endpoint,
     EndpointStatus,
+    ModelDefaults,
     ModelRoute,
     UsageRecord,
     UsageRollup,
@@ -1099,3 +1100,12 @@ class RateLimitedUserAdmin(UserAdmin):
 if admin.site.is_registered(User):
     admin.site.unregister(User)
 admin.site.register(User, RateLimitedUserAdmin)
+
+
+@admin.register(ModelDefaults)
+class ModelDefaultsAdmin(admin.ModelAdmin):
+    """What a new chat with a model starts with (also set by the config file)."""
+
+    list_display = ("model_name", "temperature", "top_p", "max_tokens")
+    search_fields = ("model_name",)
+    fields = ("model_name", "system_prompt", "temperature", "top_p", "max_tokens")

@@ -5,12 +5,15 @@ The format (see config/llm_api.example.toml):
     [[endpoints]]           one table per endpoint, keyed by `name`
     [[routes]]              model name → endpoint (by name) → upstream model
     [[budgets]]             token budgets by scope (global, endpoint, user)
+    [[model_defaults]]      what a new chat with a model starts with: its
+                            system_prompt, temperature, top_p, max_tokens
 
 An endpoint off this machine must use https:// unless its table says
 `allow_plain_http = true` (the key would travel in clear otherwise).
 
 Importing is all or nothing and idempotent: endpoints are matched by name,
-routes by (model, endpoint), budgets by (scope, target, period); a second
+routes by (model, endpoint), budgets by (scope, target, period), model
+defaults by model; a second
 import of the same file changes nothing. Secrets do not belong in the file:
 `api_key_env` names an environment variable that holds the key.
 
@@ -41,6 +44,7 @@ from gateway.models import (
     BudgetPeriod,
     BudgetScope,
     Endpoint,
+    ModelDefaults,
     ModelRoute,
     clean_extra_headers,
 )
@@ -91,7 +95,14 @@ BUDGET_KEYS = {
     "endpoint": "endpoint",
     "user": "user",
 }
-SECTIONS = {"endpoints", "routes", "budgets"}
+MODEL_DEFAULTS_KEYS = {
+    "model": "model_name",
+    "system_prompt": "system_prompt",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_tokens": "max_tokens",
+}
+SECTIONS = {"endpoints", "routes", "budgets", "model_defaults"}
 
 
 class ConfigFileError(Exception):
@@ -116,7 +127,7 @@ class ImportSummary:
         return "; ".join(
             f"{section}: {self.created[section]} created, {self.updated[section]} "
             f"updated, {self.unchanged[section]} unchanged"
-            for section in ("endpoints", "routes", "budgets")
+            for section in ("endpoints", "routes", "budgets", "model_defaults")
         )
 
 
@@ -255,6 +266,7 @@ def import_text(text: str, *, dry_run: bool = False) -> ImportSummary:
         endpoints = _import_endpoints(data["endpoints"], problems, summary)
         _import_routes(data["routes"], endpoints, problems, summary)
         _import_budgets(data["budgets"], endpoints, problems, summary)
+        _import_model_defaults(data["model_defaults"], problems, summary)
         if problems.items:
             transaction.set_rollback(True)
             raise ConfigFileError(problems.items)
@@ -540,6 +552,49 @@ def _import_budgets(
         _save(budget, changed, created, "budgets", summary)
 
 
+def _import_model_defaults(
+    tables: list[dict[str, Any]], problems: _Problems, summary: ImportSummary
+) -> None:
+    seen: set[str] = set()
+    for i, table in enumerate(tables):
+        _unknown_keys(table, set(MODEL_DEFAULTS_KEYS), problems, "model_defaults", i)
+        model = table.get("model")
+        if not isinstance(model, str) or not model.strip():
+            problems.add("model_defaults", i, "model", "is required")
+            continue
+        if model in seen:
+            problems.add("model_defaults", i, "model", f"{model!r} appears twice")
+            continue
+        seen.add(model)
+        defaults = ModelDefaults.objects.filter(model_name=model).first()
+        created = defaults is None
+        defaults = defaults or ModelDefaults(model_name=model)
+        # A key left out of the table clears it: the file says it all.
+        values = {
+            field: table.get(key, "" if field == "system_prompt" else None)
+            for key, field in MODEL_DEFAULTS_KEYS.items()
+            if key != "model"
+        }
+        changed = _assign(defaults, values)
+        try:
+            for key in ("temperature", "top_p"):
+                value = values[key]
+                if isinstance(value, bool) or not (
+                    value is None or isinstance(value, int | float)
+                ):
+                    raise ValidationError({key: "must be a number"})
+            value = values["max_tokens"]
+            if isinstance(value, bool) or not (value is None or isinstance(value, int)):
+                raise ValidationError({"max_tokens": "must be a whole number"})
+            if not isinstance(values["system_prompt"], str):
+                raise ValidationError({"system_prompt": "must be a string"})
+            defaults.full_clean(validate_unique=False)
+        except ValidationError as exc:
+            _field_errors(exc, MODEL_DEFAULTS_KEYS, problems, "model_defaults", i)
+            continue
+        _save(defaults, changed, created, "model_defaults", summary)
+
+
 def _drop_none(table: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in table.items() if v not in (None, "", {})}
 
@@ -600,8 +655,17 @@ def export_text() -> str:
             "user": budget.user.get_username() if budget.user else None,
         }
         budgets.append(_drop_none(table))
+    model_defaults = [
+        _drop_none(
+            {
+                key: getattr(defaults, field)
+                for key, field in MODEL_DEFAULTS_KEYS.items()
+            }
+        )
+        for defaults in ModelDefaults.objects.order_by("model_name")
+    ]
     header = (
-        "# llmsite endpoints, model routes and budgets "
+        "# llmsite endpoints, model routes, budgets and model defaults "
         "(manage.py export_endpoints).\n# API keys are not exported: importing "
         "keeps the stored ones; add api_key_env to set new ones.\n"
     )
@@ -612,7 +676,12 @@ def export_text() -> str:
             + "\n".join(with_headers)
             + "\n"
         )
-    sections = {"endpoints": endpoints, "routes": routes, "budgets": budgets}
+    sections = {
+        "endpoints": endpoints,
+        "routes": routes,
+        "budgets": budgets,
+        "model_defaults": model_defaults,
+    }
     return header + "".join(
         "\n" + tomli_w.dumps({name: tables})
         for name, tables in sections.items()

@@ -27,9 +27,13 @@ problem named by the spec's key and line (`line 9: llm_api.request_timeout`).
 - `daily_token_budget` (0 = unlimited) becomes the global daily budget and
   `token_warning_threshold` its warning percent; without either key the
   budgets are left as they are.
+- `temperature`, `top_p` and `system_prompt` (only in [llm_api]) become the
+  public model's defaults: what a new chat with it starts with (the chat's
+  settings panel can change them per conversation; /v1 callers choose their
+  own). Without any of them the model's defaults are left as they are.
 
-Keys the spec had that a gateway does not take from this file (temperature,
-caching, streaming…) are accepted and reported back as notes, never silently
+Keys the spec had that a gateway does not take from this file (caching,
+streaming…) are accepted and reported back as notes, never silently
 dropped; any other key is an error, as in the project's format.
 """
 
@@ -73,7 +77,18 @@ OWN_KEYS = {
     "priority",
 }
 # Only in [llm_api]: they describe the whole configuration.
-TOP_KEYS = {"model_name", "daily_token_budget", "token_warning_threshold", FALLBACKS}
+TOP_KEYS = {
+    "model_name",
+    "daily_token_budget",
+    "token_warning_threshold",
+    FALLBACKS,
+}
+# [llm_api] keys that become the public model's defaults for new chats.
+MODEL_DEFAULTS_KEYS = {
+    "system_prompt": "system_prompt",
+    "temperature": "temperature",
+    "top_p": "top_p",
+}
 BUDGET_KEYS = {
     "daily_token_budget": "token_limit",
     "token_warning_threshold": "warning_percent",
@@ -81,8 +96,6 @@ BUDGET_KEYS = {
 
 # The spec's keys that are not this file's business here, and where they live.
 NOT_APPLIED = {
-    "temperature": "sampling is chosen per request by the program or the chat",
-    "top_p": "sampling is chosen per request by the program or the chat",
     "enable_token_tracking": "usage is always recorded",
     "enable_streaming": "streaming is chosen per request",
     "enable_response_cache": "the degraded-mode cache is set by "
@@ -110,6 +123,8 @@ NUMBER_KEYS = {
     "retry_backoff_multiplier",
     "token_warning_threshold",
     "health_check_timeout",
+    "temperature",
+    "top_p",
 }
 BOOLEAN_KEYS = {
     "accepts_images",
@@ -119,7 +134,15 @@ BOOLEAN_KEYS = {
     "enable_response_cache",
     "enable_health_check",
 }
-STRING_KEYS = {"name", "endpoint", "base_url", "model", "model_name", "api_key"}
+STRING_KEYS = {
+    "name",
+    "endpoint",
+    "base_url",
+    "model",
+    "model_name",
+    "api_key",
+    "system_prompt",
+}
 # 0 means "none" for these, as in the spec ("0 = unlimited").
 ZERO_IS_NONE = {
     "max_requests_per_minute",
@@ -129,7 +152,9 @@ ZERO_IS_NONE = {
 
 PER_ENDPOINT = set(ENDPOINT_KEYS) | set(ROUTE_KEYS) | {"model"}
 FALLBACK_ALLOWED = PER_ENDPOINT | OWN_KEYS
-TOP_ALLOWED = PER_ENDPOINT | OWN_KEYS | TOP_KEYS | set(NOT_APPLIED)
+TOP_ALLOWED = (
+    PER_ENDPOINT | OWN_KEYS | TOP_KEYS | set(MODEL_DEFAULTS_KEYS) | set(NOT_APPLIED)
+)
 
 # Where a value was written: the table ([llm_api] or fallback number j) and key.
 Origin = tuple[int | None, str]
@@ -141,7 +166,12 @@ class Translation:
 
     line_of: Callable[[str, int, str | None], int | None]
     sections: dict[str, list[dict[str, Any]]] = field(
-        default_factory=lambda: {"endpoints": [], "routes": [], "budgets": []}
+        default_factory=lambda: {
+            "endpoints": [],
+            "routes": [],
+            "budgets": [],
+            "model_defaults": [],
+        }
     )
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -165,8 +195,13 @@ class Translation:
         """Name a problem the project's importer found in the translated tables."""
         origin = self.origins.get((section, index, key or ""))
         if origin is None:
-            # A whole table's problem: its endpoint's table; budgets are [llm_api].
-            table = self.tables[index] if section != "budgets" else None
+            # A whole table's problem: its endpoint's table; budgets and model
+            # defaults are [llm_api]'s.
+            table = (
+                self.tables[index]
+                if section not in ("budgets", "model_defaults")
+                else None
+            )
             origin = (table, "")
         return self.name(origin)
 
@@ -214,6 +249,8 @@ def translate(
         _endpoint_and_route(out, index, fallback, top, table, public)
     if set(top) & set(BUDGET_KEYS):
         _budget(out, top)
+    if set(top) & set(MODEL_DEFAULTS_KEYS) and isinstance(public, str):
+        _model_defaults(out, top, public)
     return out
 
 
@@ -365,6 +402,22 @@ def _budget(out: Translation, top: dict[str, Any]) -> None:
     for spec_key, key in BUDGET_KEYS.items():
         _remember(out, "budgets", 0, key, (None, spec_key))
     out.sections["budgets"].append(budget)
+
+
+def _model_defaults(out: Translation, top: dict[str, Any], public: str) -> None:
+    defaults: dict[str, Any] = {"model": public}
+    _remember(
+        out,
+        "model_defaults",
+        0,
+        "model",
+        (None, "model_name" if "model_name" in top else "model"),
+    )
+    for spec_key, key in MODEL_DEFAULTS_KEYS.items():
+        if spec_key in top:
+            defaults[key] = top[spec_key]
+            _remember(out, "model_defaults", 0, key, (None, spec_key))
+    out.sections["model_defaults"].append(defaults)
 
 
 def _remember(

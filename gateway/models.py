@@ -414,6 +414,52 @@ def _key_hash(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
 
 
+# The sampling parameters a chat (and a model's defaults) may set, and their
+# ranges: the OpenAI API's own. max_tokens is bounded again by the routes.
+TEMPERATURE_MAX = 2.0
+TOP_P_MAX = 1.0
+MAX_TOKENS_LIMIT = 1_000_000
+
+
+class ModelDefaults(models.Model):
+    """What a new chat with a model starts with: a system prompt and sampling.
+
+    Keyed by the public model name (not a route): every route of the model
+    shares them. Empty fields leave the upstream's own defaults.
+    """
+
+    model_name = models.CharField(
+        max_length=200, unique=True, help_text="The public model name, as routed."
+    )
+    system_prompt = models.TextField(blank=True)
+    temperature = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(TEMPERATURE_MAX)],
+        help_text="0 to 2; empty: the model's default.",
+    )
+    top_p = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(TOP_P_MAX)],
+        help_text="0 to 1; empty: the model's default.",
+    )
+    max_tokens = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_TOKENS_LIMIT)],
+        help_text="Longest answer; never more than a route allows. Empty: the route's.",
+    )
+
+    class Meta:
+        verbose_name = "model defaults"
+        verbose_name_plural = "model defaults"
+        ordering = ["model_name"]
+
+    def __str__(self) -> str:
+        return self.model_name
+
+
 class ApiKeyQuerySet(models.QuerySet):
     def active(self) -> ApiKeyQuerySet:
         return self.filter(revoked_at__isnull=True)

@@ -23,6 +23,7 @@ How a chat request is answered (later steps override earlier ones field by field
        /sim tps=20 ttft=0.5 tokens=200
        /sim echo
        /sim images                                # report the image parts received
+       /sim echo_settings                         # the system prompt and sampling
        /sim fault=status status=503 times=1       # only the first such request
        /sim fault=drop after=3 prefix=/e/1        # only under /e/1/v1/...
 
@@ -32,7 +33,9 @@ How a chat request is answered (later steps override earlier ones field by field
    and ``tokens`` (completion_tokens); a bare ``echo`` means ``echo=true``;
    a bare ``images`` answers with the image parts of the last user message
    (``Received 1 image: image/png 1234 bytes.``: count, media type and the
-   decoded size of each ``data:`` URL, or ``url`` for a link);
+   decoded size of each ``data:`` URL, or ``url`` for a link); a bare
+   ``echo_settings`` answers with the system prompt and the temperature,
+   top_p and max_tokens received, one per line;
    ``fault=none`` clears a fault; in ``reply`` a literal ``\\n`` is a newline.
    ``times=N`` applies the line to the first N requests carrying the same message
    (so a retry or a regenerate succeeds) and ``prefix=/p`` only to requests under
@@ -146,6 +149,8 @@ class Behaviour:
     reply: str | None = None  # fixed answer text instead of the generated one
     echo: bool = False  # answer with the last user message
     images: bool = False  # answer with a report of the image parts received
+    # Answer with the system prompt and the sampling parameters received.
+    echo_settings: bool = False
     fault: Fault | None = None
     fault_status: int = 500
     retry_after: float | None = None  # seconds, sent as Retry-After
@@ -197,6 +202,7 @@ _FIELD_KINDS = {
     "reply": "text",
     "echo": "bool",
     "images": "bool",
+    "echo_settings": "bool",
     "fault": "fault",
     "fault_status": "int",
     "retry_after": "optional_float",
@@ -274,7 +280,7 @@ def parse_directives(text: str) -> tuple[list[Directive], str]:
             key, sep, value = word.partition("=")
             try:
                 if not sep:
-                    if key not in ("echo", "images"):
+                    if key not in ("echo", "images", "echo_settings"):
                         raise ValueError(f"expected key=value, got {word!r}")
                     overrides[key] = True
                 elif key == "times":
@@ -366,6 +372,21 @@ def generated_tokens(count: int) -> list[str]:
         tokens += next(paragraphs)
     del tokens[count:]
     return tokens
+
+
+def settings_echo(payload: Mapping[str, Any]) -> str:
+    """What ``/sim echo_settings`` answers: the system prompt and the sampling."""
+    messages = payload.get("messages") or []
+    system = "\n".join(
+        _message_text(m.get("content"))
+        for m in messages
+        if isinstance(m, dict) and m.get("role") in ("system", "developer")
+    )
+    lines = [f"system: {system or '(none)'}"]
+    for name in ("temperature", "top_p", "max_tokens"):
+        value = payload.get(name)
+        lines.append(f"{name}: {'(none)' if value is None else value}")
+    return "\n".join(lines)
 
 
 def _message_text(content: Any) -> str:
@@ -870,6 +891,8 @@ class SimulatedUpstream:
             return
         if behaviour.images:
             tokens = split_tokens(image_report(messages))
+        elif behaviour.echo_settings:
+            tokens = split_tokens(settings_echo(payload))
         elif behaviour.echo:
             tokens = split_tokens(text)
         elif behaviour.reply is not None:

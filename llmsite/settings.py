@@ -434,6 +434,14 @@ if CHAT_RESUME_GRACE_SECONDS < 0:
 CHAT_LEASE_SECONDS = _env_float("CHAT_LEASE_SECONDS", 15.0)
 if CHAT_LEASE_SECONDS < 3:
     raise ImproperlyConfigured("CHAT_LEASE_SECONDS must be at least 3")
+# Longest system prompt a conversation or preset may hold, in characters, and
+# how many presets one user may keep.
+CHAT_MAX_SYSTEM_PROMPT_CHARS = _env_int("CHAT_MAX_SYSTEM_PROMPT_CHARS", 16_000)
+if not 1 <= CHAT_MAX_SYSTEM_PROMPT_CHARS <= 100_000:
+    raise ImproperlyConfigured("CHAT_MAX_SYSTEM_PROMPT_CHARS must be 1 to 100000")
+CHAT_MAX_PRESETS = _env_int("CHAT_MAX_PRESETS", 50)
+if not 0 <= CHAT_MAX_PRESETS <= 1000:
+    raise ImproperlyConfigured("CHAT_MAX_PRESETS must be 0 to 1000")
 # Largest websocket frame the server sends (bytes): history is paged and long
 # texts are split under it. Daphne drops frames over 1 MiB; keep well below.
 CHAT_MAX_SEND_FRAME_BYTES = _env_int("CHAT_MAX_SEND_FRAME_BYTES", 256 * 1024)

@@ -40,6 +40,7 @@ def answered(owner, make_conversation) -> Conversation:
     """Alice's conversation: a question, an answer with its usage record."""
     conversation = make_conversation(owner, (USER, "How do tides work?"), title="Tides")
     conversation.system_prompt = "Answer like a sailor."
+    conversation.temperature = 0.3
     conversation.save()
     endpoint = Endpoint.objects.create(name="primary", base_url="http://127.0.0.1:9/v1")
     record = UsageRecord.objects.create(
@@ -109,7 +110,12 @@ def test_the_json_file_holds_the_conversation_settings_and_usage(alice, answered
     assert conversation["id"] == str(answered.id)
     assert conversation["title"] == "Tides"
     assert conversation["model"] == MODEL
-    assert conversation["settings"] == {"system_prompt": "Answer like a sailor."}
+    assert conversation["settings"] == {
+        "system_prompt": "Answer like a sailor.",
+        "temperature": 0.3,
+        "top_p": None,
+        "max_tokens": None,
+    }
     question, answer = conversation["messages"]
     assert question["role"] == "user"
     assert question["content"] == "How do tides work?"
@@ -222,6 +228,7 @@ def test_the_markdown_file_shows_who_said_what_and_how_it_was_answered(alice, an
     assert "The **moon** pulls the sea." in text
     assert "_via primary · ≈12 in · ≈34 out · 1.2 s · first token 210 ms_" in text
     assert code_blocks(text) == ["Answer like a sailor.\n"]
+    assert "- Temperature: 0.3" in text
 
 
 def test_code_in_a_message_does_not_swallow_the_messages_after_it(

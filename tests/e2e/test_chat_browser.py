@@ -48,7 +48,7 @@ def test_signing_in_opens_the_chat_page(page, login, owner, sim_model, screensho
     login(page, owner)
 
     page.wait_for_function("window.llmsiteChat.socket.connected")
-    assert page.locator("#model option").all_inner_texts() == [SIM_MODEL]
+    assert page.locator("#model option").all_inner_texts() == [f"{SIM_MODEL} · 8k"]
     assert page.locator("#budget").inner_text().endswith("no budget limit")
     screenshot(page, "01-empty-chat")
 

@@ -8,7 +8,7 @@ import pytest
 from django.contrib.messages import get_messages
 from django.urls import reverse
 
-from gateway.models import ApiKey, Endpoint, ModelRoute, UsageRecord
+from gateway.models import ApiKey, Endpoint, ModelDefaults, ModelRoute, UsageRecord
 
 pytestmark = pytest.mark.django_db
 
@@ -154,7 +154,7 @@ def test_usage_list_costs_a_fixed_number_of_queries(
 
 @pytest.mark.parametrize(
     "name",
-    ["endpoint", "modelroute", "budget", "apikey", "usagerecord"],
+    ["endpoint", "modelroute", "budget", "apikey", "usagerecord", "modeldefaults"],
 )
 def test_every_gateway_list_renders(admin_client, name):
     response = admin_client.get(reverse(f"admin:gateway_{name}_changelist"))
@@ -386,3 +386,21 @@ def test_a_route_is_marked_as_taking_images_in_its_admin(admin_client, endpoint)
 
     assert "vision" in listed.content.decode()
     assert 'name="accepts_images"' in form.content.decode()
+
+
+def test_model_defaults_are_saved_from_the_admin_within_their_ranges(admin_client):
+    url = reverse("admin:gateway_modeldefaults_add")
+    form = {"model_name": "house", "system_prompt": "Be kind.", "temperature": "2.5"}
+
+    refused = admin_client.post(url, form)
+    saved = admin_client.post(url, {**form, "temperature": "0.5", "max_tokens": "300"})
+
+    assert refused.status_code == 200
+    assert "less than or equal to 2" in refused.content.decode()
+    assert saved.status_code == 302
+    defaults = ModelDefaults.objects.get()
+    assert (defaults.model_name, defaults.temperature, defaults.max_tokens) == (
+        "house",
+        0.5,
+        300,
+    )

@@ -8,7 +8,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from gateway.config_file import ConfigFileError, export_text, import_text
-from gateway.models import Budget, Endpoint, ModelRoute
+from gateway.models import Budget, Endpoint, ModelDefaults, ModelRoute
 
 pytestmark = pytest.mark.django_db
 
@@ -51,7 +51,12 @@ token_limit = 100000
 def test_it_imports_endpoints_routes_and_budgets():
     summary = import_text(VALID)
 
-    assert summary.created == {"endpoints": 2, "routes": 2, "budgets": 1}
+    assert summary.created == {
+        "endpoints": 2,
+        "routes": 2,
+        "budgets": 1,
+        "model_defaults": 0,
+    }
     primary = Endpoint.objects.get(name="primary")
     assert primary.api_key == "sk-primary"
     assert Endpoint.objects.get(name="fallback").timeout == 30
@@ -87,6 +92,7 @@ def test_the_failover_settings_import_and_export():
         "endpoints": 2,
         "routes": 2,
         "budgets": 1,
+        "model_defaults": 0,
     }
 
 
@@ -170,8 +176,18 @@ def test_export_round_trips_without_secrets():
 
     assert "sk-primary" not in exported
     summary = import_text(exported)
-    assert summary.created == {"endpoints": 0, "routes": 0, "budgets": 0}
-    assert summary.updated == {"endpoints": 0, "routes": 0, "budgets": 0}
+    assert summary.created == {
+        "endpoints": 0,
+        "routes": 0,
+        "budgets": 0,
+        "model_defaults": 0,
+    }
+    assert summary.updated == {
+        "endpoints": 0,
+        "routes": 0,
+        "budgets": 0,
+        "model_defaults": 0,
+    }
     assert Endpoint.objects.get(name="primary").api_key == "sk-primary"
 
 
@@ -259,3 +275,72 @@ def test_accepts_images_imports_exports_and_must_be_a_boolean():
     assert any(
         "accepts_images" in p and "true or false" in p for p in caught.value.problems
     )
+
+
+# --- Model defaults -------------------------------------------------------------------
+
+DEFAULTS = """
+[[model_defaults]]
+model = "assistant"
+system_prompt = "Answer in French."
+temperature = 0.2
+max_tokens = 500
+"""
+
+
+def test_model_defaults_import_export_and_import_unchanged():
+    summary = import_text(VALID + DEFAULTS)
+
+    assert summary.created["model_defaults"] == 1
+    defaults = ModelDefaults.objects.get(model_name="assistant")
+    assert (defaults.system_prompt, defaults.temperature, defaults.top_p) == (
+        "Answer in French.",
+        0.2,
+        None,
+    )
+    assert defaults.max_tokens == 500
+    exported = export_text()
+    assert "[[model_defaults]]" in exported
+    assert import_text(exported).unchanged["model_defaults"] == 1
+
+
+def test_a_key_left_out_of_model_defaults_clears_it():
+    import_text(VALID + DEFAULTS)
+
+    second = import_text(VALID + DEFAULTS.replace("temperature = 0.2\n", ""))
+
+    assert second.updated["model_defaults"] == 1
+    assert ModelDefaults.objects.get().temperature is None
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("temperature = 2.5", "temperature: Ensure this value is less than or equal"),
+        ("top_p = -0.1", "top_p: Ensure this value is greater than or equal to 0"),
+        ("max_tokens = 0", "max_tokens: Ensure this value is greater than or equal"),
+        ("max_tokens = 1.5", "max_tokens: must be a whole number"),
+        ('temperature = "hot"', "temperature: must be a number"),
+        ("colour = 1", "colour: unknown key"),
+    ],
+)
+def test_bad_model_defaults_name_line_and_key_and_change_nothing(line, expected):
+    bad = VALID + f'[[model_defaults]]\nmodel = "assistant"\n{line}\n'
+
+    with pytest.raises(ConfigFileError) as caught:
+        import_text(bad)
+
+    assert len(caught.value.problems) == 1
+    assert "model_defaults[1]." in caught.value.problems[0]
+    assert expected in caught.value.problems[0]
+    assert not ModelDefaults.objects.exists()
+    assert not Endpoint.objects.exists()
+
+
+def test_model_defaults_need_a_model_once():
+    twice = VALID + DEFAULTS + DEFAULTS
+
+    with pytest.raises(ConfigFileError) as caught:
+        import_text(twice)
+
+    assert caught.value.problems[0].endswith("model: 'assistant' appears twice")

@@ -8,7 +8,7 @@ import pytest
 from django.core.management import call_command
 
 from gateway.config_file import ConfigFileError, export_text, import_text
-from gateway.models import Budget, Endpoint, ModelRoute
+from gateway.models import Budget, Endpoint, ModelDefaults, ModelRoute
 
 pytestmark = pytest.mark.django_db
 
@@ -45,7 +45,12 @@ def _problems(text: str) -> list[str]:
 def test_the_primary_and_its_fallback_become_endpoints():
     summary = import_text(SPEC)
 
-    assert summary.created == {"endpoints": 2, "routes": 2, "budgets": 1}
+    assert summary.created == {
+        "endpoints": 2,
+        "routes": 2,
+        "budgets": 1,
+        "model_defaults": 0,
+    }
     primary = Endpoint.objects.get(name="primary")
     assert primary.base_url == "http://127.0.0.1:9101/v1"
     assert primary.api_key == "sk-primary"
@@ -139,7 +144,12 @@ def test_a_second_import_changes_nothing():
 
     summary = import_text(SPEC)
 
-    assert summary.unchanged == {"endpoints": 2, "routes": 2, "budgets": 1}
+    assert summary.unchanged == {
+        "endpoints": 2,
+        "routes": 2,
+        "budgets": 1,
+        "model_defaults": 0,
+    }
     assert (
         summary.created
         == summary.updated
@@ -147,6 +157,7 @@ def test_a_second_import_changes_nothing():
             "endpoints": 0,
             "routes": 0,
             "budgets": 0,
+            "model_defaults": 0,
         }
     )
     assert Endpoint.objects.count() == 2
@@ -252,12 +263,46 @@ def test_a_file_with_both_layouts_is_refused():
 
 
 def test_spec_keys_without_a_gateway_meaning_are_reported_not_applied():
-    summary = import_text(SPEC.replace("[llm_api]\n", "[llm_api]\ntemperature = 0.7\n"))
+    summary = import_text(
+        SPEC.replace("[llm_api]\n", "[llm_api]\nenable_streaming = true\n")
+    )
 
     assert summary.notes == [
-        "llm_api.temperature: not applied; sampling is chosen per request by the "
-        "program or the chat"
+        "llm_api.enable_streaming: not applied; streaming is chosen per request"
     ]
+
+
+def test_sampling_and_system_prompt_become_the_public_models_defaults():
+    spec = SPEC.replace(
+        "[llm_api]\n",
+        '[llm_api]\ntemperature = 0.3\ntop_p = 0.5\nsystem_prompt = "Be brief."\n',
+    )
+
+    summary = import_text(spec)
+
+    assert summary.created["model_defaults"] == 1
+    defaults = ModelDefaults.objects.get()
+    assert (defaults.model_name, defaults.system_prompt) == (
+        "claude-sonnet-4.5",
+        "Be brief.",
+    )
+    assert (defaults.temperature, defaults.top_p, defaults.max_tokens) == (
+        0.3,
+        0.5,
+        None,
+    )
+    assert import_text(spec).unchanged["model_defaults"] == 1
+
+
+def test_an_out_of_range_temperature_names_its_line_and_range():
+    spec = SPEC.replace("[llm_api]\n", "[llm_api]\ntemperature = 3\n")
+
+    problems = _problems(spec)
+
+    assert len(problems) == 1
+    assert problems[0].startswith("line 2: llm_api.temperature: ")
+    assert "less than or equal to 2" in problems[0]
+    assert not ModelDefaults.objects.exists()
 
 
 def test_export_writes_the_project_format_which_imports_unchanged():
@@ -271,6 +316,7 @@ def test_export_writes_the_project_format_which_imports_unchanged():
         "endpoints": 2,
         "routes": 2,
         "budgets": 1,
+        "model_defaults": 0,
     }
 
 
@@ -285,7 +331,8 @@ def test_the_shipped_spec_file_imports_cleanly_and_idempotently(monkeypatch, cap
 
     out = capsys.readouterr().out
     assert "endpoints: 0 created, 0 updated, 2 unchanged" in out
-    assert "llm_api.temperature: not applied" in out
+    assert "model_defaults: 0 created, 0 updated, 1 unchanged" in out
+    assert ModelDefaults.objects.get(model_name="assistant").temperature == 0.7
     primary = Endpoint.objects.get(name="primary")
     assert (primary.base_url, primary.api_key) == (
         "https://api.openai.com/v1",

@@ -185,6 +185,18 @@ async def test_echo_answers_with_the_last_user_message(
     assert content_of(payloads) == "Say *this*\nback, please"
 
 
+async def test_echo_settings_answers_with_the_system_prompt_and_sampling(
+    client: httpx.AsyncClient,
+) -> None:
+    request = chat("/sim echo_settings\nHi", stream=True, temperature=0.3, top_p=1)
+
+    payloads = await read_stream(client, request)
+
+    assert content_of(payloads) == (
+        "system: Be brief.\ntemperature: 0.3\ntop_p: 1\nmax_tokens: (none)"
+    )
+
+
 # Pacing: lower bounds only, upper bounds flake on a busy machine.
 
 

@@ -4,6 +4,7 @@
 import { Attachments, imagesElement } from "./attachments.js";
 import { copyText } from "./markdown.js";
 import { setupShortcuts } from "./shortcuts.js";
+import { SettingsPanel } from "./settings.js";
 import { Sidebar } from "./sidebar.js";
 import { ChatSocket } from "./socket.js";
 import { addVersions, dropBranchOf, focusSwitched } from "./versions.js";
@@ -66,6 +67,13 @@ const state = {
 };
 
 const socket = new ChatSocket(config.socket_path);
+const settingsPanel = new SettingsPanel({
+  config,
+  modelSelect: ui.model,
+  send: (frame) => sendFrame(frame),
+  conversationId: () => state.conversationId,
+  announce: (text) => announce(text),
+});
 const sidebar = new Sidebar({
   url: config.urls.conversations,
   exportUrl: config.urls.export,
@@ -352,6 +360,7 @@ function newChat({ push = false } = {}) {
   state.conversation = null;
   state.messages = [];
   sidebar.select(null);
+  settingsPanel.reset();
   setTitle("");
   renderConversation();
   ui.input.focus();
@@ -399,6 +408,7 @@ function submit() {
     model: ui.model.value,
   };
   if (images.ids().length) frame.attachments = images.ids();
+  if (!state.conversationId) frame.settings = settingsPanel.forNewChat();
   if (!socket.connected) {
     // Right after the page loads, or while reconnecting: send it on open.
     state.queuedFrame = frame;
@@ -479,6 +489,7 @@ const handlers = {
     if (state.live && state.live.conversationId === state.conversationId) state.live = null;
     setTitle(frame.conversation.title);
     if (config.models.includes(frame.conversation.model)) ui.model.value = frame.conversation.model;
+    settingsPanel.showConversation(frame.conversation);
     sidebar.upsert(frame.conversation, { place: "keep" });
     renderConversation();
     focusSwitched(ui.messages, state.pendingSwitch);
@@ -605,6 +616,7 @@ const handlers = {
     }
     if (frame.request === "send" || frame.code === "busy") state.pendingSend = null;
     if (frame.request === "switch") state.pendingSwitch = null;
+    if (frame.request === "settings") settingsPanel.failed(frame);
     if (frame.refused) restoreRefused(frame);
     if (frame.request === "history") {
       state.loadingHistory = false;
@@ -622,6 +634,10 @@ const handlers = {
     if (frame.conversation_id === state.conversationId) {
       socket.send({ type: "open", conversation_id: frame.conversation_id });
     }
+  },
+
+  settings(frame) {
+    settingsPanel.saved(frame);
   },
 
   pong() {},
@@ -754,6 +770,7 @@ function setupModels() {
   } else {
     ui.model.value = config.default_model;
   }
+  settingsPanel.labelModels();
 }
 
 ui.composer.addEventListener("submit", (event) => {

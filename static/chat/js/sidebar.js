@@ -1,33 +1,8 @@
 // The conversation list: newest first, search, rename, delete, paging.
 
+import { api } from "./api.js";
+
 const SEARCH_DELAY_MS = 250;
-
-function csrfToken() {
-  const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
-  return match ? decodeURIComponent(match[1]) : "";
-}
-
-async function api(url, { method = "GET", body } = {}) {
-  const response = await fetch(url, {
-    method,
-    credentials: "same-origin",
-    headers: {
-      Accept: "application/json",
-      ...(body !== undefined ? { "Content-Type": "application/json" } : {}),
-      ...(method !== "GET" ? { "X-CSRFToken": csrfToken() } : {}),
-    },
-    body: body !== undefined ? JSON.stringify(body) : undefined,
-  });
-  if (response.status === 401) {
-    location.assign(`/accounts/login/?next=${encodeURIComponent(location.pathname)}`);
-    throw new Error("Signed out.");
-  }
-  const data = await response.json().catch(() => ({}));
-  if (!response.ok) {
-    throw new Error((data.error && data.error.message) || `The server answered ${response.status}.`);
-  }
-  return data;
-}
 
 export class Sidebar {
   constructor({ url, exportUrl, onOpen, onDeleted, onRenamed, onError }) {
