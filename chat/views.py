@@ -70,13 +70,13 @@ def _page_context(request: HttpRequest, conversation_id: str | None) -> dict[str
                 "conversations": "/chat/api/conversations/",
                 "export": "/chat/export/",
                 "attachments": "/chat/api/attachments/",
+                "presets": "/chat/api/presets/",
             },
             # Models whose every route takes images: the page offers attaching.
             "image_models": sorted(attachments.models_taking_images()),
             "images": {
                 "max_bytes": attachments.max_bytes(),
                 "max_per_message": chat_settings().max_images_per_message,
-                "presets": "/chat/api/presets/",
             },
         },
     }

@@ -485,9 +485,9 @@ def test_after_kill_9_the_answer_opens_as_interrupted_and_can_be_retried(
             process.wait(timeout=GRACE + 15)
         finally:
             stop(process)
-    [(status,)] = site.sql(
-        "SELECT status FROM chat_message "
-        "WHERE conversation_id = %s AND role = 'assistant'",
+    # The retry is a new version of the answer; the interrupted one is kept.
+    assert site.sql(
+        "SELECT status, active FROM chat_message "
+        "WHERE conversation_id = %s AND role = 'assistant' ORDER BY id",
         uuid.UUID(conversation_id),
-    )
-    assert status == "partial"
+    ) == [("interrupted", False), ("partial", True)]
