@@ -10,6 +10,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 
+from chat.attachments import models_taking_images
 from gateway.models import Endpoint, ModelRoute
 
 pytestmark = pytest.mark.django_db
@@ -47,6 +48,12 @@ def test_demo_endpoints_form_a_fallback_chain_and_are_not_duplicated():
         ("demo-primary", "embedding"),
         ("demo-fallback", "embedding"),
     ]
+
+
+def test_the_demo_chat_takes_images_on_every_route():
+    _setup()
+
+    assert "demo-chat" in models_taking_images()
 
 
 def test_the_demo_upstreams_serve_every_model_the_demo_routes_to():

@@ -91,10 +91,16 @@ class Command(BaseCommand):
                     "probe_interval": 30,
                 },
             )
+            # The simulated upstreams read image parts ("/sim images" reports
+            # them), so the demo chat offers attaching images.
             ModelRoute.objects.update_or_create(
                 model_name=DEMO_MODEL,
                 endpoint=endpoint,
-                defaults={"upstream_model": DEMO_UPSTREAM_MODEL, "priority": priority},
+                defaults={
+                    "upstream_model": DEMO_UPSTREAM_MODEL,
+                    "priority": priority,
+                    "accepts_images": True,
+                },
             )
             ModelRoute.objects.update_or_create(
                 model_name=DEMO_EMBED_MODEL,
