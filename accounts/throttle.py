@@ -11,18 +11,13 @@ about which addresses exist.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
 
 from django.conf import settings
-from django.core.cache import caches
 from django.http import HttpRequest
 
-from llmsite.throttle import client_address
+from llmsite.throttle import client_address, counter_cache, digest, try_again
 
 PREFIX = "account-throttle"
 WINDOW_SECONDS = 3600
@@ -40,18 +35,7 @@ class Refusal:
     @property
     def message(self) -> str:
         """The sentence the page shows."""
-        minutes = max(1, math.ceil((self.until - time.time()) / 60))
-        at = datetime.fromtimestamp(self.until, tz=UTC).strftime("%H:%M")
-        unit = "minute" if minutes == 1 else "minutes"
-        return f"Too many {self.what}. Try again after {at} UTC (in {minutes} {unit})."
-
-
-def _cache() -> Any:
-    return caches[settings.LOGIN_THROTTLE_CACHE]
-
-
-def _digest(value: str) -> str:
-    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return f"Too many {self.what}. {try_again(self.until)}"
 
 
 def _attempt(
@@ -62,9 +46,9 @@ def _attempt(
     A window ends by its own clock, not only by the cache's expiry, so the
     hour is the same on every cache backend (and under a frozen test clock).
     """
-    cache = _cache()
+    cache = counter_cache()
     keys = [
-        (f"{PREFIX}:{action}:{by}:{_digest(value)}", limit)
+        (f"{PREFIX}:{action}:{by}:{digest(value)}", limit)
         for by, value, limit in counted
         if value and limit > 0
     ]

@@ -54,21 +54,25 @@ class Lockout:
     @property
     def message(self) -> str:
         """The sentence the login page shows."""
-        minutes = max(1, math.ceil((self.until - time.time()) / 60))
-        at = datetime.fromtimestamp(self.until, tz=UTC).strftime("%H:%M")
         what = "this account" if self.by == "account" else "your address"
-        unit = "minute" if minutes == 1 else "minutes"
-        return (
-            f"Too many failed sign-ins for {what}. Try again after {at} UTC "
-            f"(in {minutes} {unit})."
-        )
+        return f"Too many failed sign-ins for {what}. {try_again(self.until)}"
 
 
-def _cache() -> Any:
+def try_again(until: float) -> str:
+    """The end of a refusal's sentence: when the next attempt will be heard."""
+    minutes = max(1, math.ceil((until - time.time()) / 60))
+    at = datetime.fromtimestamp(until, tz=UTC).strftime("%H:%M")
+    unit = "minute" if minutes == 1 else "minutes"
+    return f"Try again after {at} UTC (in {minutes} {unit})."
+
+
+def counter_cache() -> Any:
+    """The cache holding throttle counts (shared by every process on Redis)."""
     return caches[settings.LOGIN_THROTTLE_CACHE]
 
 
-def _digest(value: str) -> str:
+def digest(value: str) -> str:
+    """A name or address as a throttle key holds it: hashed."""
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -101,10 +105,10 @@ def _keys(request: HttpRequest | None, username: str | None) -> list[tuple[str, 
     keys = []
     if username and settings.LOGIN_FAILURE_LIMIT > 0:
         name = username.strip().casefold()[:150]
-        keys.append(("account", f"{PREFIX}:account:{_digest(name)}"))
+        keys.append(("account", f"{PREFIX}:account:{digest(name)}"))
     address = client_address(request)
     if address and settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS > 0:
-        keys.append(("address", f"{PREFIX}:address:{_digest(address)}"))
+        keys.append(("address", f"{PREFIX}:address:{digest(address)}"))
     return keys
 
 
@@ -116,7 +120,7 @@ def _limit(by: str) -> int:
 
 def lockout(request: HttpRequest | None, username: str | None) -> Lockout | None:
     """The lockout in force for this username or client address, if any."""
-    cache = _cache()
+    cache = counter_cache()
     now = time.time()
     found = []
     for by, key in _keys(request, username):
@@ -130,7 +134,7 @@ def record_failure(request: HttpRequest | None, username: str | None) -> None:
     """Count one failed sign-in; lock what reached its limit."""
     if lockout(request, username) is not None:
         return  # refused while locked: the lockout's end stays fixed
-    cache = _cache()
+    cache = counter_cache()
     window = settings.LOGIN_LOCKOUT_MINUTES * 60
     for by, key in _keys(request, username):
         count_key = f"{key}:count"
@@ -150,7 +154,7 @@ def clear_account(username: str | None) -> None:
     """Forget an account's failures after it signed in."""
     if not username:
         return
-    cache = _cache()
+    cache = counter_cache()
     for by, key in _keys(None, username):
         if by == "account":
             cache.delete_many([f"{key}:count", f"{key}:until"])
