@@ -27,11 +27,11 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.db.models import Count, Prefetch, Q, QuerySet, prefetch_related_objects
 from django.utils import timezone
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.models import Attachment, Message
 from gateway.context import ContextMessage
@@ -54,11 +54,11 @@ NOTE = "[an image was attached here; this model does not take images]"
 
 
 def max_bytes() -> int:
-    return int(getattr(settings, "CHAT_IMAGE_MAX_BYTES", 5 * 1024 * 1024))
+    return chat_settings().image_max_bytes
 
 
 def max_pixels() -> int:
-    return int(getattr(settings, "CHAT_IMAGE_MAX_PIXELS", 40_000_000))
+    return chat_settings().image_max_pixels
 
 
 def _size_words(count: int) -> str:
@@ -306,6 +306,15 @@ def content_parts(text: str, images: Iterable[tuple[str, bytes]]) -> list[dict]:
     return parts
 
 
+def _gone() -> ChatError:
+    """The refusal of an upload that was sent or removed meanwhile."""
+    return ChatError(
+        "not_found",
+        "One of the attached images is not there any more (or was already "
+        "sent); attach it again.",
+    )
+
+
 def check_new(user: Any, ids: Sequence[uuid.UUID]) -> list[Attachment]:
     """The user's own unbound uploads with these ids, or not_found."""
     if not ids:
@@ -315,11 +324,7 @@ def check_new(user: Any, ids: Sequence[uuid.UUID]) -> list[Attachment]:
         for a in Attachment.objects.filter(id__in=ids, owner=user, message__isnull=True)
     }
     if len(found) != len(set(ids)):
-        raise ChatError(
-            "not_found",
-            "One of the attached images is not there any more (or was already "
-            "sent); attach it again.",
-        )
+        raise _gone()
     return [found[i] for i in dict.fromkeys(ids)]
 
 
@@ -416,11 +421,7 @@ def bind(turn: Any, question: Message) -> None:
             id__in=ids, owner_id=turn.conversation.user_id, message__isnull=True
         ).update(message=question)
         if bound != len(ids):
-            raise ChatError(
-                "not_found",
-                "One of the attached images is not there any more (or was "
-                "already sent); attach it again.",
-            )
+            raise _gone()
     # The question's dict is made in async code next: read its images now.
     light = Attachment.objects.only(*_LIGHT)
     prefetch_related_objects([question], Prefetch("attachments", queryset=light))

@@ -27,6 +27,9 @@ DEFAULTS: dict[str, float] = {
     "CHAT_MAX_SEND_FRAME_BYTES": 256 * 1024,
     # Images one message may carry (chat.attachments).
     "CHAT_MAX_IMAGES_PER_MESSAGE": 4,
+    # Largest image upload, in bytes, and most pixels, checked before decoding.
+    "CHAT_IMAGE_MAX_BYTES": 5 * 1024 * 1024,
+    "CHAT_IMAGE_MAX_PIXELS": 40_000_000,
     # Longest system prompt of a conversation or preset, in characters.
     "CHAT_MAX_SYSTEM_PROMPT_CHARS": 16_000,
     # Presets one user may keep.
@@ -45,6 +48,8 @@ class ChatSettings:
     lease_seconds: float
     max_send_frame_bytes: int
     max_images_per_message: int = 4
+    image_max_bytes: int = 5 * 1024 * 1024
+    image_max_pixels: int = 40_000_000
     max_system_prompt_chars: int = 16_000
     max_presets: int = 50
 
@@ -71,6 +76,8 @@ def chat_settings() -> ChatSettings:
         # Below a few KiB a frame could not hold a message's footer.
         max_send_frame_bytes=max(16 * 1024, int(read("CHAT_MAX_SEND_FRAME_BYTES"))),
         max_images_per_message=int(read("CHAT_MAX_IMAGES_PER_MESSAGE")),
+        image_max_bytes=int(read("CHAT_IMAGE_MAX_BYTES")),
+        image_max_pixels=int(read("CHAT_IMAGE_MAX_PIXELS")),
         max_system_prompt_chars=int(read("CHAT_MAX_SYSTEM_PROMPT_CHARS")),
         max_presets=int(read("CHAT_MAX_PRESETS")),
     )
