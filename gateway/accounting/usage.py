@@ -468,7 +468,9 @@ class _GroupCommit:
                 batch, self.queue = self.queue[:MAX_BATCH], self.queue[MAX_BATCH:]
                 job = _writer_thread().submit(_write_batch, [e for e, _ in batch])
                 try:
-                    results = await asyncio.wrap_future(job)
+                    # Shielded: cancelling the wait must not cancel a batch
+                    # still queued for the writer thread, or it is lost.
+                    results = await asyncio.shield(asyncio.wrap_future(job))
                 except asyncio.CancelledError:
                     _resolve(batch, job.result())
                     raise

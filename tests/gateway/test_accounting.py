@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -11,7 +14,7 @@ import time_machine
 from django.db import connection
 
 from gateway import accounting
-from gateway.accounting import BudgetExhausted, UsageEntry
+from gateway.accounting import BudgetExhausted, UsageEntry, usage
 from gateway.models import (
     ApiKey,
     Budget,
@@ -353,6 +356,31 @@ def test_a_record_survives_its_user_being_deleted_mid_request(owner):
         None,
         "gone",
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_waiting_for_the_writer_is_written_when_its_loop_shuts_down(owner):
+    release = threading.Event()
+    entry = UsageEntry(model_name="sim-small", status="ok", user_id=owner.pk)
+
+    async def shut_down_while_queued():
+        # The writer thread is busy, so the batch waits in its queue.
+        busy = usage._writer_thread().submit(release.wait, 10)
+        usage.submit_usage(entry)
+        usage.hurry()
+        writer = usage._group_commits[asyncio.get_running_loop()]
+        # Hurried, the group commit hands its batch to the writer at once.
+        await asyncio.sleep(0.1)
+        assert not writer.queue
+        writer.task.cancel()
+        threading.Timer(0.1, release.set).start()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer.task
+        assert busy.done()
+
+    asyncio.run(shut_down_while_queued())
+
+    assert UsageRecord.objects.filter(request_id=entry.request_id).count() == 1
 
 
 def test_a_batch_with_one_bad_entry_still_writes_the_others(owner):
