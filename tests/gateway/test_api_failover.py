@@ -44,6 +44,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 # What a failover may add to the fallback's own time to its first token.
 MARGIN = 0.2
+# Timed trials a failover gets before it counts as too slow.
+TRIALS = 3
 # Three tokens of eight, then the connection drops.
 DROPS_MID_ANSWER = Behaviour(completion_tokens=8, fault="drop", fault_after_tokens=3)
 
@@ -417,6 +419,26 @@ async def backup_alone(alice, backup_endpoint) -> float:
     return await first_token_after(alice, body)
 
 
+async def fails_over_within(
+    alice, backup_endpoint, wait: float
+) -> list[tuple[float, float]]:
+    """Check a failover's first text comes within `wait` + the backup's + MARGIN.
+
+    The machine is shared: a trial slowed by other jobs (each one measures the
+    backup alone first) is run again, up to TRIALS in all; a failover that
+    really costs more misses in every one.  Returns the (failover, backup
+    alone) timings of the trials run.
+    """
+    timings = []
+    for _ in range(TRIALS):
+        alone = await backup_alone(alice, backup_endpoint)
+        body = {"model": MODEL, "messages": MESSAGES}
+        timings.append((await first_token_after(alice, body), alone))
+        if timings[-1][0] < wait + alone + MARGIN:
+            return timings
+    raise AssertionError(f"slower than {wait} s + the backup + {MARGIN} s: {timings}")
+
+
 async def answered() -> list[UsageRecord]:
     """The records of the measured requests, without the warm-up's."""
     return [record for record in await records() if record.model_name == MODEL]
@@ -427,14 +449,12 @@ async def test_a_503_fails_over_within_the_fallbacks_own_latency(
 ):
     primary.set_behaviour(Behaviour(fault="status", fault_status=503))
     backup.set_behaviour(Behaviour(latency=0.3))
-    alone = await backup_alone(alice, warm_routes[1])
 
-    elapsed = await first_token_after(alice, {"model": MODEL, "messages": MESSAGES})
+    timings = await fails_over_within(alice, warm_routes[1], 0)
 
-    assert alone >= 0.3
-    assert elapsed < alone + MARGIN
-    (record,) = await answered()
-    assert steps(record) == [("primary", "failed", 503), ("backup", "ok", None)]
+    assert all(alone >= 0.3 for _, alone in timings)
+    for record in await answered():
+        assert steps(record) == [("primary", "failed", 503), ("backup", "ok", None)]
 
 
 async def test_a_hung_endpoint_costs_at_most_its_first_token_timeout(
@@ -443,14 +463,12 @@ async def test_a_hung_endpoint_costs_at_most_its_first_token_timeout(
     primary_endpoint, backup_endpoint = warm_routes
     assert primary_endpoint.first_token_timeout == 0.5
     primary.set_behaviour(Behaviour(fault="stall", fault_after_tokens=0))
-    alone = await backup_alone(alice, backup_endpoint)
 
-    elapsed = await first_token_after(alice, {"model": MODEL, "messages": MESSAGES})
+    await fails_over_within(alice, backup_endpoint, 0.5)
 
-    assert elapsed < 0.5 + alone + MARGIN
-    (record,) = await answered()
-    assert steps(record) == [("primary", "failed", None), ("backup", "ok", None)]
-    assert record.trail[0]["reason"] == "timeout"
+    for record in await answered():
+        assert steps(record) == [("primary", "failed", None), ("backup", "ok", None)]
+        assert record.trail[0]["reason"] == "timeout"
 
 
 async def test_a_long_retry_after_fails_over_at_once_and_rests_the_endpoint(
