@@ -919,6 +919,8 @@ class _Call:
             self.rested.append(route)
             self.skip(route, "resting")
             return None
+        # A model's first request loads its encoding off the event loop.
+        await tokens.ensure_loaded(route.upstream_model)
         try:
             messages, status = self.fit(route)
         except ContextWindowExceeded as exc:

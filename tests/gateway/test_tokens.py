@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import gzip
+import pickle
 import random
 import socket
 import threading
@@ -98,6 +100,7 @@ UNICODE_TEXTS += [_mixed_script_text(seed) for seed in range(3)]
 def fresh_encodings(monkeypatch):
     """Make the next count load the encodings again, as a new process would."""
     monkeypatch.setattr(tokens, "_encodings", {})
+    monkeypatch.setattr(tokens, "_loads", {})
     tokens.counter_for.cache_clear()
     yield
     tokens.counter_for.cache_clear()
@@ -183,10 +186,121 @@ def test_ranks_that_differ_from_tiktokens_are_refused(
 ):
     tampered = tmp_path / "cl100k_base.tiktoken.gz"
     tampered.write_bytes(gzip.compress(b"IQ== 1\nIg== 0\n"))
+    rank_file = tokens._rank_file
     monkeypatch.setattr(tokens, "_rank_file", lambda name: tampered)
 
     with pytest.raises(tokens.TokenizerDataError, match="differ"):
         tokens.count_text("hello", "gpt-4")
+
+    # Once the file is put right, the next count loads it.
+    monkeypatch.setattr(tokens, "_rank_file", rank_file)
+    assert tokens.count_text("hello world", "gpt-4") == 2
+
+
+# --- Loading on first use ----------------------------------------------------------
+
+
+def test_a_model_loads_only_the_encoding_it_needs(fresh_encodings):
+    assert tokens.count_text("hello world", "gpt-4") == 2
+    assert set(tokens._encodings) == {"cl100k_base"}
+
+    assert tokens.count_text("hello world", "gpt-4o") == 2
+    assert set(tokens._encodings) == {"cl100k_base", "o200k_base"}
+
+
+async def test_estimated_models_load_no_encoding(fresh_encodings):
+    await tokens.ensure_loaded("sim-small")
+    assert tokens.count_text("hello world", "sim-small") == 3
+    # 3 per message + "user" (1) + "hi" (1) + 3 for the reply.
+    assert tokens.count_messages([{"role": "user", "content": "hi"}], "llama3") == (
+        TokenCount(8, CountMethod.ESTIMATE)
+    )
+
+    assert tokens._encodings == {}
+    assert tokens._loads == {}
+
+
+@pytest.fixture
+def held_load(monkeypatch):
+    """Make rank loading wait until the test releases it, and record each read."""
+    release = threading.Event()
+    reads = []
+    read_ranks = tokens._read_ranks
+
+    def held_read(name, sha256):
+        reads.append(name)
+        release.wait(timeout=10)
+        return read_ranks(name, sha256)
+
+    monkeypatch.setattr(tokens, "_read_ranks", held_read)
+    yield release, reads
+    release.set()
+
+
+async def test_concurrent_first_requests_share_one_load_off_the_event_loop(
+    fresh_encodings, held_load
+):
+    release, reads = held_load
+    first_requests = [
+        asyncio.create_task(tokens.ensure_loaded("gpt-4o")) for _ in range(8)
+    ]
+    # The loop keeps running while the load waits in its thread.
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not any(task.done() for task in first_requests)
+    assert tokens._encodings == {}
+
+    release.set()
+    await asyncio.gather(*first_requests)
+
+    assert reads == ["o200k_base"]
+    assert set(tokens._encodings) == {"o200k_base"}
+    assert tokens.count_text("hello world", "gpt-4o") == 2
+
+
+async def test_a_cancelled_first_request_leaves_the_load_to_the_others(
+    fresh_encodings, held_load
+):
+    release, reads = held_load
+    cancelled = asyncio.create_task(tokens.ensure_loaded("gpt-4"))
+    waiting = asyncio.create_task(tokens.ensure_loaded("gpt-4-turbo"))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+
+    release.set()
+    await waiting
+
+    assert cancelled.cancelled()
+    assert reads == ["cl100k_base"]
+    assert tokens.count_text("hello world", "gpt-4") == 2
+
+
+def test_a_synchronous_count_waits_for_a_load_already_under_way(
+    fresh_encodings, held_load
+):
+    release, reads = held_load
+    loading = tokens._loading("cl100k_base")
+    counted = []
+    counter = threading.Thread(
+        target=lambda: counted.append(tokens.count_text("hello world", "gpt-4"))
+    )
+    counter.start()
+    release.set()
+    counter.join(timeout=10)
+
+    assert counted == [2]
+    assert reads == ["cl100k_base"]
+    assert loading.result() is tokens.load_encoding("cl100k_base")
+
+
+def test_the_python_copy_of_the_ranks_is_dropped_after_loading():
+    encoding = tokens.load_encoding("o200k_base")
+
+    assert not hasattr(encoding, "_mergeable_ranks")
+    assert encoding.decode(encoding.encode_ordinary("hello world")) == "hello world"
+    # A pickle would carry no ranks: it fails instead.
+    with pytest.raises(AttributeError):
+        pickle.dumps(encoding)
 
 
 @pytest.mark.parametrize(
