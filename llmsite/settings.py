@@ -8,6 +8,7 @@ PostgreSQL and Redis. A bad value stops the process at start.
 from __future__ import annotations
 
 import secrets
+import sys
 from pathlib import Path
 
 import environ
@@ -98,7 +99,11 @@ for _origin in CSRF_TRUSTED_ORIGINS:
 WEB_CONCURRENCY = _env_int("WEB_CONCURRENCY", 1)
 
 INSTALLED_APPS = [
-    "daphne",
+    # daphne's app only gives `manage.py runserver` an ASGI server; anywhere
+    # else, importing it (Twisted and pyOpenSSL, about 20 MiB) would weigh on
+    # every process, uvicorn's and the monitor's included.  The daphne command
+    # imports its server itself.
+    *(["daphne"] if sys.argv[1:2] == ["runserver"] else []),
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
