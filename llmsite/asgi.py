@@ -1,16 +1,20 @@
-"""ASGI entry point: HTTP through Django, websockets through Channels."""
+"""ASGI entry point: HTTP through Django, websockets through Channels.
+
+HTTP under /v1/ goes through Django with the short LEAN_MIDDLEWARE list, every
+other page through the full MIDDLEWARE (llmsite/lean.py).
+"""
 
 from __future__ import annotations
 
 import gc
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmsite.settings")
 
 # Django must be set up before anything imports models.
-django_http = get_asgi_application()
+django.setup(set_prefix=False)
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
@@ -19,9 +23,11 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.upload_limit import UploadSizeLimit  # noqa: E402
+from llmsite.lean import django_http_application  # noqa: E402
 from llmsite.origins import SameOriginValidator  # noqa: E402
 from llmsite.shutdown import GracefulApp, install_daphne_hook  # noqa: E402
 
+django_http = django_http_application()
 http_app = ASGIStaticFilesHandler(django_http) if settings.SERVE_STATIC else django_http
 # Image uploads are refused while they are read once over CHAT_IMAGE_MAX_BYTES.
 http_app = UploadSizeLimit(http_app)

@@ -133,6 +133,14 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# Requests under /v1/ (the API, authenticated by key: no session, cookie, CSRF
+# or messages) go through this list instead (llmsite/lean.py). Async middleware
+# only: each sync one would cost thread hops on every API request. The first
+# keeps what Security, Common and XFrameOptions do to API responses.
+LEAN_MIDDLEWARE = [
+    "llmsite.lean.HostAndHeadersMiddleware",
+]
+
 ROOT_URLCONF = "llmsite.urls"
 ASGI_APPLICATION = "llmsite.asgi.application"
 

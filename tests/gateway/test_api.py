@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.core.handlers.asgi import ASGIHandler
 from django.test import AsyncClient
 from django.utils import timezone
 
 from gateway import accounting, api, client
 from gateway.models import ApiKey, Endpoint, ModelRoute, RouteKind, UsageRecord
 from gateway.simulator import Behaviour, SimulatedUpstream, generated_tokens
+from llmsite.lean import django_http_application
 from tests.gateway.usage_support import close_thread_connections, forget_process_state
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -508,7 +508,7 @@ async def test_a_client_disconnect_closes_the_upstream_stream(
         ):
             first_text.set()
 
-    await asyncio.wait_for(ASGIHandler()(scope, receive, send), timeout=10)
+    await asyncio.wait_for(django_http_application()(scope, receive, send), timeout=10)
 
     await primary.wait_for_disconnects(1)
     assert sent[0]["status"] == 200
@@ -529,7 +529,7 @@ def live_asgi_url(transactional_db) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(ASGIHandler(), lifespan="off", log_level="warning")
+        uvicorn.Config(django_http_application(), lifespan="off", log_level="warning")
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
     thread.start()

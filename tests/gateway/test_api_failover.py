@@ -17,12 +17,12 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.core.handlers.asgi import ASGIHandler
 from django.utils import timezone
 
 from gateway import client
 from gateway.models import ApiKey, Endpoint, ModelRoute, UsageRecord
 from gateway.simulator import Behaviour, SimulatedUpstream
+from llmsite.lean import django_http_application
 from tests.gateway.test_api import (  # noqa: F401 - fixtures
     MESSAGES,
     MODEL,
@@ -345,7 +345,7 @@ async def test_a_plain_request_whose_client_leaves_records_what_was_tried(
     async def send(message: dict) -> None:
         pass
 
-    await asyncio.wait_for(ASGIHandler()(scope, receive, send), timeout=10)
+    await asyncio.wait_for(django_http_application()(scope, receive, send), timeout=10)
 
     await backup.wait_for_disconnects(1)
     (record,) = await records()
