@@ -26,7 +26,8 @@ given is emptied first). The two processes listen on two ports, pinned to
 cores 0 and 1, and the client spreads its connections over both
 round-robin; daphne has no ``--workers``, and two ports keep both servers on
 the same footing and the split even. The client and simulator are not pinned
-in this mode: they share both cores with the web processes.
+in this mode: they share both cores with the web processes. LiteLLM is
+left out of this mode.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from v1_load import (
 
 LITELLM_VERSION = "1.108.7"
 LITELLM_VENV = ROOT / ".cache" / "bench" / f"litellm-{LITELLM_VERSION}"
+# 1.108.7 refuses to start without a master key.
 LITELLM_CONFIG = """\
 model_list:
   - model_name: {model}
@@ -78,6 +80,8 @@ WEB_CORE = "1"
 
 @dataclass
 class Result:
+    """One column of the table."""
+
     name: str
     figures: Figures
 
