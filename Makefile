@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format bench browser clean
+.PHONY: run test lint format bench bench-compare browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: $(VENV)/.installed-dev browser
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## bench-compare: /v1 on daphne and uvicorn, the LiteLLM proxy and the upstream
+## called directly, side by side (bench/README.md); LiteLLM's virtualenv is
+## built into .cache/bench on first use. BENCH_ARGS="--seconds 5 ..." to vary.
+bench-compare: $(VENV)/.installed-run
+	$(BIN)/python bench/compare.py $(BENCH_ARGS)
 
 # The browser tests drive Debian's Chromium; Playwright's own download cannot be used.
 browser:

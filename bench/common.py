@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -80,12 +81,19 @@ class Processes:
     def __init__(self) -> None:
         self.children: list[subprocess.Popen[str]] = []
 
-    def start(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    def start(
+        self, argv: list[str], env: dict[str, str], read_stdout: bool = False
+    ) -> subprocess.Popen[str]:
+        """Start a child; its stdout is a pipe only if the caller reads it.
+
+        A pipe nobody reads fills after 64 KiB, and the child then blocks on its
+        next write: daphne's access log stalled the whole server that way.
+        """
         child = subprocess.Popen(
             argv,
             cwd=ROOT,
             env=env,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if read_stdout else subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             text=True,
         )
@@ -106,9 +114,12 @@ class Processes:
             self.stop(child)
 
 
-async def wait_ready(url: str, child: subprocess.Popen[str]) -> None:
+async def wait_ready(
+    url: str, child: subprocess.Popen[str], seconds: float = 30
+) -> None:
+    deadline = time.monotonic() + seconds
     async with httpx.AsyncClient() as client:
-        for _ in range(300):
+        while time.monotonic() < deadline:
             if child.poll() is not None:
                 raise SystemExit(f"web server exited with {child.returncode}")
             try:
@@ -117,13 +128,14 @@ async def wait_ready(url: str, child: subprocess.Popen[str]) -> None:
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.1)
-    raise SystemExit(f"{url} did not answer in 30 s")
+    raise SystemExit(f"{url} did not answer in {seconds:g} s")
 
 
 def web_argv(server: str, port: int) -> list[str]:
     """One web process serving llmsite: daphne (as ``make run``) or uvicorn."""
     if server == "daphne":
-        cmd = [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port)]
+        # -v 0: no access log, like uvicorn's --no-access-log below.
+        cmd = [str(BIN / "daphne"), "-v", "0", "-b", "127.0.0.1", "-p", str(port)]
         cmd.append("llmsite.asgi:application")
     else:
         cmd = [str(BIN / "uvicorn"), "llmsite.asgi:application", "--port", str(port)]
@@ -139,7 +151,7 @@ def start_simulator(
     ``prefix`` goes before the interpreter (``taskset -c 0``, say).
     """
     argv = [*prefix, sys.executable, "manage.py", "simulate_upstream", *options]
-    child = procs.start(argv, env)
+    child = procs.start(argv, env, read_stdout=True)
     assert child.stdout is not None
     url = child.stdout.readline().strip()
     if not url.startswith("http"):

@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -84,20 +85,34 @@ print(raw)
 
 TIMEOUT = 10.0  # seconds; a request without an answer by then is a failure
 Sample = tuple[float, float]  # (total or first chunk, total), seconds
+LATENCY_CASES = (  # label, request kind, index into the Sample
+    ("c=1 plain total", "plain", 1),
+    ("c=1 first streamed chunk", "stream", 0),
+    ("c=1 whole stream", "stream", 1),
+)
+RATE_CASES = (("plain requests/s", False), ("whole streams/s", True))
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def rss_mib(pids: list[int]) -> float:
+    """VmRSS of the web processes together."""
+    total = 0.0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 class Target:
-    """One side of the comparison: a base URL, headers and a request counter."""
+    """One side of the comparison: base URLs, headers and request counters.
 
-    def __init__(self, base: str, model: str, headers: dict[str, str]) -> None:
-        self.base = base
+    With several base URLs (one per web process) each new client takes the
+    next one, so the load's connections are spread round-robin.
+    """
+
+    def __init__(self, bases: list[str], model: str, headers: dict[str, str]) -> None:
+        self.bases = bases
+        self.next_base = 0
         self.headers = {"content-type": "application/json", **headers}
         self.plain = json.dumps({"model": model, "messages": MESSAGES}).encode()
         self.stream = json.dumps(
@@ -113,8 +128,10 @@ class Target:
         self.failures = 0  # no answer: timeouts, dropped connections
 
     def client(self) -> httpx.AsyncClient:
+        base = self.bases[self.next_base % len(self.bases)]
+        self.next_base += 1
         return httpx.AsyncClient(
-            base_url=self.base,
+            base_url=base,
             headers=self.headers,
             timeout=TIMEOUT,
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
@@ -184,9 +201,9 @@ async def latency(
 
 
 async def throughput(
-    target: Target, stream: bool, concurrency: int, seconds: float, pid: int | None
-) -> tuple[float, float | None]:
-    """Completed requests per second, and the web process's cores used."""
+    target: Target, stream: bool, concurrency: int, seconds: float, pids: list[int]
+) -> tuple[float, float]:
+    """Completed requests per second, and the cores the web processes used."""
     clients = [target.client() for _ in range(concurrency)]
     done = 0
     measuring = False
@@ -206,21 +223,24 @@ async def throughput(
             if measuring:
                 done += 1
 
+    def cpu() -> float:
+        return sum(cpu_seconds(pid) for pid in pids)
+
     # One second of warm-up (connections, caches), then the measured window.
     stop_at = time.perf_counter() + 1 + seconds
     tasks = [asyncio.create_task(worker(c)) for c in clients]
     await asyncio.sleep(1)
     measuring = True
-    cpu0 = cpu_seconds(pid) if pid else 0.0
+    cpu0 = cpu()
     t0 = time.perf_counter()
     await asyncio.sleep(seconds)
     measuring = False
     elapsed = time.perf_counter() - t0
-    cpu = (cpu_seconds(pid) - cpu0) / elapsed if pid else None
+    cores = (cpu() - cpu0) / elapsed
     await asyncio.gather(*tasks)
     for client in clients:
         await client.aclose()
-    return done / elapsed, cpu
+    return done / elapsed, cores
 
 
 async def fill_to(target: Target, total: int, concurrency: int) -> None:
@@ -239,55 +259,151 @@ async def fill_to(target: Target, total: int, concurrency: int) -> None:
         await client.aclose()
 
 
+@dataclass
+class Figures:
+    """What one gateway measured against the upstream called directly."""
+
+    direct: Target
+    gateway: Target
+    latency_ms: dict[str, tuple[list[float], list[float]]]  # (direct, gateway)
+    rates: dict[str, tuple[float, float, float]]  # (direct, gateway, web cores)
+    rss: list[tuple[str, float]]  # (after how many requests, MiB)
+
+    def added_p50(self, label: str) -> float:
+        direct, gateway = self.latency_ms[label]
+        return statistics.median(gateway) - statistics.median(direct)
+
+
 async def measure(
-    args: argparse.Namespace, upstream: str, web: str, key: str, pid: int
-) -> list[str]:
-    direct = Target(upstream, UPSTREAM_MODEL, {})
-    gateway = Target(f"{web}/v1", MODEL, {"authorization": f"Bearer {key}"})
-    rows: list[str] = []
-    rss = [("after start", rss_mib(pid))]
-
-    lat = await latency(direct, gateway, args.latency_requests, args.warmup)
-    for label, kind, index in (
-        ("c=1 plain total", "plain", 1),
-        ("c=1 first streamed chunk", "stream", 0),
-        ("c=1 whole stream", "stream", 1),
-    ):
-        d = [s[index] * 1000 for s in lat[f"{kind} direct"]]
-        g = [s[index] * 1000 for s in lat[f"{kind} v1"]]
-        d50, g50 = statistics.median(d), statistics.median(g)
-        rows.append(
-            f"| {label}, p50 / p99 ms | {d50:.2f} / {percentile(d, 99):.2f} "
-            f"| {g50:.2f} / {percentile(g, 99):.2f} | +{g50 - d50:.2f} ms p50 |"
+    args: argparse.Namespace, direct: Target, gateway: Target, pids: list[int]
+) -> Figures:
+    """Latency at concurrency 1, then throughput, then memory as requests add up."""
+    rss = [("after start", rss_mib(pids))]
+    samples = await latency(direct, gateway, args.latency_requests, args.warmup)
+    latency_ms = {
+        label: (
+            [s[index] * 1000 for s in samples[f"{kind} direct"]],
+            [s[index] * 1000 for s in samples[f"{kind} v1"]],
         )
-
-    for label, stream in (("plain requests/s", False), ("whole streams/s", True)):
-        d_rate, _ = await throughput(
-            direct, stream, args.concurrency, args.seconds, None
+        for label, kind, index in LATENCY_CASES
+    }
+    rates = {}
+    for label, stream in RATE_CASES:
+        direct_rate, _ = await throughput(
+            direct, stream, args.concurrency, args.seconds, []
         )
-        g_rate, cpu = await throughput(
-            gateway, stream, args.concurrency, args.seconds, pid
+        gateway_rate, cores = await throughput(
+            gateway, stream, args.concurrency, args.seconds, pids
         )
-        rows.append(
-            f"| c={args.concurrency} {label} ({args.seconds:g} s) | {d_rate:,.0f} "
-            f"| {g_rate:,.0f} (web CPU {cpu:.2f} core) | x{g_rate / d_rate:.2f} |"
-        )
-    rss.append((f"{gateway.sent:,} req", rss_mib(pid)))
-
+        rates[label] = (direct_rate, gateway_rate, cores)
+    rss.append((f"{gateway.sent:,} req", rss_mib(pids)))
     for mark in (5_000, 10_000, 20_000):
         if mark > args.rss_requests:
             break
         if gateway.sent < mark:
             await fill_to(gateway, mark, args.concurrency)
-            rss.append((f"{mark // 1000}k req", rss_mib(pid)))
-    rss_text = ", ".join(f"{name} {mib:.0f}" for name, mib in rss)
-    rows.append(f"| web VmRSS MiB | - | {rss_text} | |")
-    rows.append(
+            rss.append((f"{mark // 1000}k req", rss_mib(pids)))
+    return Figures(direct, gateway, latency_ms, rates, rss)
+
+
+def llmsite_env(data_dir: str) -> dict[str, str]:
+    """The web processes' environment: limits counted but never refusing."""
+    return {
+        **os.environ,
+        "DATA_DIR": data_dir,
+        "DJANGO_SETTINGS_MODULE": "llmsite.settings",
+        "RATE_LIMIT_RPM": "10000000",
+        "RATE_LIMIT_TPM": "1000000000",
+        "LOG_LEVEL": "WARNING",
+        "DEBUG": "false",
+    }
+
+
+def start_upstream(
+    procs: Processes, env: dict[str, str], core: str | None, tokens: int
+) -> str:
+    """The zero-latency simulated upstream; returns its /v1 base URL."""
+    upstream = start_simulator(
+        procs,
+        [
+            *("--port", str(free_port()), "--models", UPSTREAM_MODEL),
+            *("--tokens-per-second", "0", "--completion-tokens", str(tokens)),
+        ],
+        env,
+        prefix=("taskset", "-c", core) if core else (),
+    )
+    return upstream if upstream.endswith("/v1") else f"{upstream}/v1"
+
+
+def prepare_database(env: dict[str, str], upstream: str, flush: bool) -> str:
+    """Migrate (and empty, if asked) the database, add the bench model; the API key."""
+    env = {**env, "BENCH_UPSTREAM": upstream}
+    manage = [PYTHON, "manage.py"]
+    subprocess.run([*manage, "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
+    if flush:
+        subprocess.run(
+            [*manage, "flush", "--no-input", "-v", "0"], cwd=ROOT, env=env, check=True
+        )
+    return subprocess.run(
+        [*manage, "shell", "-c", SETUP],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()[-1]
+
+
+def start_llmsite(
+    procs: Processes, env: dict[str, str], server: str, cores: list[str]
+) -> tuple[list[subprocess.Popen[str]], list[str], list[str]]:
+    """One web process per core, each on its own port, all ready.
+
+    Returns the processes, their base URLs and the first one's command line.
+    """
+    children, bases, argv = [], [], []
+    for core in cores:
+        port = free_port()
+        argv = ["taskset", "-c", core, *web_argv(server, port)]
+        children.append(procs.start(argv, env))
+        bases.append(f"http://127.0.0.1:{port}")
+    for child, base in zip(children, bases, strict=True):
+        asyncio.run(wait_ready(f"{base}/healthz", child))
+    return children, bases, argv
+
+
+def rows(figures: Figures, concurrency: int, seconds: float) -> list[str]:
+    """The v1_load table: direct against /v1, one figure a row."""
+    table = []
+    for label, (d, g) in figures.latency_ms.items():
+        d50, g50 = statistics.median(d), statistics.median(g)
+        table.append(
+            f"| {label}, p50 / p99 ms | {d50:.2f} / {percentile(d, 99):.2f} "
+            f"| {g50:.2f} / {percentile(g, 99):.2f} | +{g50 - d50:.2f} ms p50 |"
+        )
+    for label, (d_rate, g_rate, cores) in figures.rates.items():
+        table.append(
+            f"| c={concurrency} {label} ({seconds:g} s) | {d_rate:,.0f} "
+            f"| {g_rate:,.0f} (web CPU {cores:.2f} core) | x{g_rate / d_rate:.2f} |"
+        )
+    rss_text = ", ".join(f"{name} {mib:.0f}" for name, mib in figures.rss)
+    table.append(f"| web VmRSS MiB | - | {rss_text} | |")
+    direct, gateway = figures.direct, figures.gateway
+    table.append(
         f"| errors (non-200, cached, truncated) / no answer in {TIMEOUT:g} s "
         f"| {direct.errors} / {direct.failures} "
         f"| {gateway.errors} / {gateway.failures} of {gateway.sent:,} | |"
     )
-    return rows
+    return table
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM behaves like Ctrl-C: the caller's finally block stops every child."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main() -> None:
@@ -309,49 +425,17 @@ def main() -> None:
     load_before = loadavg()
     os.sched_setaffinity(0, {int(c) for c in args.client_core.split(",")})
     data_dir = tempfile.mkdtemp(prefix="llmsite-v1load-")
-    env = {
-        **os.environ,
-        "DATA_DIR": data_dir,
-        "DJANGO_SETTINGS_MODULE": "llmsite.settings",
-        "RATE_LIMIT_RPM": "10000000",
-        "RATE_LIMIT_TPM": "1000000000",
-        "LOG_LEVEL": "WARNING",
-        "DEBUG": "false",
-    }
+    env = llmsite_env(data_dir)
     procs = Processes()
-    # SIGTERM behaves like Ctrl-C: the finally block stops every child.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    stop_on_sigterm()
     try:
-        upstream = start_simulator(
-            procs,
-            [
-                *("--port", str(free_port()), "--models", UPSTREAM_MODEL),
-                *("--tokens-per-second", "0", "--completion-tokens", str(args.tokens)),
-            ],
-            env,
-            prefix=("taskset", "-c", args.client_core),
-        )
-        if not upstream.endswith("/v1"):
-            upstream += "/v1"
-        env["BENCH_UPSTREAM"] = upstream
-        subprocess.run(
-            [PYTHON, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True
-        )
-        key = subprocess.run(
-            [PYTHON, "manage.py", "shell", "-c", SETUP],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()[-1]
-        port = free_port()
-        web_cmd = ["taskset", "-c", args.web_core, *web_argv(args.server, port)]
-        web = procs.start(web_cmd, env)
-        base = f"http://127.0.0.1:{port}"
-        asyncio.run(wait_ready(f"{base}/healthz", web))
+        upstream = start_upstream(procs, env, args.client_core, args.tokens)
+        key = prepare_database(env, upstream, flush=False)
+        (web,), bases, web_cmd = start_llmsite(procs, env, args.server, [args.web_core])
+        direct = Target([upstream], UPSTREAM_MODEL, {})
+        gateway = Target([f"{bases[0]}/v1"], MODEL, {"authorization": f"Bearer {key}"})
         started = time.perf_counter()
-        rows = asyncio.run(measure(args, upstream, base, key, web.pid))
+        figures = asyncio.run(measure(args, direct, gateway, [web.pid]))
         elapsed = time.perf_counter() - started
         procs.stop(web)  # a clean shutdown writes the queued usage records
         with sqlite3.connect(Path(data_dir) / "db.sqlite3") as db:
@@ -365,7 +449,8 @@ def main() -> None:
         procs.stop_all()
         shutil.rmtree(data_dir, ignore_errors=True)
 
-    web_text = " ".join(web_cmd[3:]).replace(str(BIN) + "/", "").replace(str(port), "X")
+    port = bases[0].rsplit(":", 1)[1]
+    web_text = " ".join(web_cmd[3:]).replace(str(BIN) + "/", "").replace(port, "X")
     print(f"### /v1 load, {args.server}, web on core {args.web_core}")
     print()
     print(f"`{command}` ({elapsed:.0f} s)")
@@ -385,7 +470,7 @@ def main() -> None:
     print()
     print("| figure | direct to simulator | through /v1 | added |")
     print("|---|---|---|---|")
-    for row in rows:
+    for row in rows(figures, args.concurrency, args.seconds):
         print(row)
 
 
