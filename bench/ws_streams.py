@@ -353,7 +353,8 @@ async def one_stream(
     async with connecting:
         ws = await websockets.connect(
             f"ws://127.0.0.1:{port}/ws/chat/",
-            origin="http://127.0.0.1",
+            # The page's own origin, port included (llmsite.origins).
+            origin=f"http://127.0.0.1:{port}",
             additional_headers={"Cookie": f"sessionid={session}"},
             max_size=2**22,
             open_timeout=60,
