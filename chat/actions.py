@@ -513,10 +513,16 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
     tokens_in = tokens.count_text(turn.content, turn.model)
     shown = conversation.messages.filter(active=True)
     if turn.kind == "send":
+        # The path shown goes on from its last message; a new conversation
+        # has none yet.
+        parent = (
+            None
+            if turn.is_new_conversation
+            else shown.order_by("-created_at", "-id").first()
+        )
         question = Message.objects.create(
             conversation=conversation,
-            # The path shown goes on from its last message.
-            parent=shown.order_by("-created_at", "-id").first(),
+            parent=parent,
             role=MessageRole.USER,
             content=turn.content,
             token_count=tokens_in,
@@ -557,7 +563,11 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
             # The images of the question edited come along to its new version.
             attachments.carry_over(turn.user_message, question)
             turn.history[-1].id = question.id
-    turn.user_message = with_versions([question])[0]
+    # The first question of a new conversation is its only version, which
+    # is what message_dict says of a message without versions.
+    turn.user_message = (
+        question if turn.is_new_conversation else with_versions([question])[0]
+    )
     attachments.bind(turn, question)
     answer = Message.objects.create(
         conversation=conversation,

@@ -53,7 +53,7 @@ from chat.conversation_settings import ConversationSettings
 from chat.errors import ChatError
 from chat.models import MessageStatus
 from chat.protocol import Edit, Regenerate, Send
-from gateway import accounting, router, sanitize, service
+from gateway import accounting, limits, router, sanitize, service
 from gateway.models import UsageRecord
 from llmsite.shutdown import RETRY_AFTER_SECONDS, shutdown
 
@@ -692,6 +692,11 @@ def prepare_for(
             # Images: the new uploads checked, and every image of the history
             # put into the messages sent upstream.
             attachments.prepare(user, turn, getattr(request, "attachments", ()))
+            # The gateway reads the user's limits and budgets when it admits
+            # the request; read them here, in this thread hop, so that it finds
+            # them cached instead of queuing two more behind other answers.
+            limits.caller_limits(user.pk, None)
+            accounting.caller_budgets(user.pk, None)
             return turn, lease
         except BaseException:
             leases.release(lease)
