@@ -583,6 +583,34 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
     turn.answer_id = answer.id
 
 
+def commit_turns(
+    turns: list[tuple[Turn, uuid.UUID]],
+) -> list[Exception | None]:
+    """`commit_turn` for several turns in one transaction; each fails alone.
+
+    Answers admitted together start in one round trip: one transaction, and a
+    savepoint per turn so that a refused one (its conversation deleted
+    meanwhile) leaves the others stored. Returns each turn's refusal, or None.
+    """
+    outcomes: list[Exception | None] = []
+    try:
+        with transaction.atomic():
+            for turn, request_id in turns:
+                try:
+                    commit_turn(turn, request_id)
+                except Exception as exc:
+                    turn.answer_id = None
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(None)
+    except Exception as exc:
+        # The transaction itself failed: nothing of the batch is stored.
+        for turn, _ in turns:
+            turn.answer_id = None
+        return [exc] * len(turns)
+    return outcomes
+
+
 def switch_version(
     user: Any, conversation_id: uuid.UUID, message_id: int
 ) -> dict[str, Any]:
