@@ -353,7 +353,8 @@ async def one_stream(
     async with connecting:
         ws = await websockets.connect(
             f"ws://127.0.0.1:{port}/ws/chat/",
-            origin="http://127.0.0.1",
+            # The page's own origin, port included (llmsite.origins).
+            origin=f"http://127.0.0.1:{port}",
             additional_headers={"Cookie": f"sessionid={session}"},
             max_size=2**22,
             open_timeout=60,
@@ -401,15 +402,22 @@ async def run_streams(port: int, sessions: list[str], args) -> list[Stream]:
             await one_stream(
                 port, session, streams[index], tokens, start, index, connecting
             )
+        except asyncio.CancelledError:
+            streams[index].error = "unfinished"
+            raise
         except Exception as exc:
             streams[index].error = type(exc).__name__
             # A socket that never opened must not hold the others back.
             start.arrive(streams[index])
 
+    # Streams still open at the deadline count as errors: the others are
+    # reported all the same.
     timeout = args.tokens / args.tps + args.ramp + 180
-    await asyncio.wait_for(
-        asyncio.gather(*(run(i, s) for i, s in enumerate(sessions))), timeout
-    )
+    tasks = [asyncio.create_task(run(i, s)) for i, s in enumerate(sessions)]
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
     return streams
 
 

@@ -513,10 +513,16 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
     tokens_in = tokens.count_text(turn.content, turn.model)
     shown = conversation.messages.filter(active=True)
     if turn.kind == "send":
+        # The path shown goes on from its last message; a new conversation
+        # has none yet.
+        parent = (
+            None
+            if turn.is_new_conversation
+            else shown.order_by("-created_at", "-id").first()
+        )
         question = Message.objects.create(
             conversation=conversation,
-            # The path shown goes on from its last message.
-            parent=shown.order_by("-created_at", "-id").first(),
+            parent=parent,
             role=MessageRole.USER,
             content=turn.content,
             token_count=tokens_in,
@@ -557,7 +563,11 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
             # The images of the question edited come along to its new version.
             attachments.carry_over(turn.user_message, question)
             turn.history[-1].id = question.id
-    turn.user_message = with_versions([question])[0]
+    # The first question of a new conversation is its only version, which
+    # is what message_dict says of a message without versions.
+    turn.user_message = (
+        question if turn.is_new_conversation else with_versions([question])[0]
+    )
     attachments.bind(turn, question)
     answer = Message.objects.create(
         conversation=conversation,
@@ -571,6 +581,34 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
         shown_at=now,
     )
     turn.answer_id = answer.id
+
+
+def commit_turns(
+    turns: list[tuple[Turn, uuid.UUID]],
+) -> list[Exception | None]:
+    """`commit_turn` for several turns in one transaction; each fails alone.
+
+    Answers admitted together start in one round trip: one transaction, and a
+    savepoint per turn so that a refused one (its conversation deleted
+    meanwhile) leaves the others stored. Returns each turn's refusal, or None.
+    """
+    outcomes: list[Exception | None] = []
+    try:
+        with transaction.atomic():
+            for turn, request_id in turns:
+                try:
+                    commit_turn(turn, request_id)
+                except Exception as exc:
+                    turn.answer_id = None
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(None)
+    except Exception as exc:
+        # The transaction itself failed: nothing of the batch is stored.
+        for turn, _ in turns:
+            turn.answer_id = None
+        return [exc] * len(turns)
+    return outcomes
 
 
 def switch_version(

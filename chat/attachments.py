@@ -337,6 +337,8 @@ def prepare(user: Any, turn: Any, ids: Sequence[uuid.UUID]) -> None:
     """
     new = check_new(user, ids)
     known = [m.id for m in turn.history if isinstance(m.id, int) and m.role == "user"]
+    if not new and not known:
+        return
     earlier = (
         Attachment.objects.filter(message_id__in=known).order_by("created_at", "id")
         if known

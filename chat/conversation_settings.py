@@ -21,12 +21,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from django.db import transaction
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 
 from chat import actions, attachments
 from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.models import Conversation
 from gateway.context import ContextMessage, ContextWindowExceeded, fit_context
+from gateway.limits import LocalTTLCache
 from gateway.models import (
     MAX_TOKENS_LIMIT,
     TEMPERATURE_MAX,
@@ -213,10 +216,29 @@ def system_prompt_fits(
         )
 
 
+# Read for every new conversation, changed by an administrator now and then:
+# kept per process like the gateway's other policy rows.
+_model_defaults: LocalTTLCache[ConversationSettings] = LocalTTLCache()
+
+
 def model_defaults(model: str) -> ConversationSettings:
     """What an administrator set for new chats with a model (else nothing)."""
+    cached = _model_defaults.get(model)
+    if cached is not None:
+        return cached
     found = ModelDefaults.objects.filter(model_name=model).first()
-    return ConversationSettings() if found is None else ConversationSettings.of(found)
+    defaults = (
+        ConversationSettings() if found is None else ConversationSettings.of(found)
+    )
+    _model_defaults.set(model, defaults)
+    return defaults
+
+
+@receiver(post_save, sender=ModelDefaults)
+@receiver(post_delete, sender=ModelDefaults)
+def forget_model_defaults(**kwargs: Any) -> None:
+    """Drop this process's cached model defaults (any save through the ORM)."""
+    _model_defaults.clear()
 
 
 def model_info() -> list[dict[str, Any]]:

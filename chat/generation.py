@@ -53,7 +53,7 @@ from chat.conversation_settings import ConversationSettings
 from chat.errors import ChatError
 from chat.models import MessageStatus
 from chat.protocol import Edit, Regenerate, Send
-from gateway import accounting, router, sanitize, service
+from gateway import accounting, limits, router, sanitize, service
 from gateway.models import UsageRecord
 from llmsite.shutdown import RETRY_AFTER_SECONDS, shutdown
 
@@ -305,7 +305,7 @@ class Generation:
         """The gateway admitted the request: store the turn, tell the sockets."""
         if self.turn.committed:
             return
-        await database_sync_to_async(actions.commit_turn)(self.turn, self.request_id)
+        await self.registry.commit_turn(self.turn, self.request_id)
         assert self.turn.user_message is not None
         self.conversation = actions.conversation_dict(self.turn.conversation)
         self.user_message = actions.message_dict(self.turn.user_message)
@@ -692,6 +692,11 @@ def prepare_for(
             # Images: the new uploads checked, and every image of the history
             # put into the messages sent upstream.
             attachments.prepare(user, turn, getattr(request, "attachments", ()))
+            # The gateway reads the user's limits and budgets when it admits
+            # the request; read them here, in this thread hop, so that it finds
+            # them cached instead of queuing two more behind other answers.
+            limits.caller_limits(user.pk, None)
+            accounting.caller_budgets(user.pk, None)
             return turn, lease
         except BaseException:
             leases.release(lease)
@@ -747,6 +752,11 @@ class GenerationRegistry:
         self._control: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._acks: dict[str, asyncio.Future[bool]] = {}
+        # Turns admitted while the previous batch was being stored.
+        self._to_commit: list[
+            tuple[actions.Turn, uuid.UUID, asyncio.Future[Exception | None]]
+        ] = []
+        self._committer: asyncio.Task[None] | None = None
 
     async def _ready(self) -> None:
         # Per event loop: a test suite runs many loops in one process.
@@ -815,6 +825,42 @@ class GenerationRegistry:
         generation.run()
         self._ensure_renewer()
         return generation
+
+    async def commit_turn(self, turn: actions.Turn, request_id: uuid.UUID) -> None:
+        """Store an admitted turn (`actions.commit_turn`), batched with others.
+
+        One thread hop and one transaction per batch rather than per answer:
+        at a burst of starts, the hops onto Django's single database thread
+        were what made the first token wait. A turn admitted while a batch is
+        being stored goes into the next one, so nothing waits on a timer.
+        """
+        outcome: asyncio.Future[Exception | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._to_commit.append((turn, request_id, outcome))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_batches())
+        try:
+            error = await asyncio.shield(outcome)
+        except asyncio.CancelledError:
+            # Stopped meanwhile: whether the turn was stored must be known
+            # before the answer ends.
+            await asyncio.wait([outcome])
+            raise
+        if error is not None:
+            raise error
+
+    async def _commit_batches(self) -> None:
+        while self._to_commit:
+            batch, self._to_commit = self._to_commit, []
+            try:
+                errors = await database_sync_to_async(actions.commit_turns)(
+                    [(turn, request_id) for turn, request_id, _ in batch]
+                )
+            except Exception as exc:
+                errors = [exc] * len(batch)
+            for (_, _, outcome), error in zip(batch, errors, strict=True):
+                outcome.set_result(error)
 
     async def announce(self, generation: Generation) -> None:
         """Tell other tabs showing the conversation that an answer began."""

@@ -6,6 +6,7 @@ import pytest
 from django.conf import settings
 from django.core.cache import cache
 
+from chat import conversation_settings
 from gateway import accounting, router
 
 PASSWORD = "correct horse battery staple"
@@ -33,12 +34,14 @@ def django_db_modify_db_settings(
 
 @pytest.fixture(autouse=True)
 def _clean_cache():
-    """No test sees another's rate limits, cached routes or cached answers."""
+    """No test sees another's rate limits, cached routes, defaults or answers."""
     cache.clear()
     router.forget_routes()
+    conversation_settings.forget_model_defaults()
     yield
     cache.clear()
     router.forget_routes()
+    conversation_settings.forget_model_defaults()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -34,6 +34,26 @@ def test_a_first_message_creates_a_conversation_titled_after_it(owner, model_rou
     assert turn.history[0].id == turn.user_message.id
 
 
+def test_turns_committed_together_fail_one_by_one(owner, make_conversation):
+    doomed = make_conversation(owner, (USER, "q1"), (ASSISTANT, "a1"))
+    other = make_conversation(owner, (USER, "q1"), (ASSISTANT, "a1"))
+    refused = actions.plan_send(owner, doomed.id, "q2", MODEL)
+    fresh = actions.plan_send(owner, None, "Why is the sea salty?", MODEL)
+    kept = actions.plan_send(owner, other.id, "q2", MODEL)
+    doomed.delete()
+
+    outcomes = actions.commit_turns(
+        [(refused, uuid.uuid4()), (fresh, uuid.uuid4()), (kept, uuid.uuid4())]
+    )
+
+    assert isinstance(outcomes[0], ChatError)
+    assert outcomes[1:] == [None, None]
+    assert not refused.committed
+    assert actions.message_dict(fresh.user_message)["versions"]["count"] == 1
+    assert kept.user_message.parent.content == "a1"
+    assert Message.objects.filter(status=MessageStatus.STREAMING).count() == 2
+
+
 def test_long_first_messages_give_a_shortened_title():
     title = actions.title_from("word " * 40)
 
