@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import uuid
@@ -839,7 +840,11 @@ class GenerationRegistry:
         )
         self._to_commit.append((turn, request_id, outcome))
         if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_batches())
+            # A fresh context: the batch must not run on the executor of the
+            # one request that happened to start it.
+            self._committer = asyncio.create_task(
+                self._commit_batches(), context=contextvars.Context()
+            )
         try:
             error = await asyncio.shield(outcome)
         except asyncio.CancelledError:
