@@ -53,6 +53,7 @@ from v1_load import (
     UPSTREAM_MODEL,
     Figures,
     Target,
+    add_load_arguments,
     llmsite_env,
     measure,
     prepare_database,
@@ -233,12 +234,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, choices=[1, 2], default=1)
     parser.add_argument("--database-url", help="PostgreSQL for --processes 2")
     parser.add_argument("--redis-url", help="Redis for --processes 2")
-    parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--latency-requests", type=int, default=500)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--rss-requests", type=int, default=10_000)
-    parser.add_argument("--tokens", type=int, default=20, help="tokens per answer")
+    add_load_arguments(parser, rss_requests=10_000)
     args = parser.parse_args()
     servers = args.servers.split(",")
     if args.processes == 2 and not (args.database_url and args.redis_url):

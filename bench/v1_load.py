@@ -406,15 +406,20 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", choices=["daphne", "uvicorn"], default="uvicorn")
+def add_load_arguments(parser: argparse.ArgumentParser, *, rss_requests: int) -> None:
+    """The options of the load itself, shared with compare.py."""
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--latency-requests", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--rss-requests", type=int, default=20_000)
+    parser.add_argument("--rss-requests", type=int, default=rss_requests)
     parser.add_argument("--tokens", type=int, default=20, help="tokens per answer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", choices=["daphne", "uvicorn"], default="uvicorn")
+    add_load_arguments(parser, rss_requests=20_000)
     parser.add_argument("--web-core", default="1")
     parser.add_argument("--client-core", default="0")
     args = parser.parse_args()
