@@ -67,6 +67,20 @@ class HostAndHeadersMiddleware:
 class LeanASGIHandler(ASGIHandler):
     """Django's ASGI handler with the async-only `LEAN_MIDDLEWARE` list."""
 
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"Only HTTP is served here, not {scope['type']}.")
+        # Django wraps each request in its own ThreadSensitiveContext: the
+        # first thread-sensitive sync_to_async (the request_started signal's
+        # receivers always make one) then starts a thread for that request
+        # alone, with a database connection of its own, and leaving the
+        # context joins the thread on the event loop. A /v1 request does
+        # little synchronous work (cache refreshes, a budget reservation), so
+        # it runs on asgiref's one shared thread, like the websocket
+        # consumers' database work: no thread per request, and that thread's
+        # connection is reused under CONN_MAX_AGE.
+        await self.handle(scope, receive, send)
+
     def load_middleware(self, is_async: bool = True) -> None:
         # BaseHandler.load_middleware reads settings.MIDDLEWARE and adapts sync
         # middleware with thread hops; this list admits async middleware only,

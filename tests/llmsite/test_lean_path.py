@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -179,3 +180,30 @@ def test_the_lean_list_refuses_a_sync_middleware(settings):
 
     with pytest.raises(ImproperlyConfigured, match="SessionMiddleware"):
         LeanASGIHandler()
+
+
+async def test_api_requests_share_one_sync_thread(alice_key):
+    # Django's own handler starts a thread per request for thread-sensitive
+    # work (and joins it on the event loop when the request ends); the lean
+    # handler runs that work on asgiref's one shared thread.
+    threads: list[int] = []
+
+    def started(**kwargs):
+        threads.append(threading.get_ident())
+
+    request_started.connect(started)
+    try:
+        for _ in range(3):
+            assert (await call(application, "/v1/models", key=alice_key)).status == 200
+        lean_threads = set(threads)
+        threads.clear()
+        for _ in range(2):
+            await call(ASGIHandler(), "/v1/models", key=alice_key)
+    finally:
+        request_started.disconnect(started)
+
+    assert len(lean_threads) == 1
+    assert lean_threads.isdisjoint(threads)
+    # Two requests through Django's handler: two threads of their own.
+    assert len(set(threads)) == 2
+    assert not SyncToAsync.context_to_thread_executor
