@@ -12,6 +12,7 @@ default 256 KiB) and GATEWAY_RESPONSE_CACHE_ALIAS (the cache, "default").
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,6 +24,8 @@ from typing import Any
 from django.conf import settings
 from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
 logger = logging.getLogger("gateway.response_cache")
 
@@ -50,8 +53,19 @@ def _ttl() -> int:
     return int(getattr(settings, "GATEWAY_RESPONSE_CACHE_TTL", DEFAULT_TTL))
 
 
+@functools.cache
 def _cache() -> Any:
+    # Resolved once per process: `caches[alias]` builds a new backend in every
+    # asyncio task (Django keeps cache connections per context), which would
+    # be one backend per request. The local-memory and Redis backends are safe
+    # to share between tasks and threads (a lock; redis-py's pool).
     return caches[getattr(settings, "GATEWAY_RESPONSE_CACHE_ALIAS", "default")]
+
+
+@receiver(setting_changed)
+def _reset_cache(*, setting: str, **kwargs: Any) -> None:
+    if setting in {"CACHES", "GATEWAY_RESPONSE_CACHE_ALIAS"}:
+        _cache.cache_clear()
 
 
 def enabled() -> bool:
