@@ -252,24 +252,40 @@ class GracefulApp:
             return
         cut = asyncio.Event()
         response: dict[str, Any] = {"started": False, "complete": False, "sse": False}
+        # The tasks waiting in receive() now, and those the cut cancelled.
+        receiving: set[asyncio.Task[Any]] = set()
+        cut_off: set[asyncio.Task[Any]] = set()
 
         async def guarded_receive() -> dict[str, Any]:
             # The cut looks like the client leaving: Django then cancels the
-            # view, and the gateway closes upstream and writes the record.
+            # view, and the gateway closes upstream and writes the record. A
+            # receive waiting when the cut comes is cancelled by it and answers
+            # a disconnect; racing each receive against the cut instead would
+            # cost two tasks per call.
             if cut.is_set():
                 return {"type": "http.disconnect"}
-            incoming = asyncio.ensure_future(receive())
-            cutting = asyncio.ensure_future(cut.wait())
+            task = asyncio.current_task()
+            assert task is not None
+            receiving.add(task)
             try:
-                await asyncio.wait(
-                    {incoming, cutting}, return_when=asyncio.FIRST_COMPLETED
-                )
+                return await receive()
+            except asyncio.CancelledError:
+                # Only the cut's own cancellation becomes a disconnect; any
+                # other (Django ending the request) goes on as a cancellation.
+                if task in cut_off and task.uncancel() == 0:
+                    return {"type": "http.disconnect"}
+                raise
             finally:
-                cutting.cancel()
-            if incoming.done():
-                return incoming.result()
-            incoming.cancel()
-            return {"type": "http.disconnect"}
+                receiving.discard(task)
+                cut_off.discard(task)
+
+        def cut_now() -> None:
+            if cut.is_set():
+                return
+            cut.set()
+            for task in receiving:
+                cut_off.add(task)
+                task.cancel()
 
         async def tracking_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -296,14 +312,14 @@ class GracefulApp:
                     await send({"type": "http.response.body", "body": body})
 
         inner = asyncio.ensure_future(self.app(scope, guarded_receive, tracking_send))
-        controller.track(inner, cut.set)
+        controller.track(inner, cut_now)
         try:
             await asyncio.shield(inner)
         except asyncio.CancelledError:
             # The server gave up on the request (daphne does so for every one
             # at shutdown): let the drain end it, then leave.
             if not controller.draining:
-                cut.set()
+                cut_now()
             await asyncio.wait({inner})
             await end_if_cut()
             raise

@@ -218,3 +218,33 @@ async def test_a_request_the_server_cancels_is_cut_at_the_deadline_with_its_reas
     assert log == ["http.disconnect"]
     assert b'"code":"server_restarting"' in exchange.body
     assert exchange.sent[-1].get("more_body", False) is False
+
+
+async def test_a_receive_the_app_cancels_itself_stays_cancelled_and_leaves_nothing():
+    # Django listens for a disconnect while the view runs and cancels that
+    # receive once the response is sent: a cancellation that is not the cut
+    # must stay one, and no waiting receive may outlive the request.
+    outcome: list[str] = []
+
+    async def app(scope, receive, send):
+        await receive()
+        listening = asyncio.ensure_future(receive())
+        await asyncio.sleep(0)
+        listening.cancel()
+        try:
+            await listening
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+        else:
+            outcome.append("returned")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    before = asyncio.all_tasks()
+    exchange = Exchange()
+    await exchange.run(GracefulApp(app, Shutdown()))
+    await asyncio.sleep(0)
+
+    assert outcome == ["cancelled"]
+    assert exchange.body == b"ok"
+    assert asyncio.all_tasks() <= before
