@@ -9,7 +9,9 @@ Usage::
 
 The same load as ``v1_load.py`` (whose functions this reuses) goes to each
 gateway in turn, one at a time, against one zero-latency simulated upstream
-started once: llmsite ``/v1`` on daphne, on uvicorn, and the LiteLLM proxy
+started once: llmsite ``/v1`` on daphne, on uvicorn, the floor under them (a
+bare Django async proxy on the same server and httpx, ``floor_proxy.py``;
+``--floor daphne,uvicorn`` or ``none``), and the LiteLLM proxy
 (``litellm[proxy]==1.108.7``, one worker, no database, a master key, a model
 entry pointing at the same upstream, ``LITELLM_LOCAL_MODEL_COST_MAP=True``).
 Each gateway's latency is interleaved with direct calls to the upstream, and
@@ -47,7 +49,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from common import ROOT, Processes, cpu_model, free_port, loadavg, wait_ready
+from common import (
+    BIN,
+    ROOT,
+    Processes,
+    cpu_model,
+    free_port,
+    loadavg,
+    wait_ready,
+)
 from v1_load import (
     MODEL,
     UPSTREAM_MODEL,
@@ -75,6 +85,7 @@ model_list:
 general_settings:
   master_key: {key}
 """
+BENCH = Path(__file__).resolve().parent
 CLIENT_CORE = "0"
 WEB_CORE = "1"
 
@@ -163,6 +174,29 @@ def run_llmsite(
             procs.stop(child)
 
 
+def run_floor(
+    args: argparse.Namespace, procs: Processes, upstream: str, server: str
+) -> Figures:
+    """The bare Django proxy (floor_proxy.py) on one server, on the web core."""
+    port = free_port()
+    if server == "daphne":
+        serve = [str(BIN / "daphne"), "-v", "0", "-b", "127.0.0.1", "-p", str(port)]
+    else:
+        serve = [str(BIN / "uvicorn"), "--port", str(port), "--no-access-log"]
+        serve += ["--loop", "uvloop", "--http", "httptools"]
+    argv = ["taskset", "-c", WEB_CORE, *serve, "floor_proxy:application"]
+    env = {**os.environ, "FLOOR_UPSTREAM": upstream, "PYTHONPATH": str(BENCH)}
+    child = procs.start(argv, env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(wait_ready(f"{base}/healthz", child))
+        gateway = Target([f"{base}/v1"], UPSTREAM_MODEL, {})
+        direct = Target([upstream], UPSTREAM_MODEL, {})
+        return asyncio.run(measure(args, direct, gateway, [child.pid]))
+    finally:
+        procs.stop(child)
+
+
 def run_litellm(
     args: argparse.Namespace,
     procs: Processes,
@@ -231,6 +265,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default="daphne,uvicorn")
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument(
+        "--floor",
+        default="uvicorn",
+        help="servers for the bare Django proxy (floor_proxy.py), or 'none'",
+    )
     parser.add_argument("--processes", type=int, choices=[1, 2], default=1)
     parser.add_argument("--database-url", help="PostgreSQL for --processes 2")
     parser.add_argument("--redis-url", help="Redis for --processes 2")
@@ -266,6 +305,11 @@ def main() -> None:
                 print(f"measuring {name}", file=sys.stderr)
                 figures = run_llmsite(args, procs, env, upstream, key, server, cores)
                 results.append(Result(name, figures))
+        floors = [] if args.floor == "none" or not pinned else args.floor.split(",")
+        for server in floors:
+            print(f"measuring the bare Django proxy on {server}", file=sys.stderr)
+            figures = run_floor(args, procs, upstream, server)
+            results.append(Result(f"bare Django proxy, {server}", figures))
         if litellm:
             print("measuring LiteLLM", file=sys.stderr)
             figures = run_litellm(args, procs, litellm, upstream, workdir)

@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,12 @@ class Target:
         self.sent = 0
         self.errors = 0  # answers that were not a fresh 200 or were truncated
         self.failures = 0  # no answer: timeouts, dropped connections
+        self.failure_kinds: Counter[str] = Counter()
+
+    def failed(self, error: Exception) -> None:
+        """A request without an answer: count it, and its kind for the report."""
+        self.failures += 1
+        self.failure_kinds[type(error).__name__] += 1
 
     def client(self) -> httpx.AsyncClient:
         base = self.bases[self.next_base % len(self.bases)]
@@ -190,8 +197,8 @@ async def latency(
         for name, case in cases.items():
             try:
                 sample = await case()
-            except httpx.HTTPError:  # counted by the target, no sample
-                targets[name.split()[1]].failures += 1
+            except httpx.HTTPError as error:  # counted by the target, no sample
+                targets[name.split()[1]].failed(error)
                 continue
             if round_ >= warmup:
                 samples[name].append(sample)
@@ -217,8 +224,8 @@ async def throughput(
                     await target.post_stream(client, False)
                 else:
                     await target.post_plain(client)
-            except httpx.HTTPError:  # a timeout or a dropped connection
-                target.failures += 1
+            except httpx.HTTPError as error:  # a timeout or a dropped connection
+                target.failed(error)
                 continue
             if measuring:
                 done += 1
@@ -251,8 +258,8 @@ async def fill_to(target: Target, total: int, concurrency: int) -> None:
         while target.sent < total:
             try:
                 await target.post_plain(client)
-            except httpx.HTTPError:
-                target.failures += 1
+            except httpx.HTTPError as error:
+                target.failed(error)
 
     await asyncio.gather(*(worker(c) for c in clients))
     for client in clients:
@@ -303,6 +310,11 @@ async def measure(
         if gateway.sent < mark:
             await fill_to(gateway, mark, args.concurrency)
             rss.append((f"{mark // 1000}k req", rss_mib(pids)))
+    for side, target in (("direct", direct), ("gateway", gateway)):
+        if target.failures:
+            kinds = ", ".join(f"{n} {k}" for k, n in target.failure_kinds.items())
+            lost = f"{side}: {target.failures} without an answer: {kinds}"
+            print(lost, file=sys.stderr)
     return Figures(direct, gateway, latency_ms, rates, rss)
 
 
