@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from chat import actions
 from chat.errors import ChatError
@@ -52,6 +54,56 @@ def test_turns_committed_together_fail_one_by_one(owner, make_conversation):
     assert actions.message_dict(fresh.user_message)["versions"]["count"] == 1
     assert kept.user_message.parent.content == "a1"
     assert Message.objects.filter(status=MessageStatus.STREAMING).count() == 2
+
+
+def test_new_conversations_committed_together_take_the_same_queries(owner, model_route):
+    def commit(count):
+        turns = [
+            (actions.plan_send(owner, None, f"Question {n}?", MODEL), uuid.uuid4())
+            for n in range(count)
+        ]
+        with CaptureQueriesContext(connection) as queries:
+            outcomes = actions.commit_turns(turns)
+        assert outcomes == [None] * count
+        return turns, len(queries)
+
+    _, two = commit(2)
+    turns, twelve = commit(12)
+
+    assert twelve == two
+    for turn, request_id in turns:
+        answer = Message.objects.get(id=turn.answer_id)
+        assert answer.parent_id == turn.user_message.id
+        assert answer.request_id == request_id
+        assert answer.status == MessageStatus.STREAMING
+        assert turn.history[-1].id == turn.user_message.id
+        shown = actions.message_dict(turn.user_message)
+        assert shown["attachments"] == []
+        assert shown["parent_id"] is None
+        assert shown["content"] == turn.content
+    assert Conversation.objects.filter(user=owner).count() == 14
+
+
+def test_a_refused_new_conversation_leaves_the_others_of_its_batch_stored(
+    owner, model_route
+):
+    taken = actions.plan_send(owner, None, "First?", MODEL)
+    actions.commit_turn(taken, uuid.uuid4())
+    # The same id again: its insert fails, as a conversation that cannot be
+    # stored would.
+    clash = actions.plan_send(
+        owner, None, "Again?", MODEL, new_id=taken.conversation.id
+    )
+    fresh = actions.plan_send(owner, None, "Why is the sea salty?", MODEL)
+
+    outcomes = actions.commit_turns([(clash, uuid.uuid4()), (fresh, uuid.uuid4())])
+
+    assert outcomes[0] is not None
+    assert outcomes[1] is None
+    assert not clash.committed
+    assert fresh.committed
+    assert fresh.conversation.messages.count() == 2
+    assert taken.conversation.messages.count() == 2
 
 
 def test_long_first_messages_give_a_shortened_title():
