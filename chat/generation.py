@@ -315,7 +315,12 @@ class Generation:
                 await self._broadcast(text)
         # Frames held back until now (fallbacks before the first answer).
         self._dirty.set()
-        await self.registry.announce(self)
+        if not self.turn.is_new_conversation:
+            # A new conversation's id is first told by the start frame just
+            # sent: no other socket can be showing it. Skipping the group send
+            # matters in a burst, where the in-memory channel layer walks every
+            # channel and group on each send and on the receive it wakes.
+            await self.registry.announce(self)
 
     def _push_text(self, text: str) -> None:
         if not text:
