@@ -130,16 +130,20 @@ def with_versions(messages: list[Message]) -> list[Message]:
     if None in parents:
         under |= Q(parent__isnull=True)
     rows = (
-        Message.objects.filter(conversation_id=messages[0].conversation_id)
+        Message.objects.filter(
+            conversation_id__in={m.conversation_id for m in messages}
+        )
         .filter(under, role__in={m.role for m in messages})
         .order_by("created_at", "id")
-        .values_list("parent_id", "role", "id")
+        .values_list("conversation_id", "parent_id", "role", "id")
     )
-    siblings: dict[tuple[int | None, str], list[int]] = defaultdict(list)
-    for parent_id, role, message_id in rows:
-        siblings[(parent_id, role)].append(message_id)
+    # The first questions of different conversations all have no parent.
+    siblings: dict[tuple[uuid.UUID, int | None, str], list[int]] = defaultdict(list)
+    for conversation_id, parent_id, role, message_id in rows:
+        siblings[(conversation_id, parent_id, role)].append(message_id)
     for message in messages:
-        ids = siblings.get((message.parent_id, message.role)) or [message.id]
+        key = (message.conversation_id, message.parent_id, message.role)
+        ids = siblings.get(key) or [message.id]
         index = ids.index(message.id) if message.id in ids else 0
         message.versions = {  # type: ignore[attr-defined]
             "index": index + 1,
@@ -756,6 +760,50 @@ def save_answer(
 ) -> dict[str, Any] | None:
     """Store how the answer ended in its placeholder; None if it was deleted."""
     now = timezone.now()
+    if not _store_answer(answer_id, answer):
+        return None
+    Conversation.objects.filter(id=conversation_id).update(updated_at=now)
+    return message_dict(with_versions([Message.objects.get(id=answer_id)])[0])
+
+
+def save_answers(
+    answers: list[tuple[uuid.UUID, int, Answer]],
+) -> list[dict[str, Any] | Exception | None]:
+    """`save_answer` for several answers in one transaction; each fails alone.
+
+    Answers started together end together: one UPDATE each, then the
+    conversations touched and the messages read back for all of them at once.
+    If the batch fails, each answer is stored on its own.
+    """
+    try:
+        with transaction.atomic():
+            now = timezone.now()
+            stored = {
+                answer_id: conversation_id
+                for conversation_id, answer_id, answer in answers
+                if _store_answer(answer_id, answer)
+            }
+            Conversation.objects.filter(id__in=set(stored.values())).update(
+                updated_at=now
+            )
+            messages = with_versions(list(Message.objects.filter(id__in=stored)))
+    except Exception:
+        return [_save_alone(*item) for item in answers]
+    dicts = {message.id: message_dict(message) for message in messages}
+    return [dicts.get(answer_id) for _, answer_id, _ in answers]
+
+
+def _save_alone(
+    conversation_id: uuid.UUID, answer_id: int, answer: Answer
+) -> dict[str, Any] | Exception | None:
+    try:
+        return save_answer(conversation_id, answer_id, answer)
+    except Exception as exc:
+        return exc
+
+
+def _store_answer(answer_id: int, answer: Answer) -> bool:
+    """Write an answer into its placeholder; False if it was deleted."""
     fields = {
         "content": answer.content,
         "status": answer.status,
@@ -766,10 +814,7 @@ def save_answer(
         "token_count": answer.completion_tokens,
         "meta": answer.meta,
     }
-    if not Message.objects.filter(id=answer_id).update(**fields):
-        return None
-    Conversation.objects.filter(id=conversation_id).update(updated_at=now)
-    return message_dict(with_versions([Message.objects.get(id=answer_id)])[0])
+    return bool(Message.objects.filter(id=answer_id).update(**fields))
 
 
 def mark_interrupted(

@@ -41,7 +41,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
@@ -65,6 +65,9 @@ GROUP_PREFIX = "chat.conv."
 STOP_ACK_SECONDS = 2.0
 # The router builds status lines from endpoint names; a line is one sentence.
 STATUS_CHARS = 300
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def group_name(conversation_id: uuid.UUID) -> str:
@@ -427,7 +430,7 @@ class Generation:
                 # Stopped (or failed inside the service): no Done carries the
                 # usage, but the cancelled record does.
                 record_budget = await self._from_record(answer)
-            saved = await database_sync_to_async(actions.save_answer)(
+            saved = await self.registry.save_answer(
                 self.conversation_id, self.turn.answer_id, answer
             )
         except Exception:
@@ -743,6 +746,55 @@ async def check_model(model: str) -> None:
         raise ChatError("unknown_model", f"The model {model[:80]!r} is not available.")
 
 
+class Batches(Generic[T, R]):
+    """Calls of a synchronous ORM function, gathered: one thread hop per batch.
+
+    ``store`` takes a list of items and returns, in order, each item's result
+    or the exception that refused it. An item that comes while a batch is
+    being stored goes into the next one, so nothing waits on a timer.
+    """
+
+    def __init__(self, store: Callable[[list[T]], list[R | Exception]]) -> None:
+        self._store = store
+        self._pending: list[tuple[T, asyncio.Future[R | Exception]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def run(self, item: T) -> R:
+        """Store one item with whatever else is waiting; its result, or raise."""
+        outcome: asyncio.Future[R | Exception] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending.append((item, outcome))
+        if self._worker is None or self._worker.done():
+            # A fresh context: the batch must not run on the executor of the
+            # one request that happened to start it.
+            self._worker = asyncio.create_task(
+                self._work(), context=contextvars.Context()
+            )
+        try:
+            result = await asyncio.shield(outcome)
+        except asyncio.CancelledError:
+            # Stopped meanwhile: whether the item was stored must be known
+            # before the caller goes on.
+            await asyncio.wait([outcome])
+            raise
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _work(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await database_sync_to_async(self._store)(
+                    [item for item, _ in batch]
+                )
+            except Exception as exc:
+                results = [exc] * len(batch)
+            for (_, outcome), result in zip(batch, results, strict=True):
+                outcome.set_result(result)
+
+
 class GenerationRegistry:
     """The answers running in this process, by conversation."""
 
@@ -758,11 +810,12 @@ class GenerationRegistry:
         self._control: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._acks: dict[str, asyncio.Future[bool]] = {}
-        # Turns admitted while the previous batch was being stored.
-        self._to_commit: list[
-            tuple[actions.Turn, uuid.UUID, asyncio.Future[Exception | None]]
-        ] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._commits: Batches[tuple[actions.Turn, uuid.UUID], None] = Batches(
+            actions.commit_turns
+        )
+        self._saves: Batches[
+            tuple[uuid.UUID, int, actions.Answer], dict[str, Any] | None
+        ] = Batches(actions.save_answers)
 
     async def _ready(self) -> None:
         # Per event loop: a test suite runs many loops in one process.
@@ -833,44 +886,22 @@ class GenerationRegistry:
         return generation
 
     async def commit_turn(self, turn: actions.Turn, request_id: uuid.UUID) -> None:
-        """Store an admitted turn (`actions.commit_turn`), batched with others.
+        """Store an admitted turn (`actions.commit_turns`), batched with others.
 
         One thread hop and one transaction per batch rather than per answer:
         at a burst of starts, the hops onto Django's single database thread
-        were what made the first token wait. A turn admitted while a batch is
-        being stored goes into the next one, so nothing waits on a timer.
+        were what made the first token wait.
         """
-        outcome: asyncio.Future[Exception | None] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._to_commit.append((turn, request_id, outcome))
-        if self._committer is None or self._committer.done():
-            # A fresh context: the batch must not run on the executor of the
-            # one request that happened to start it.
-            self._committer = asyncio.create_task(
-                self._commit_batches(), context=contextvars.Context()
-            )
-        try:
-            error = await asyncio.shield(outcome)
-        except asyncio.CancelledError:
-            # Stopped meanwhile: whether the turn was stored must be known
-            # before the answer ends.
-            await asyncio.wait([outcome])
-            raise
-        if error is not None:
-            raise error
+        await self._commits.run((turn, request_id))
 
-    async def _commit_batches(self) -> None:
-        while self._to_commit:
-            batch, self._to_commit = self._to_commit, []
-            try:
-                errors = await database_sync_to_async(actions.commit_turns)(
-                    [(turn, request_id) for turn, request_id, _ in batch]
-                )
-            except Exception as exc:
-                errors = [exc] * len(batch)
-            for (_, _, outcome), error in zip(batch, errors, strict=True):
-                outcome.set_result(error)
+    async def save_answer(
+        self, conversation_id: uuid.UUID, answer_id: int, answer: actions.Answer
+    ) -> dict[str, Any] | None:
+        """Store how an answer ended (`actions.save_answers`), batched with others.
+
+        Answers started in a burst end in one too.
+        """
+        return await self._saves.run((conversation_id, answer_id, answer))
 
     async def announce(self, generation: Generation) -> None:
         """Tell other tabs showing the conversation that an answer began."""

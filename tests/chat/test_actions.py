@@ -307,6 +307,87 @@ def test_an_answer_to_a_deleted_conversation_is_dropped(owner, make_conversation
     assert not Message.objects.exists()
 
 
+def test_answers_ending_together_are_stored_in_the_same_queries(
+    owner, make_conversation
+):
+    def end(count):
+        placeholders = []
+        for _ in range(count):
+            conversation = make_conversation(
+                owner, (USER, "q"), (ASSISTANT, "", "streaming")
+            )
+            placeholder = conversation.messages.last()
+            # Another version of the answer, regenerated later.
+            Message.objects.create(
+                conversation=conversation,
+                parent_id=placeholder.parent_id,
+                role=ASSISTANT,
+                content="later",
+                active=False,
+            )
+            placeholders.append(placeholder)
+        items = [
+            (
+                p.conversation_id,
+                p.id,
+                actions.Answer(
+                    content=f"answer {n}",
+                    status=MessageStatus.COMPLETE,
+                    model=MODEL,
+                    meta={"endpoint": "primary"},
+                ),
+            )
+            for n, p in enumerate(placeholders)
+        ]
+        with CaptureQueriesContext(connection) as queries:
+            saved = actions.save_answers(items)
+        return saved, len(queries)
+
+    _, two = end(2)
+    saved, eight = end(8)
+
+    assert eight == two + 6  # one UPDATE per answer, the rest shared
+    assert [s["content"] for s in saved] == [f"answer {n}" for n in range(8)]
+    # Each is the first of two versions of the answer to its own question.
+    assert [(s["versions"]["index"], s["versions"]["count"]) for s in saved] == [
+        (1, 2)
+    ] * 8
+    assert all(s["versions"]["next"] == s["id"] + 1 for s in saved)
+    assert all(s["meta"] == {"endpoint": "primary"} for s in saved)
+
+
+def test_first_questions_of_different_conversations_are_not_versions(
+    owner, make_conversation
+):
+    firsts = [make_conversation(owner, (USER, "q")).messages.get() for _ in range(3)]
+
+    shown = actions.with_versions(firsts)
+
+    assert [m.versions["count"] for m in shown] == [1, 1, 1]
+
+
+def test_an_answer_deleted_before_its_batch_is_stored_is_dropped_alone(
+    owner, make_conversation
+):
+    kept = make_conversation(owner, (USER, "q"), (ASSISTANT, "", "streaming"))
+    gone = make_conversation(owner, (USER, "q"), (ASSISTANT, "", "streaming"))
+    items = [
+        (
+            c.id,
+            c.messages.last().id,
+            actions.Answer(content="a", status=MessageStatus.COMPLETE, model=MODEL),
+        )
+        for c in (gone, kept)
+    ]
+    gone.delete()
+
+    saved = actions.save_answers(items)
+
+    assert saved[0] is None
+    assert saved[1]["content"] == "a"
+    assert Message.objects.get(id=items[1][1]).status == MessageStatus.COMPLETE
+
+
 def test_the_list_is_newest_first_and_only_the_users_own(
     owner, other_user, make_conversation
 ):
