@@ -572,6 +572,11 @@ def main() -> None:
             # the default pool (10 per endpoint) would queue all but ten.
             env["GATEWAY_MAX_CONNECTIONS"] = str(count + 50)
             env["GATEWAY_MAX_KEEPALIVE"] = str(count + 50)
+            # ... spread over as many clients as keeps each pool at the size
+            # of the default's (100 over 4): httpcore walks a client's whole
+            # pool on every request and every response closed, which at 250+
+            # connections per client was the largest part of a stream start.
+            env["GATEWAY_CLIENTS_PER_ENDPOINT"] = str(max(4, (count + 50) // 25))
             if args.layer == "redis":
                 env["REDIS_URL"] = args.redis_url
             if args.frame_ms:
