@@ -250,7 +250,12 @@ def with_attachments(messages: QuerySet[Message]) -> QuerySet[Message]:
 
 def known_to_have_none(message: Message) -> None:
     """Record that a message just stored has no images, so none are read."""
-    message._prefetched_objects_cache = {"attachments": Attachment.objects.none()}
+    # What prefetch_related leaves behind: a queryset already evaluated, which
+    # `of_message` iterates without compiling anything (it runs on the loop).
+    rows = Attachment.objects.none()
+    rows._result_cache = []
+    rows._prefetch_done = True
+    message._prefetched_objects_cache = {"attachments": rows}
 
 
 def of_message(message: Message) -> list[dict[str, Any]]:
