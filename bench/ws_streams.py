@@ -56,7 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import cpu_seconds, percentile  # noqa: E402
+from common import cpu_seconds, loadavg, percentile  # noqa: E402
 
 from gateway.simulator import generated_tokens  # noqa: E402
 
@@ -421,7 +421,14 @@ async def run_streams(port: int, sessions: list[str], args) -> list[Stream]:
     return streams
 
 
-def report(label: str, streams: list[Stream], args, cpu: dict[str, float]) -> dict:
+def report(
+    label: str,
+    streams: list[Stream],
+    args,
+    cpu: dict[str, float],
+    server_cpu: float | None = None,
+) -> dict:
+    """Print one run's row; ``server_cpu`` is the web process's CPU seconds."""
     done = sum(s.done for s in streams)
     errors: dict[str, int] = {}
     for s in streams:
@@ -449,6 +456,11 @@ def report(label: str, streams: list[Stream], args, cpu: dict[str, float]) -> di
         **cpu,
     }
     cpu_text = " ".join(f"{k} {v:.0f}%" for k, v in cpu.items())
+    if server_cpu is not None:
+        # Less sensitive to other processes on the machine than the delays:
+        # what one stream (its start, frames and end) costs the web process.
+        row["server_cpu_ms_per_stream"] = server_cpu * 1000 / len(streams)
+        cpu_text += f" ({row['server_cpu_ms_per_stream']:.1f} ms per stream)"
     print(
         f"{label:<28} {len(streams):>5} streams  done {done:>5}  "
         f"errors {errors or '-'}  frames {frames:>7}  "
@@ -456,7 +468,7 @@ def report(label: str, streams: list[Stream], args, cpu: dict[str, float]) -> di
         f"delay p50 {row['delay_p50']:5.0f} p99 {row['delay_p99']:5.0f} "
         f"max {row['delay_max']:5.0f} ms  all {len(streams)} streaming "
         f"({row['steady_s']:.0f} s): p50 {row['steady_p50']:5.0f} "
-        f"p99 {row['steady_p99']:5.0f} ms  cpu: {cpu_text}",
+        f"p99 {row['steady_p99']:5.0f} ms  cpu: {cpu_text}  load {loadavg()}",
         flush=True,
     )
     return row
@@ -560,6 +572,11 @@ def main() -> None:
             # the default pool (10 per endpoint) would queue all but ten.
             env["GATEWAY_MAX_CONNECTIONS"] = str(count + 50)
             env["GATEWAY_MAX_KEEPALIVE"] = str(count + 50)
+            # ... spread over as many clients as keeps each pool at the size
+            # of the default's (100 over 4): httpcore walks a client's whole
+            # pool on every request and every response closed, which at 250+
+            # connections per client was the largest part of a stream start.
+            env["GATEWAY_CLIENTS_PER_ENDPOINT"] = str(max(4, (count + 50) // 25))
             if args.layer == "redis":
                 env["REDIS_URL"] = args.redis_url
             if args.frame_ms:
@@ -573,14 +590,21 @@ def main() -> None:
                 started = time.monotonic()
                 streams = uvloop.run(run_streams(port, sessions, args))
                 elapsed = time.monotonic() - started
+                server_cpu = cpu_seconds(server.pid) - server_before
                 cpu = {
-                    "server": (cpu_seconds(server.pid) - server_before) / elapsed * 100,
+                    "server": server_cpu / elapsed * 100,
                     "sim": (cpu_seconds(environment.simulator.pid) - sim_before)
                     / elapsed
                     * 100,
                     "client": (time.process_time() - client_before) / elapsed * 100,
                 }
-                report(f"{args.server} + {args.layer} layer", streams, args, cpu)
+                report(
+                    f"{args.server} + {args.layer} layer",
+                    streams,
+                    args,
+                    cpu,
+                    server_cpu,
+                )
             finally:
                 server.send_signal(signal.SIGINT)
                 try:

@@ -130,16 +130,20 @@ def with_versions(messages: list[Message]) -> list[Message]:
     if None in parents:
         under |= Q(parent__isnull=True)
     rows = (
-        Message.objects.filter(conversation_id=messages[0].conversation_id)
+        Message.objects.filter(
+            conversation_id__in={m.conversation_id for m in messages}
+        )
         .filter(under, role__in={m.role for m in messages})
         .order_by("created_at", "id")
-        .values_list("parent_id", "role", "id")
+        .values_list("conversation_id", "parent_id", "role", "id")
     )
-    siblings: dict[tuple[int | None, str], list[int]] = defaultdict(list)
-    for parent_id, role, message_id in rows:
-        siblings[(parent_id, role)].append(message_id)
+    # The first questions of different conversations all have no parent.
+    siblings: dict[tuple[uuid.UUID, int | None, str], list[int]] = defaultdict(list)
+    for conversation_id, parent_id, role, message_id in rows:
+        siblings[(conversation_id, parent_id, role)].append(message_id)
     for message in messages:
-        ids = siblings.get((message.parent_id, message.role)) or [message.id]
+        key = (message.conversation_id, message.parent_id, message.role)
+        ids = siblings.get(key) or [message.id]
         index = ids.index(message.id) if message.id in ids else 0
         message.versions = {  # type: ignore[attr-defined]
             "index": index + 1,
@@ -590,25 +594,94 @@ def commit_turns(
 
     Answers admitted together start in one round trip: one transaction, and a
     savepoint per turn so that a refused one (its conversation deleted
-    meanwhile) leaves the others stored. Returns each turn's refusal, or None.
+    meanwhile) leaves the others stored. First questions of new conversations
+    are stored together (`_commit_new_conversations`). Returns each turn's
+    refusal, or None.
     """
-    outcomes: list[Exception | None] = []
+    outcomes: dict[int, Exception | None] = {}
     try:
         with transaction.atomic():
+            fresh = [item for item in turns if _starts_conversation(item[0])]
+            if fresh:
+                try:
+                    with transaction.atomic():
+                        _commit_new_conversations(fresh)
+                except Exception:
+                    # One of them is refused: store each on its own below.
+                    for turn, _ in fresh:
+                        turn.answer_id = None
+                else:
+                    outcomes.update((id(turn), None) for turn, _ in fresh)
             for turn, request_id in turns:
+                if id(turn) in outcomes:
+                    continue
                 try:
                     commit_turn(turn, request_id)
                 except Exception as exc:
                     turn.answer_id = None
-                    outcomes.append(exc)
+                    outcomes[id(turn)] = exc
                 else:
-                    outcomes.append(None)
+                    outcomes[id(turn)] = None
     except Exception as exc:
         # The transaction itself failed: nothing of the batch is stored.
         for turn, _ in turns:
             turn.answer_id = None
         return [exc] * len(turns)
-    return outcomes
+    return [outcomes[id(turn)] for turn, _ in turns]
+
+
+def _starts_conversation(turn: Turn) -> bool:
+    return turn.is_new_conversation and turn.kind == "send" and not turn.attachment_ids
+
+
+def _commit_new_conversations(turns: list[tuple[Turn, uuid.UUID]]) -> None:
+    """`commit_turn` for first questions without images, in three queries.
+
+    In a burst of new chats, the inserts one by one (and the reads that
+    `Message.save` and `attachments.bind` make for any message) were most of
+    the database thread's time. Nothing is read here: a new conversation has
+    no path to continue from, and a question sent without uploads has no
+    images. The caller's savepoint takes everything back if one insert fails.
+    """
+    now = timezone.now()
+    conversations = [turn.conversation for turn, _ in turns]
+    for conversation in conversations:
+        conversation.created_at = conversation.updated_at = now
+    Conversation.objects.bulk_create(conversations)
+    questions = [
+        Message(
+            conversation=turn.conversation,
+            parent=None,
+            role=MessageRole.USER,
+            content=turn.content,
+            token_count=tokens.count_text(turn.content, turn.model),
+            model_name=turn.model,
+            created_at=now,
+            shown_at=now,
+        )
+        for turn, _ in turns
+    ]
+    Message.objects.bulk_create(questions)
+    answers = [
+        Message(
+            conversation=turn.conversation,
+            parent=question,
+            role=MessageRole.ASSISTANT,
+            content="",
+            status=MessageStatus.STREAMING,
+            model_name=turn.model,
+            request_id=request_id,
+            created_at=now,
+            shown_at=now,
+        )
+        for (turn, request_id), question in zip(turns, questions, strict=True)
+    ]
+    Message.objects.bulk_create(answers)
+    for (turn, _), question, answer in zip(turns, questions, answers, strict=True):
+        attachments.known_to_have_none(question)
+        turn.history[-1].id = question.id
+        turn.user_message = question
+        turn.answer_id = answer.id
 
 
 def switch_version(
@@ -687,6 +760,50 @@ def save_answer(
 ) -> dict[str, Any] | None:
     """Store how the answer ended in its placeholder; None if it was deleted."""
     now = timezone.now()
+    if not _store_answer(answer_id, answer):
+        return None
+    Conversation.objects.filter(id=conversation_id).update(updated_at=now)
+    return message_dict(with_versions([Message.objects.get(id=answer_id)])[0])
+
+
+def save_answers(
+    answers: list[tuple[uuid.UUID, int, Answer]],
+) -> list[dict[str, Any] | Exception | None]:
+    """`save_answer` for several answers in one transaction; each fails alone.
+
+    Answers started together end together: one UPDATE each, then the
+    conversations touched and the messages read back for all of them at once.
+    If the batch fails, each answer is stored on its own.
+    """
+    try:
+        with transaction.atomic():
+            now = timezone.now()
+            stored = {
+                answer_id: conversation_id
+                for conversation_id, answer_id, answer in answers
+                if _store_answer(answer_id, answer)
+            }
+            Conversation.objects.filter(id__in=set(stored.values())).update(
+                updated_at=now
+            )
+            messages = with_versions(list(Message.objects.filter(id__in=stored)))
+    except Exception:
+        return [_save_alone(*item) for item in answers]
+    dicts = {message.id: message_dict(message) for message in messages}
+    return [dicts.get(answer_id) for _, answer_id, _ in answers]
+
+
+def _save_alone(
+    conversation_id: uuid.UUID, answer_id: int, answer: Answer
+) -> dict[str, Any] | Exception | None:
+    try:
+        return save_answer(conversation_id, answer_id, answer)
+    except Exception as exc:
+        return exc
+
+
+def _store_answer(answer_id: int, answer: Answer) -> bool:
+    """Write an answer into its placeholder; False if it was deleted."""
     fields = {
         "content": answer.content,
         "status": answer.status,
@@ -697,10 +814,7 @@ def save_answer(
         "token_count": answer.completion_tokens,
         "meta": answer.meta,
     }
-    if not Message.objects.filter(id=answer_id).update(**fields):
-        return None
-    Conversation.objects.filter(id=conversation_id).update(updated_at=now)
-    return message_dict(with_versions([Message.objects.get(id=answer_id)])[0])
+    return bool(Message.objects.filter(id=answer_id).update(**fields))
 
 
 def mark_interrupted(

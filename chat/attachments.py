@@ -248,6 +248,16 @@ def with_attachments(messages: QuerySet[Message]) -> QuerySet[Message]:
     return messages.prefetch_related(Prefetch("attachments", queryset=light))
 
 
+def known_to_have_none(message: Message) -> None:
+    """Record that a message just stored has no images, so none are read."""
+    # What prefetch_related leaves behind: a queryset already evaluated, which
+    # `of_message` iterates without compiling anything (it runs on the loop).
+    rows = Attachment.objects.none()
+    rows._result_cache = []
+    rows._prefetch_done = True
+    message._prefetched_objects_cache = {"attachments": rows}
+
+
 def of_message(message: Message) -> list[dict[str, Any]]:
     """The attachments of one message, for its message dict."""
     if message.role != "user" or message.pk is None:

@@ -41,7 +41,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
@@ -65,6 +65,12 @@ GROUP_PREFIX = "chat.conv."
 STOP_ACK_SECONDS = 2.0
 # The router builds status lines from endpoint names; a line is one sentence.
 STATUS_CHARS = 300
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# What the first step of an answer gives: its planned turn and its claims.
+Prepared = tuple[actions.Turn, leases.Lease]
 
 
 def group_name(conversation_id: uuid.UUID) -> str:
@@ -315,7 +321,12 @@ class Generation:
                 await self._broadcast(text)
         # Frames held back until now (fallbacks before the first answer).
         self._dirty.set()
-        await self.registry.announce(self)
+        if not self.turn.is_new_conversation:
+            # A new conversation's id is first told by the start frame just
+            # sent: no other socket can be showing it. Skipping the group send
+            # matters in a burst, where the in-memory channel layer walks every
+            # channel and group on each send and on the receive it wakes.
+            await self.registry.announce(self)
 
     def _push_text(self, text: str) -> None:
         if not text:
@@ -422,7 +433,7 @@ class Generation:
                 # Stopped (or failed inside the service): no Done carries the
                 # usage, but the cancelled record does.
                 record_budget = await self._from_record(answer)
-            saved = await database_sync_to_async(actions.save_answer)(
+            saved = await self.registry.save_answer(
                 self.conversation_id, self.turn.answer_id, answer
             )
         except Exception:
@@ -706,6 +717,32 @@ def prepare_for(
     return prepare
 
 
+def prepare_all(
+    items: list[tuple[int, Callable[[str], Prepared], str]],
+) -> list[Prepared | Exception]:
+    """Run the first steps of several answers (`prepare_for`) in one thread hop.
+
+    Their askers' limits and budgets are read first, in one query each for
+    all of them, where each step would otherwise read its own: at a burst of
+    starts those reads were most of the database thread's work per start.
+    Returns each step's turn and claims, or the exception that refused it.
+    """
+    users = [user_id for user_id, _, _ in items]
+    try:
+        limits.read_users_limits(users)
+        accounting.read_users_budgets(users)
+    except Exception:
+        # Each step reads its own asker's, and fails alone if it must.
+        logger.exception("reading the limits of %d askers failed", len(users))
+    results: list[Prepared | Exception] = []
+    for _, prepare, owner in items:
+        try:
+            results.append(prepare(owner))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
 def _new_settings(request: Send) -> ConversationSettings | None:
     """A new conversation's settings: the ones sent, else the model's defaults."""
     if request.conversation_id is not None:
@@ -738,6 +775,55 @@ async def check_model(model: str) -> None:
         raise ChatError("unknown_model", f"The model {model[:80]!r} is not available.")
 
 
+class Batches(Generic[T, R]):
+    """Calls of a synchronous ORM function, gathered: one thread hop per batch.
+
+    ``store`` takes a list of items and returns, in order, each item's result
+    or the exception that refused it. An item that comes while a batch is
+    being stored goes into the next one, so nothing waits on a timer.
+    """
+
+    def __init__(self, store: Callable[[list[T]], list[R | Exception]]) -> None:
+        self._store = store
+        self._pending: list[tuple[T, asyncio.Future[R | Exception]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def run(self, item: T) -> R:
+        """Store one item with whatever else is waiting; its result, or raise."""
+        outcome: asyncio.Future[R | Exception] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending.append((item, outcome))
+        if self._worker is None or self._worker.done():
+            # A fresh context: the batch must not run on the executor of the
+            # one request that happened to start it.
+            self._worker = asyncio.create_task(
+                self._work(), context=contextvars.Context()
+            )
+        try:
+            result = await asyncio.shield(outcome)
+        except asyncio.CancelledError:
+            # Stopped meanwhile: whether the item was stored must be known
+            # before the caller goes on.
+            await asyncio.wait([outcome])
+            raise
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _work(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await database_sync_to_async(self._store)(
+                    [item for item, _ in batch]
+                )
+            except Exception as exc:
+                results = [exc] * len(batch)
+            for (_, outcome), result in zip(batch, results, strict=True):
+                outcome.set_result(result)
+
+
 class GenerationRegistry:
     """The answers running in this process, by conversation."""
 
@@ -753,11 +839,15 @@ class GenerationRegistry:
         self._control: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._acks: dict[str, asyncio.Future[bool]] = {}
-        # Turns admitted while the previous batch was being stored.
-        self._to_commit: list[
-            tuple[actions.Turn, uuid.UUID, asyncio.Future[Exception | None]]
-        ] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._prepares: Batches[
+            tuple[int, Callable[[str], Prepared], str], Prepared
+        ] = Batches(prepare_all)
+        self._commits: Batches[tuple[actions.Turn, uuid.UUID], None] = Batches(
+            actions.commit_turns
+        )
+        self._saves: Batches[
+            tuple[uuid.UUID, int, actions.Answer], dict[str, Any] | None
+        ] = Batches(actions.save_answers)
 
     async def _ready(self) -> None:
         # Per event loop: a test suite runs many loops in one process.
@@ -817,7 +907,7 @@ class GenerationRegistry:
                 retry_after=RETRY_AFTER_SECONDS,
             )
         await self._ready()
-        turn, lease = await database_sync_to_async(prepare)(self.channel)
+        turn, lease = await self._prepares.run((user.pk, prepare, self.channel))
         generation = Generation(self, user, turn, lease)
         generation.origin = listener
         self._running[generation.conversation_id] = generation
@@ -828,44 +918,22 @@ class GenerationRegistry:
         return generation
 
     async def commit_turn(self, turn: actions.Turn, request_id: uuid.UUID) -> None:
-        """Store an admitted turn (`actions.commit_turn`), batched with others.
+        """Store an admitted turn (`actions.commit_turns`), batched with others.
 
         One thread hop and one transaction per batch rather than per answer:
         at a burst of starts, the hops onto Django's single database thread
-        were what made the first token wait. A turn admitted while a batch is
-        being stored goes into the next one, so nothing waits on a timer.
+        were what made the first token wait.
         """
-        outcome: asyncio.Future[Exception | None] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._to_commit.append((turn, request_id, outcome))
-        if self._committer is None or self._committer.done():
-            # A fresh context: the batch must not run on the executor of the
-            # one request that happened to start it.
-            self._committer = asyncio.create_task(
-                self._commit_batches(), context=contextvars.Context()
-            )
-        try:
-            error = await asyncio.shield(outcome)
-        except asyncio.CancelledError:
-            # Stopped meanwhile: whether the turn was stored must be known
-            # before the answer ends.
-            await asyncio.wait([outcome])
-            raise
-        if error is not None:
-            raise error
+        await self._commits.run((turn, request_id))
 
-    async def _commit_batches(self) -> None:
-        while self._to_commit:
-            batch, self._to_commit = self._to_commit, []
-            try:
-                errors = await database_sync_to_async(actions.commit_turns)(
-                    [(turn, request_id) for turn, request_id, _ in batch]
-                )
-            except Exception as exc:
-                errors = [exc] * len(batch)
-            for (_, _, outcome), error in zip(batch, errors, strict=True):
-                outcome.set_result(error)
+    async def save_answer(
+        self, conversation_id: uuid.UUID, answer_id: int, answer: actions.Answer
+    ) -> dict[str, Any] | None:
+        """Store how an answer ended (`actions.save_answers`), batched with others.
+
+        Answers started in a burst end in one too.
+        """
+        return await self._saves.run((conversation_id, answer_id, answer))
 
     async def announce(self, generation: Generation) -> None:
         """Tell other tabs showing the conversation that an answer began."""

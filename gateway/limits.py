@@ -125,6 +125,31 @@ def caller_limits(user_id: int | None, api_key_id: int | None) -> CallerLimits:
     return limits
 
 
+def read_users_limits(user_ids: Sequence[int]) -> None:
+    """`caller_limits` of several users (no API key) read in one query, and kept."""
+    missing = {u for u in user_ids if _caller_limits.get((u, None)) is None}
+    if not missing:
+        return
+    rpm, tpm = settings.RATE_LIMIT_RPM, settings.RATE_LIMIT_TPM
+    rows = {
+        user_id: (user_rpm, user_tpm)
+        for user_id, user_rpm, user_tpm in UserLimits.objects.filter(
+            user_id__in=missing
+        ).values_list("user_id", "rpm_limit", "tpm_limit")
+    }
+    for user_id in missing:
+        user_rpm, user_tpm = rows.get(user_id, (None, None))
+        _caller_limits.set(
+            (user_id, None),
+            CallerLimits(
+                user_rpm=_or_default(user_rpm, rpm),
+                user_tpm=_or_default(user_tpm, tpm),
+                key_rpm=0,
+                key_tpm=0,
+            ),
+        )
+
+
 async def acaller_limits(user_id: int | None, api_key_id: int | None) -> CallerLimits:
     """`caller_limits` from async code; no thread hop while the entry is cached."""
     cached = _caller_limits.get((user_id, api_key_id))

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import random
@@ -206,6 +207,10 @@ class Route:
 # seen by this process drop them at once; other processes' within the TTL.
 _routes: dict[tuple[str, str], tuple[float, list[Route]]] = {}
 _MAX_CACHED_MODELS = 1024
+# The read under way per model name: callers that miss the cache together
+# share it. Without it, every request that came while the database thread was
+# busy read the routes again (hundreds of reads per second in a burst).
+_reading: dict[tuple[str, str], asyncio.Task[list[Route]]] = {}
 
 
 async def load_routes(
@@ -218,10 +223,29 @@ async def load_routes(
     """
     ttl = float(getattr(settings, "GATEWAY_ROUTE_CACHE_SECONDS", 1.0))
     key = (kind, model_name)
-    if ttl > 0 and not fresh:
-        cached = _routes.get(key)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+    if ttl <= 0 or fresh:
+        return await _read_routes(key, ttl)
+    cached = _routes.get(key)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    reading = _reading.get(key)
+    if reading is None or reading.get_loop() is not asyncio.get_running_loop():
+        # A fresh context: the read must not run on the executor of the one
+        # request that happened to start it.
+        reading = asyncio.get_running_loop().create_task(
+            _read_routes(key, ttl), context=contextvars.Context()
+        )
+        if len(_reading) >= _MAX_CACHED_MODELS:
+            _reading.clear()
+        _reading[key] = reading
+        reading.add_done_callback(
+            lambda done: _reading.pop(key) if _reading.get(key) is done else None
+        )
+    return await asyncio.shield(reading)
+
+
+async def _read_routes(key: tuple[str, str], ttl: float) -> list[Route]:
+    kind, model_name = key
     queryset = (
         ModelRoute.objects.filter(
             model_name=model_name, kind=kind, enabled=True, endpoint__enabled=True
@@ -241,6 +265,8 @@ async def load_routes(
 def forget_routes(**kwargs: Any) -> None:
     """Drop the route snapshots, so the next call reads the database."""
     _routes.clear()
+    # A read begun before the change may return what it replaced.
+    _reading.clear()
 
 
 for _model in (Endpoint, ModelRoute):

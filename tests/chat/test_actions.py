@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from chat import actions
 from chat.errors import ChatError
@@ -52,6 +54,56 @@ def test_turns_committed_together_fail_one_by_one(owner, make_conversation):
     assert actions.message_dict(fresh.user_message)["versions"]["count"] == 1
     assert kept.user_message.parent.content == "a1"
     assert Message.objects.filter(status=MessageStatus.STREAMING).count() == 2
+
+
+def test_new_conversations_committed_together_take_the_same_queries(owner, model_route):
+    def commit(count):
+        turns = [
+            (actions.plan_send(owner, None, f"Question {n}?", MODEL), uuid.uuid4())
+            for n in range(count)
+        ]
+        with CaptureQueriesContext(connection) as queries:
+            outcomes = actions.commit_turns(turns)
+        assert outcomes == [None] * count
+        return turns, len(queries)
+
+    _, two = commit(2)
+    turns, twelve = commit(12)
+
+    assert twelve == two
+    for turn, request_id in turns:
+        answer = Message.objects.get(id=turn.answer_id)
+        assert answer.parent_id == turn.user_message.id
+        assert answer.request_id == request_id
+        assert answer.status == MessageStatus.STREAMING
+        assert turn.history[-1].id == turn.user_message.id
+        shown = actions.message_dict(turn.user_message)
+        assert shown["attachments"] == []
+        assert shown["parent_id"] is None
+        assert shown["content"] == turn.content
+    assert Conversation.objects.filter(user=owner).count() == 14
+
+
+def test_a_refused_new_conversation_leaves_the_others_of_its_batch_stored(
+    owner, model_route
+):
+    taken = actions.plan_send(owner, None, "First?", MODEL)
+    actions.commit_turn(taken, uuid.uuid4())
+    # The same id again: its insert fails, as a conversation that cannot be
+    # stored would.
+    clash = actions.plan_send(
+        owner, None, "Again?", MODEL, new_id=taken.conversation.id
+    )
+    fresh = actions.plan_send(owner, None, "Why is the sea salty?", MODEL)
+
+    outcomes = actions.commit_turns([(clash, uuid.uuid4()), (fresh, uuid.uuid4())])
+
+    assert outcomes[0] is not None
+    assert outcomes[1] is None
+    assert not clash.committed
+    assert fresh.committed
+    assert fresh.conversation.messages.count() == 2
+    assert taken.conversation.messages.count() == 2
 
 
 def test_long_first_messages_give_a_shortened_title():
@@ -253,6 +305,87 @@ def test_an_answer_to_a_deleted_conversation_is_dropped(owner, make_conversation
 
     assert saved is None
     assert not Message.objects.exists()
+
+
+def test_answers_ending_together_are_stored_in_the_same_queries(
+    owner, make_conversation
+):
+    def end(count):
+        placeholders = []
+        for _ in range(count):
+            conversation = make_conversation(
+                owner, (USER, "q"), (ASSISTANT, "", "streaming")
+            )
+            placeholder = conversation.messages.last()
+            # Another version of the answer, regenerated later.
+            Message.objects.create(
+                conversation=conversation,
+                parent_id=placeholder.parent_id,
+                role=ASSISTANT,
+                content="later",
+                active=False,
+            )
+            placeholders.append(placeholder)
+        items = [
+            (
+                p.conversation_id,
+                p.id,
+                actions.Answer(
+                    content=f"answer {n}",
+                    status=MessageStatus.COMPLETE,
+                    model=MODEL,
+                    meta={"endpoint": "primary"},
+                ),
+            )
+            for n, p in enumerate(placeholders)
+        ]
+        with CaptureQueriesContext(connection) as queries:
+            saved = actions.save_answers(items)
+        return saved, len(queries)
+
+    _, two = end(2)
+    saved, eight = end(8)
+
+    assert eight == two + 6  # one UPDATE per answer, the rest shared
+    assert [s["content"] for s in saved] == [f"answer {n}" for n in range(8)]
+    # Each is the first of two versions of the answer to its own question.
+    assert [(s["versions"]["index"], s["versions"]["count"]) for s in saved] == [
+        (1, 2)
+    ] * 8
+    assert all(s["versions"]["next"] == s["id"] + 1 for s in saved)
+    assert all(s["meta"] == {"endpoint": "primary"} for s in saved)
+
+
+def test_first_questions_of_different_conversations_are_not_versions(
+    owner, make_conversation
+):
+    firsts = [make_conversation(owner, (USER, "q")).messages.get() for _ in range(3)]
+
+    shown = actions.with_versions(firsts)
+
+    assert [m.versions["count"] for m in shown] == [1, 1, 1]
+
+
+def test_an_answer_deleted_before_its_batch_is_stored_is_dropped_alone(
+    owner, make_conversation
+):
+    kept = make_conversation(owner, (USER, "q"), (ASSISTANT, "", "streaming"))
+    gone = make_conversation(owner, (USER, "q"), (ASSISTANT, "", "streaming"))
+    items = [
+        (
+            c.id,
+            c.messages.last().id,
+            actions.Answer(content="a", status=MessageStatus.COMPLETE, model=MODEL),
+        )
+        for c in (gone, kept)
+    ]
+    gone.delete()
+
+    saved = actions.save_answers(items)
+
+    assert saved[0] is None
+    assert saved[1]["content"] == "a"
+    assert Message.objects.get(id=items[1][1]).status == MessageStatus.COMPLETE
 
 
 def test_the_list_is_newest_first_and_only_the_users_own(

@@ -138,6 +138,26 @@ def test_a_weekly_refusal_names_the_day_it_resets(owner):
         accounting.reserve(accounting.caller_budgets(owner.pk, None), 300)
 
 
+def test_the_budgets_of_several_users_read_together_are_each_ones_own(
+    owner, other_user, django_assert_num_queries
+):
+    mine = user_budget(owner, 10_000)
+    shared = Budget.objects.create(scope=BudgetScope.GLOBAL, token_limit=500)
+    theirs = user_budget(other_user, 2_000, period=BudgetPeriod.WEEKLY)
+    users = (owner.pk, other_user.pk)
+
+    with django_assert_num_queries(1):
+        accounting.read_users_budgets(users)
+        kept = [accounting.caller_budgets(u, None) for u in users]
+
+    accounting.forget_budgets()
+    assert kept == [accounting.caller_budgets(u, None) for u in users]
+    assert [[ref.id for ref in refs] for refs in kept] == [
+        [mine.id, shared.id],
+        [shared.id, theirs.id],
+    ]
+
+
 def test_a_reservation_is_all_or_nothing_over_several_budgets(owner):
     mine = user_budget(owner, 10_000)
     Budget.objects.create(scope=BudgetScope.GLOBAL, token_limit=500)

@@ -545,3 +545,19 @@ def test_effective_limits_say_where_they_come_from(
     rpm, tpm = limits.effective_limits(user_row, key_row, through_key=through_key)
 
     assert (str(rpm), str(tpm)) == shown
+
+
+@pytest.mark.django_db
+def test_the_limits_of_several_users_read_together_are_each_ones_own(
+    owner, other_user, django_assert_num_queries
+):
+    UserLimits.objects.create(user=owner, rpm_limit=2, tpm_limit=900)
+
+    with django_assert_num_queries(1):
+        limits.read_users_limits([owner.pk, other_user.pk])
+        kept = [limits.caller_limits(u, None) for u in (owner.pk, other_user.pk)]
+
+    limits._caller_limits.clear()
+    assert kept == [limits.caller_limits(u, None) for u in (owner.pk, other_user.pk)]
+    assert (kept[0].user_rpm, kept[0].user_tpm) == (2, 900)
+    assert kept[1].user_rpm == 5

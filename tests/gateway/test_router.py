@@ -281,6 +281,20 @@ async def test_without_a_route_ttl_every_request_reads_the_routes(
     assert len(queries) == 1
 
 
+async def test_requests_that_miss_the_kept_routes_together_read_them_once(
+    endpoints, policy
+):
+    router.forget_routes()
+
+    async with count_queries() as queries:
+        found = await asyncio.gather(*(router.load_routes(MODEL) for _ in range(5)))
+
+    assert len(queries) == 1
+    assert [[r.endpoint.name for r in routes] for routes in found] == [
+        ["alpha", "beta"]
+    ] * 5
+
+
 async def test_unknown_model_names_are_not_kept(endpoints, policy):
     for name in ("nope-1", "nope-2"):
         await router.load_routes(name)
