@@ -8,6 +8,6 @@ class ApiConfig(AppConfig):
 
     name = "api"
     verbose_name = "REST API"
-
-    def ready(self) -> None:
-        from api import schema  # noqa: F401  (registers the schema extensions)
+    # Nothing is imported at start-up: DRF and drf-spectacular load with the
+    # first API view (api/urls.py), and the schema extensions with the schema
+    # view (api/views/docs.py) or DEFAULT_SCHEMA_CLASS, before any schema is built.

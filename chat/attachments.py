@@ -25,17 +25,19 @@ import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db.models import Count, Prefetch, Q, QuerySet, prefetch_related_objects
 from django.utils import timezone
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from chat.conf import chat_settings
 from chat.errors import ChatError
 from chat.models import Attachment, Message
 from gateway.context import ContextMessage
 from gateway.models import ModelRoute, RouteKind
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Pillow format name → the content type the image is stored and served with.
 FORMATS = {
@@ -80,6 +82,10 @@ def too_large(size: int | None = None) -> ChatError:
 
 def _decode(data: bytes) -> tuple[Image.Image, str]:
     """Open, check and fully decode an upload; return the image and its format."""
+    # Pillow (a few MiB resident) is imported by the first upload, not with
+    # the chat: most processes, and all /v1 traffic, never decode an image.
+    from PIL import Image, UnidentifiedImageError
+
     unknown = ChatError(
         "invalid", "That file is not an image we take: PNG, JPEG, WebP or GIF."
     )
@@ -120,6 +126,8 @@ def _too_many_pixels(what: str) -> ChatError:
 
 def _encode(image: Image.Image, kind: str) -> tuple[bytes, str, Image.Image]:
     """Re-encode without metadata; return the bytes, content type and image."""
+    from PIL import ImageOps
+
     # Photos carry their rotation in EXIF, which is dropped: apply it first.
     image = ImageOps.exif_transpose(image)
     # Pillow writes some of what it read back out (comments, colour profiles,

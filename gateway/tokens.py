@@ -42,9 +42,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tiktoken
+if TYPE_CHECKING:
+    import tiktoken
 
 O200K_BASE = "o200k_base"
 CL100K_BASE = "cl100k_base"
@@ -219,6 +220,10 @@ def _read_ranks(name: str, expected_sha256: str) -> dict[bytes, int]:
 
 
 def _build_encoding(name: str, spec: _EncodingSpec) -> tiktoken.Encoding:
+    # tiktoken and its regex engine (about 2 MiB) are imported by the first
+    # load: a process that serves only estimated models never needs them.
+    import tiktoken
+
     encoding = tiktoken.Encoding(
         name=name,
         pat_str=spec.pat_str,

@@ -11,6 +11,9 @@ from drf_spectacular.views import (
 )
 from rest_framework.request import Request
 
+# Registers the authentication extensions before the first schema is built.
+from api import schema  # noqa: F401
+
 # The pages load only our own static files (drf-spectacular-sidecar). Swagger
 # UI and ReDoc set style attributes from script, hence 'unsafe-inline' for
 # styles only; ReDoc also runs a worker from a blob: URL. No inline script:
