@@ -186,10 +186,11 @@ async def test_api_requests_share_one_sync_thread(alice_key):
     # Django's own handler starts a thread per request for thread-sensitive
     # work (and joins it on the event loop when the request ends); the lean
     # handler runs that work on asgiref's one shared thread.
-    threads: list[int] = []
+    # Thread objects, not idents: an ident is reused once its thread ends.
+    threads: list[threading.Thread] = []
 
     def started(**kwargs):
-        threads.append(threading.get_ident())
+        threads.append(threading.current_thread())
 
     request_started.connect(started)
     try:
