@@ -573,8 +573,17 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
         question if turn.is_new_conversation else with_versions([question])[0]
     )
     attachments.bind(turn, question)
-    answer = Message.objects.create(
-        conversation=conversation,
+    answer = _placeholder(turn, question, request_id, now)
+    answer.save(force_insert=True)
+    turn.answer_id = answer.id
+
+
+def _placeholder(
+    turn: Turn, question: Message, request_id: uuid.UUID, now: datetime
+) -> Message:
+    """The answer's message, unsaved: empty and streaming until it ends."""
+    return Message(
+        conversation=turn.conversation,
         parent=question,
         role=MessageRole.ASSISTANT,
         content="",
@@ -584,7 +593,6 @@ def commit_turn(turn: Turn, request_id: uuid.UUID) -> None:
         created_at=now,
         shown_at=now,
     )
-    turn.answer_id = answer.id
 
 
 def commit_turns(
@@ -663,17 +671,7 @@ def _commit_new_conversations(turns: list[tuple[Turn, uuid.UUID]]) -> None:
     ]
     Message.objects.bulk_create(questions)
     answers = [
-        Message(
-            conversation=turn.conversation,
-            parent=question,
-            role=MessageRole.ASSISTANT,
-            content="",
-            status=MessageStatus.STREAMING,
-            model_name=turn.model,
-            request_id=request_id,
-            created_at=now,
-            shown_at=now,
-        )
+        _placeholder(turn, question, request_id, now)
         for (turn, request_id), question in zip(turns, questions, strict=True)
     ]
     Message.objects.bulk_create(answers)
