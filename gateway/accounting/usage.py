@@ -466,7 +466,9 @@ class _GroupCommit:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.hurry.wait(), delay)
                 batch, self.queue = self.queue[:MAX_BATCH], self.queue[MAX_BATCH:]
-                job = _writer_thread().submit(_write_batch, [e for e, _ in batch])
+                job = _writer_thread().submit(
+                    _outside_transactions, _write_batch, [e for e, _ in batch]
+                )
                 try:
                     # Shielded: cancelling the wait must not cancel a batch
                     # still queued for the writer thread, or it is lost.
@@ -559,11 +561,35 @@ async def flush() -> None:
 
 def _on_writer_thread(function: Any, *args: Any) -> Any:
     try:
-        job = _writer_thread().submit(function, *args)
+        job = _writer_thread().submit(_outside_transactions, function, *args)
     except RuntimeError:
         # At interpreter exit the pool takes no more work; nothing else runs.
         return function(*args)
     return job.result()
+
+
+def _outside_transactions(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a writer job on a connection that no transaction was left open on.
+
+    Every job leaves its transactions closed, but one left open by mistake
+    would turn each later batch into a savepoint never committed: records
+    lost, and their locks held until the process ends. So the writer drops
+    such a transaction (the database rolls it back) and logs an error.
+    """
+    if connection.in_atomic_block:
+        logger.error(
+            "The usage writer's connection was left in a transaction "
+            "(savepoints %s); rolling it back before the next batch",
+            list(connection.savepoint_ids),
+        )
+        connection.atomic_blocks.clear()
+        connection.savepoint_ids.clear()
+        connection.in_atomic_block = False
+        connection.needs_rollback = False
+        connection.closed_in_transaction = False
+        # Closed outside any atomic block: reconnecting opens a clean session.
+        connection.close()
+    return function(*args)
 
 
 def close_writer() -> None:

@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 import time_machine
-from django.db import connection
+from django.db import connection, transaction
 
 from gateway import accounting
 from gateway.accounting import BudgetExhausted, UsageEntry, usage
@@ -401,6 +401,28 @@ def test_a_batch_waiting_for_the_writer_is_written_when_its_loop_shuts_down(owne
     asyncio.run(shut_down_while_queued())
 
     assert UsageRecord.objects.filter(request_id=entry.request_id).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_transaction_left_open_on_the_writer_does_not_swallow_records(owner, caplog):
+    stray = transaction.atomic()
+    usage._writer_thread().submit(stray.__enter__).result()
+    entry = UsageEntry(model_name="sim-small", status="ok", user_id=owner.pk)
+    try:
+        asyncio.run(accounting.arecord_usage(entry))
+        # Seen from another connection: committed, not inside the stray block.
+        stored = UsageRecord.objects.filter(request_id=entry.request_id).count()
+    finally:
+        # Without the writer's check the stray block is still open: close it
+        # so that the test fails on its assertion instead of blocking teardown.
+        def close_stray():
+            if connection.in_atomic_block:
+                stray.__exit__(None, None, None)
+
+        usage._writer_thread().submit(close_stray).result()
+
+    assert stored == 1
+    assert "left in a transaction" in caplog.text
 
 
 def test_a_batch_with_one_bad_entry_still_writes_the_others(owner):
