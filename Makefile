@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format bench bench-compare browser clean
+.PHONY: run run-model test peers lint format bench bench-compare browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,16 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
 run: $(VENV)/.installed-run
 	HOST=$(HOST) PORT=$(PORT) scripts/run.sh
 
-## test: set up what the tests need (dev dependencies, Chromium) and run them all.
-test: $(VENV)/.installed-dev browser
+## run-model: `make run` with a real model: SmolLM2 on the llama.cpp server as
+## the primary endpoint of the model `smollm2`, the simulator as its fallback.
+## The server is built once (3-4 minutes) into ~/.cache/llmsite/peers.
+run-model: $(VENV)/.installed-run
+	$(BIN)/python -m scripts.peers build llama
+	HOST=$(HOST) PORT=$(PORT) DEMO_REAL_MODEL=1 scripts/run.sh
+
+## test: set up what the tests need (dev dependencies, Chromium, the real peers
+## of the interop tests) and run them all.
+test: $(VENV)/.installed-dev browser peers
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -36,6 +44,13 @@ test: $(VENV)/.installed-dev browser
 ## built into .cache/bench on first use. BENCH_ARGS="--seconds 5 ..." to vary.
 bench-compare: $(VENV)/.installed-run
 	$(BIN)/python bench/compare.py $(BENCH_ARGS)
+
+# The interop tests' real upstreams, each built once into a cached virtualenv
+# (scripts/peers.py). A build that fails here leaves their tests skipped with
+# the reason; .ci/run makes those skips failures (LLMSITE_REQUIRE_PEERS=1).
+peers: $(VENV)/.installed-run
+	$(BIN)/python -m scripts.peers build llama || echo "llama.cpp server not built: its interop tests will say so"
+	$(BIN)/python -m scripts.peers build litellm || echo "LiteLLM proxy not built: its interop tests will say so"
 
 # The browser tests drive Debian's Chromium; Playwright's own download cannot be used.
 browser:
