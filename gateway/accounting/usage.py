@@ -39,6 +39,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import (
+    DatabaseError,
     IntegrityError,
     InterfaceError,
     OperationalError,
@@ -569,27 +570,52 @@ def _on_writer_thread(function: Any, *args: Any) -> Any:
 
 
 def _outside_transactions(function: Callable[..., Any], *args: Any) -> Any:
-    """Run a writer job on a connection that no transaction was left open on.
+    """Run a writer job on a connection with no transaction left open, before or after.
 
-    Every job leaves its transactions closed, but one left open by mistake
-    would turn each later batch into a savepoint never committed: records
-    lost, and their locks held until the process ends. So the writer drops
-    such a transaction (the database rolls it back) and logs an error.
+    A transaction left open on the writer's connection would turn every later
+    batch into a savepoint never committed: records lost, and their locks held
+    until the process ends. It takes only one failure at the wrong moment,
+    such as the connection check at the end of an atomic block raising after
+    its COMMIT: Django then leaves autocommit off, and the next atomic block
+    takes that for an enclosing transaction.
     """
-    if connection.in_atomic_block:
-        logger.error(
-            "The usage writer's connection was left in a transaction "
-            "(savepoints %s); rolling it back before the next batch",
-            list(connection.savepoint_ids),
-        )
-        connection.atomic_blocks.clear()
-        connection.savepoint_ids.clear()
-        connection.in_atomic_block = False
-        connection.needs_rollback = False
-        connection.closed_in_transaction = False
-        # Closed outside any atomic block: reconnecting opens a clean session.
+    _end_stray_transaction()
+    try:
+        return function(*args)
+    finally:
+        _end_stray_transaction()
+
+
+def _end_stray_transaction() -> None:
+    """Commit a transaction left open on this thread's connection, and say so.
+
+    What the writer leaves in one is whole writes (each batch's block ended),
+    so committing keeps records that their requests were told are stored; if
+    the commit fails, closing the connection rolls it back.
+    """
+    in_block = connection.in_atomic_block
+    if not in_block and (connection.connection is None or connection.autocommit):
+        return
+    logger.error(
+        "The usage writer's connection was left in a transaction (%s); ending it",
+        "an atomic block" if in_block else "autocommit off",
+    )
+    broken = connection.needs_rollback or connection.closed_in_transaction
+    connection.atomic_blocks.clear()
+    connection.savepoint_ids.clear()
+    connection.in_atomic_block = False
+    connection.needs_rollback = False
+    connection.closed_in_transaction = False
+    try:
+        if broken:
+            raise DatabaseError("the transaction was marked for rollback")
+        connection.commit()
+        connection.set_autocommit(True)
+    except Exception:
+        logger.exception("Rolling back the usage writer's stray transaction")
+        # Closed outside any atomic block: the database rolls back, and the
+        # next connection starts in autocommit.
         connection.close()
-    return function(*args)
 
 
 def close_writer() -> None:

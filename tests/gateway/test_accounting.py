@@ -403,23 +403,48 @@ def test_a_batch_waiting_for_the_writer_is_written_when_its_loop_shuts_down(owne
     assert UsageRecord.objects.filter(request_id=entry.request_id).count() == 1
 
 
+class _AtomicLeftOpen:
+    """A block entered on the writer's connection and never left."""
+
+    def __init__(self) -> None:
+        self.block = transaction.atomic()
+
+    def open(self) -> None:
+        self.block.__enter__()
+
+    def close(self) -> None:
+        if connection.in_atomic_block:
+            self.block.__exit__(None, None, None)
+
+
+class _AutocommitLeftOff:
+    """What Django leaves when an atomic block's last step fails after COMMIT."""
+
+    def open(self) -> None:
+        connection.set_autocommit(False)
+
+    def close(self) -> None:
+        if connection.connection is not None and not connection.autocommit:
+            connection.commit()
+            connection.set_autocommit(True)
+
+
 @pytest.mark.django_db(transaction=True)
-def test_a_transaction_left_open_on_the_writer_does_not_swallow_records(owner, caplog):
-    stray = transaction.atomic()
-    usage._writer_thread().submit(stray.__enter__).result()
+@pytest.mark.parametrize("stray", [_AtomicLeftOpen, _AutocommitLeftOff])
+def test_a_transaction_left_open_on_the_writer_does_not_swallow_records(
+    owner, caplog, stray
+):
+    left = stray()
+    usage._writer_thread().submit(left.open).result()
     entry = UsageEntry(model_name="sim-small", status="ok", user_id=owner.pk)
     try:
         asyncio.run(accounting.arecord_usage(entry))
-        # Seen from another connection: committed, not inside the stray block.
+        # Seen from another connection: committed, not inside the stray one.
         stored = UsageRecord.objects.filter(request_id=entry.request_id).count()
     finally:
-        # Without the writer's check the stray block is still open: close it
-        # so that the test fails on its assertion instead of blocking teardown.
-        def close_stray():
-            if connection.in_atomic_block:
-                stray.__exit__(None, None, None)
-
-        usage._writer_thread().submit(close_stray).result()
+        # Without the writer's check the transaction is still open: end it so
+        # that the test fails on its assertion instead of blocking teardown.
+        usage._writer_thread().submit(left.close).result()
 
     assert stored == 1
     assert "left in a transaction" in caplog.text
