@@ -1,43 +1,30 @@
 """A real web server (daphne and uvicorn) stopped by SIGTERM or killed mid-answer.
 
 Needs PostgreSQL and Redis (DATABASE_URL=postgres://..., REDIS_URL=redis://...):
-the server runs in a subprocess, on a database this module creates for itself
-(the test database of pytest-django lives inside a transaction the server
-cannot see), against the simulated upstream in another subprocess, answering
-slowly enough that the answers are in flight when the signal lands.
+the server runs in a subprocess (tests/servers.py), against the simulated
+upstream in another subprocess, answering slowly enough that the answers are
+in flight when the signal lands.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-DATABASE_URL = os.environ.get("DATABASE_URL", "")
-REDIS_URL = os.environ.get("REDIS_URL", "")
+from tests.servers import ChatTab, Site, ask, needs_postgres_and_redis, stop
+
 GRACE = 3
 LEASE = 3
 MODEL = "house-model"
 
 pytestmark = [
-    pytest.mark.skipif(
-        not (DATABASE_URL.startswith("postgres") and REDIS_URL),
-        reason="needs PostgreSQL and Redis (DATABASE_URL=postgres://..., REDIS_URL)",
-    ),
+    needs_postgres_and_redis,
     # The server's database is this module's own, not pytest-django's.
     pytest.mark.django_db(transaction=True),
 ]
@@ -61,140 +48,34 @@ print(json.dumps({{"cookie": client.cookies["sessionid"].value, "key": raw_key}}
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen[Any], timeout: float = 40):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"process exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}")
-
-
-def stop(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.kill()
-        process.wait(timeout=10)
-
-
-class Site:
-    """The database, environment and upstream shared by every server started."""
-
-    def __init__(self, tmp: Path) -> None:
-        parts = urlsplit(DATABASE_URL)
-        self.db_name = f"{parts.path.lstrip('/') or 'llmsite'}_proc"
-        self.admin_url = urlunsplit(parts._replace(path="/postgres"))
-        self.url = urlunsplit(parts._replace(path=f"/{self.db_name}"))
-        self.env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "llmsite.settings",
-            "DATABASE_URL": self.url,
-            "REDIS_URL": REDIS_URL,
-            # Keys of their own in the shared Redis database.
-            "CACHE_KEY_PREFIX": f"proc-{uuid.uuid4().hex[:8]}",
-            "DATA_DIR": str(tmp),
-            "SHUTDOWN_GRACE_SECONDS": str(GRACE),
-            "CHAT_LEASE_SECONDS": str(LEASE),
-            "CHAT_RESUME_GRACE_SECONDS": "30",
-            "RATE_LIMIT_RPM": "0",
-            "USAGE_WRITE_DELAY_MS": "50",
-        }
-        self.upstream: subprocess.Popen[Any] | None = None
-
-    def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            cursor = conn.execute(query, args)
-            return cursor.fetchall() if cursor.description else []
-
-    def create(self) -> dict[str, str]:
-        import psycopg
-
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{self.db_name}"')
-        self.manage("migrate", "--noinput")
-        port = free_port()
-        self.upstream = subprocess.Popen(
-            [
-                sys.executable,
-                "manage.py",
-                "simulate_upstream",
-                "--port",
-                str(port),
-                "--tokens-per-second",
-                "10",
-                "--completion-tokens",
-                "2000",
-                "--models",
-                "sim-small",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(port, self.upstream)
-        script = SETUP.format(base_url=f"http://127.0.0.1:{port}/v1", model=MODEL)
-        return json.loads(self.manage("shell", "-c", script).strip().splitlines()[-1])
-
-    def manage(self, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
-
-    def drop(self) -> None:
-        import psycopg
-
-        if self.upstream is not None:
-            stop(self.upstream)
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
-
-    def serve(self, server: str, log: Path) -> tuple[subprocess.Popen[Any], int]:
-        port = free_port()
-        if server == "daphne":
-            command = [".venv/bin/daphne", "-b", "127.0.0.1", "-p", str(port)]
-        else:
-            command = [".venv/bin/uvicorn", "--host", "127.0.0.1", "--port", str(port)]
-        process = subprocess.Popen(
-            [*command, "llmsite.asgi:application"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for_port(port, process)
-        except BaseException:
-            stop(process)
-            raise
-        return process, port
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[Site]:
-    site = Site(tmp_path_factory.mktemp("proc"))
-    site.credentials = site.create()  # type: ignore[attr-defined]
-    yield site
-    site.drop()
+    site = Site(
+        tmp_path_factory.mktemp("proc"),
+        "proc",
+        SHUTDOWN_GRACE_SECONDS=str(GRACE),
+        CHAT_LEASE_SECONDS=str(LEASE),
+        CHAT_RESUME_GRACE_SECONDS="30",
+        RATE_LIMIT_RPM="0",
+        USAGE_WRITE_DELAY_MS="50",
+    )
+    try:
+        site.create()
+        # Slow, long answers: still in flight when the signal lands.
+        base_url = site.upstream(
+            "--tokens-per-second",
+            "10",
+            "--completion-tokens",
+            "2000",
+            "--models",
+            "sim-small",
+        )
+        site.credentials = site.shell(  # type: ignore[attr-defined]
+            SETUP.format(base_url=base_url, model=MODEL)
+        )
+        yield site
+    finally:
+        site.drop()
 
 
 @pytest.fixture
@@ -205,64 +86,6 @@ def clean(site: Site) -> Site:
     site.sql("DELETE FROM gateway_usagerecord")
     site.sql("DELETE FROM gateway_budgetcounter")
     return site
-
-
-class ChatTab:
-    """A websocket to the chat, as the page opens it."""
-
-    def __init__(self, port: int, cookie: str) -> None:
-        from websockets.sync.client import connect
-
-        self._connection = connect(
-            f"ws://127.0.0.1:{port}/ws/chat/",
-            origin=f"http://127.0.0.1:{port}",
-            additional_headers={"Cookie": f"sessionid={cookie}"},
-            open_timeout=10,
-        )
-        self.socket = self._connection.__enter__()
-
-    def send(self, frame: dict[str, Any]) -> None:
-        self.socket.send(json.dumps(frame))
-
-    def until(self, *types: str, timeout: float = 15) -> list[dict[str, Any]]:
-        frames = []
-        deadline = time.monotonic() + timeout
-        while True:
-            frame = json.loads(self.socket.recv(timeout=deadline - time.monotonic()))
-            frames.append(frame)
-            if frame["type"] in types:
-                return frames
-
-    def rest(self, timeout: float) -> list[dict[str, Any]]:
-        """Every frame until the server closes the socket (or the time is up)."""
-        from websockets.exceptions import ConnectionClosed
-
-        frames = []
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                frames.append(json.loads(self.socket.recv(timeout=1)))
-        except (ConnectionClosed, TimeoutError):
-            pass
-        return frames
-
-    def close(self) -> None:
-        self._connection.__exit__(None, None, None)
-
-
-def ask(tab: ChatTab) -> str:
-    """Send a question in a new conversation; its id once the answer streams."""
-    tab.send(
-        {
-            "type": "send",
-            "conversation_id": None,
-            "content": "Tell me a long story.",
-            "model": MODEL,
-        }
-    )
-    frames = tab.until("delta")
-    assert frames[0]["type"] == "start", frames
-    return frames[0]["conversation_id"]
 
 
 class V1Plain(threading.Thread):
@@ -337,7 +160,7 @@ def test_sigterm_keeps_the_answers_in_flight_and_settles_their_budget(
     process, port = site.serve(server, tmp_path / "server.log")
     try:
         tab = ChatTab(port, site.credentials["cookie"])
-        conversation_id = ask(tab)
+        conversation_id = ask(tab, MODEL)
         v1 = V1Stream(port, site.credentials["key"])
         v1.start()
         plain = V1Plain(port, site.credentials["key"])
@@ -424,7 +247,7 @@ def test_after_kill_9_the_answer_opens_as_interrupted_and_can_be_retried(
     process, port = site.serve(server, tmp_path / "server.log")
     try:
         tab = ChatTab(port, site.credentials["cookie"])
-        conversation_id = ask(tab)
+        conversation_id = ask(tab, MODEL)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         killed_at = time.monotonic()
