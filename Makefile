@@ -40,8 +40,8 @@ test: $(VENV)/.installed-dev browser peers
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## bench-compare: /v1 on daphne and uvicorn, the LiteLLM proxy and the upstream
-## called directly, side by side (bench/README.md); LiteLLM's virtualenv is
-## built into .cache/bench on first use. BENCH_ARGS="--seconds 5 ..." to vary.
+## called directly, side by side (bench/README.md); LiteLLM is the peer of
+## `make peers`, built on first use. BENCH_ARGS="--seconds 5 ..." to vary.
 bench-compare: $(VENV)/.installed-run
 	$(BIN)/python bench/compare.py $(BENCH_ARGS)
 

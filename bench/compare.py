@@ -18,9 +18,10 @@ Each gateway's latency is interleaved with direct calls to the upstream, and
 its added latency is against those. The web process is pinned to core 1, the
 simulator and this client to core 0.
 
-LiteLLM runs from its own virtualenv in ``.cache/bench/litellm-1.108.7``,
-built here on first use (pip's output is shown); if that fails, LiteLLM is
-skipped with a message and the rest still runs.
+LiteLLM runs from the interop tests' cached virtualenv (``scripts/peers.py``:
+``~/.cache/llmsite/peers/litellm-1.108.7``), built here on first use (pip's
+output is shown); if that fails, LiteLLM is skipped with a message and the rest
+still runs.
 
 ``--processes 2`` measures how far a second web process goes: each llmsite
 server with one and then two processes on PostgreSQL and Redis (the database
@@ -58,6 +59,10 @@ from common import (
     loadavg,
     wait_ready,
 )
+
+# The LiteLLM peer is built and started by scripts/peers.py, from the root.
+sys.path.insert(0, str(ROOT))
+
 from v1_load import (
     MODEL,
     UPSTREAM_MODEL,
@@ -72,8 +77,8 @@ from v1_load import (
     stop_on_sigterm,
 )
 
-LITELLM_VERSION = "1.108.7"
-LITELLM_VENV = ROOT / ".cache" / "bench" / f"litellm-{LITELLM_VERSION}"
+from scripts import peers
+
 # 1.108.7 refuses to start without a master key.
 LITELLM_CONFIG = """\
 model_list:
@@ -98,33 +103,18 @@ class Result:
     figures: Figures
 
 
-def litellm_executable() -> Path | None:
-    """The proxy's command, building its virtualenv on first use; None if that fails."""
-    executable = LITELLM_VENV / "bin" / "litellm"
-    if executable.exists():
-        return executable
-    print(f"Building {LITELLM_VENV} once (pip output follows)", file=sys.stderr)
+def litellm_built() -> bool:
+    """Whether the proxy can run, building it on first use; False if that fails."""
     try:
-        subprocess.run([sys.executable, "-m", "venv", LITELLM_VENV], check=True)
-        subprocess.run(
-            [
-                *(LITELLM_VENV / "bin" / "pip", "install"),
-                f"litellm[proxy]=={LITELLM_VERSION}",
-            ],
-            check=True,
-            stdout=sys.stderr,
-        )
-    except subprocess.CalledProcessError as exc:
-        print(
-            f"LiteLLM skipped: building its virtualenv failed ({exc})", file=sys.stderr
-        )
-        shutil.rmtree(LITELLM_VENV, ignore_errors=True)
-        return None
-    return executable
+        peers.build("litellm")
+    except peers.BuildFailed as exc:
+        print(f"LiteLLM skipped: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def start_litellm(
-    procs: Processes, executable: Path, upstream: str, workdir: Path
+    procs: Processes, upstream: str, workdir: Path
 ) -> tuple[subprocess.Popen[str], str, str]:
     """One LiteLLM proxy worker on the web core; its process, base URL and key."""
     key = f"sk-{secrets.token_hex(32)}"
@@ -135,19 +125,8 @@ def start_litellm(
         )
     )
     port = free_port()
-    # Its own environment: a DATABASE_URL meant for llmsite would give it a database.
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if name not in ("DATABASE_URL", "REDIS_URL")
-    }
-    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-    argv = [
-        *("taskset", "-c", WEB_CORE, str(executable)),
-        *("--config", str(config), "--host", "127.0.0.1", "--port", str(port)),
-        *("--num_workers", "1"),
-    ]
-    child = procs.start(argv, env)
+    argv = ["taskset", "-c", WEB_CORE, *peers.litellm_argv(config, port)]
+    child = procs.start(argv, peers.litellm_env())
     base = f"http://127.0.0.1:{port}"
     asyncio.run(wait_ready(f"{base}/health/liveliness", child, seconds=120))
     return child, base, key
@@ -198,13 +177,9 @@ def run_floor(
 
 
 def run_litellm(
-    args: argparse.Namespace,
-    procs: Processes,
-    executable: Path,
-    upstream: str,
-    workdir: Path,
+    args: argparse.Namespace, procs: Processes, upstream: str, workdir: Path
 ) -> Figures:
-    child, base, key = start_litellm(procs, executable, upstream, workdir)
+    child, base, key = start_litellm(procs, upstream, workdir)
     gateway = Target([f"{base}/v1"], MODEL, {"authorization": f"Bearer {key}"})
     direct = Target([upstream], UPSTREAM_MODEL, {})
     try:
@@ -288,7 +263,7 @@ def main() -> None:
     env = llmsite_env(str(workdir))
     if args.processes == 2:
         env |= {"DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url}
-    litellm = None if args.no_litellm or not pinned else litellm_executable()
+    litellm = not args.no_litellm and pinned and litellm_built()
     procs = Processes()
     stop_on_sigterm()
     results: list[Result] = []
@@ -312,8 +287,8 @@ def main() -> None:
             results.append(Result(f"bare Django proxy, {server}", figures))
         if litellm:
             print("measuring LiteLLM", file=sys.stderr)
-            figures = run_litellm(args, procs, litellm, upstream, workdir)
-            results.append(Result(f"LiteLLM {LITELLM_VERSION}", figures))
+            figures = run_litellm(args, procs, upstream, workdir)
+            results.append(Result(f"LiteLLM {peers.LITELLM_VERSION}", figures))
     except KeyboardInterrupt:
         print("interrupted; stopping", file=sys.stderr)
         raise SystemExit(130) from None

@@ -554,17 +554,30 @@ def _excerpt(config: EndpointConfig, text: str | bytes) -> str:
     return sanitize.clean_text(text, secrets=config.secrets, limit=BODY_EXCERPT_CHARS)
 
 
+# LiteLLM passes its provider's headers on under this prefix: a provider's
+# Retry-After reaches us only as llm_provider-retry-after.
+PROVIDER_HEADER_PREFIX = "llm_provider-"
+
+
 def parse_retry_after(
     headers: httpx.Headers, *, now: float | None = None
 ) -> float | None:
-    """Seconds to wait from Retry-After (seconds or HTTP date) or retry-after-ms."""
-    millis = headers.get("retry-after-ms")
-    if millis:
-        with contextlib.suppress(ValueError):
-            return _seconds(float(millis) / 1000)
-    value = headers.get("retry-after")
-    if not value:
-        return None
+    """Seconds to wait from Retry-After (seconds or HTTP date) or retry-after-ms.
+
+    The endpoint's own headers win over those it forwards from its provider.
+    """
+    for prefix in ("", PROVIDER_HEADER_PREFIX):
+        millis = headers.get(f"{prefix}retry-after-ms")
+        if millis:
+            with contextlib.suppress(ValueError):
+                return _seconds(float(millis) / 1000)
+        value = headers.get(f"{prefix}retry-after")
+        if value:
+            return _retry_after_value(value, now)
+    return None
+
+
+def _retry_after_value(value: str, now: float | None) -> float | None:
     value = value.strip()
     try:
         return _seconds(float(value))
@@ -587,31 +600,38 @@ def _seconds(value: float) -> float:
     return min(max(0.0, value), MAX_RETRY_AFTER)
 
 
-def _error_message(body: bytes) -> str:
-    """The upstream's own error message if the body is OpenAI-style JSON."""
+# Error types that say the key was refused, whatever the status: LiteLLM
+# without a database answers a key that is not its master key with a 400
+# "No connected db." of this type.
+_KEY_REFUSED_TYPES = frozenset({"no_db_connection"})
+
+
+def _error_message(body: bytes) -> tuple[str, str | None]:
+    """The upstream's own error message and type if the body is OpenAI-style JSON."""
     text = body.decode("utf-8", "replace")
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
-        return text
+        return text, None
     if isinstance(data, dict):
         error = data.get("error", data)
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
+            # Only a string names a type; anything else would not even hash.
+            error_type = error.get("type")
+            return error["message"], error_type if isinstance(error_type, str) else None
         if isinstance(error, str):
-            return error
+            return error, None
         if isinstance(data.get("detail"), str):
-            return data["detail"]
-    return text
+            return data["detail"], None
+    return text, None
 
 
 def status_error(
     config: EndpointConfig, status: int, headers: httpx.Headers, body: bytes
 ) -> APIClientError:
     """The error for a non-2xx upstream answer."""
-    detail = _excerpt(config, _error_message(body)) or httpx.codes.get_reason_phrase(
-        status
-    )
+    message, error_type = _error_message(body)
+    detail = _excerpt(config, message) or httpx.codes.get_reason_phrase(status)
     kwargs: dict[str, Any] = {"endpoint": config, "status_code": status}
     if status == 429:
         return APIRateLimitError(
@@ -623,7 +643,7 @@ def status_error(
         )
     if status == 408:
         return APITimeoutError(f"request timeout: {detail}", **kwargs)
-    if status in (401, 403, 404, 405, 410):
+    if status in (401, 403, 404, 405, 410) or error_type in _KEY_REFUSED_TYPES:
         return APIEndpointError(f"rejected by endpoint: {detail}", **kwargs)
     if 400 <= status < 500:
         return APIRequestError(f"request rejected: {detail}", **kwargs)
@@ -658,6 +678,9 @@ def _chunk_error(config: EndpointConfig, error: Any) -> APIClientError:
     else:
         message, code = str(error), None
     detail = _excerpt(config, message) or "error"
+    # LiteLLM writes the status as a string: "code": "429".
+    if type(code) is str and code.isascii() and code.isdigit() and len(code) == 3:
+        code = int(code)
     status = code if type(code) is int and 400 <= code < 600 else None
     if status == 429 or "rate limit" in detail.lower():
         return APIRateLimitError(

@@ -135,6 +135,11 @@ _SSE_HEADERS = (
 # Word pieces carry their leading whitespace, so joining them gives the text back.
 _TOKEN_RE = re.compile(r"\s*\S{1,6}|\s+")
 _MALFORMED_SSE = "data: {this is not json\n\n"
+# How LiteLLM reports its provider dropping a stream: an error event, no [DONE].
+_ERROR_EVENT = (
+    b'data: {"error": {"message": "litellm.APIConnectionError: Connection error.", '
+    b'"type": null, "param": null, "code": "500"}}\n\n'
+)
 _MALFORMED_BODY = b'{"object": "chat.completion", "choices": [{"message": '
 
 
@@ -155,6 +160,20 @@ class Behaviour:
     fault_status: int = 500
     retry_after: float | None = None  # seconds, sent as Retry-After
     fault_after_tokens: int = 0  # where drop, malformed and stall strike
+    # Wire quirks of the LiteLLM proxy, each on its own:
+    # Retry-After forwarded from its provider as llm_provider-retry-after(-ms).
+    provider_retry_after: bool = False
+    # Error bodies give the status as a string code: "code": "429".
+    string_error_code: bool = False
+    # Chunks leave out system_fingerprint, logprobs and finish_reason until the
+    # last, and carry no "usage": null; a plain answer has no fingerprint,
+    # refusal or logprobs.
+    sparse_chunks: bool = False
+    # The usage chunk repeats an empty choice instead of "choices": [].
+    usage_chunk_with_choice: bool = False
+    # A drop ends the stream with an error event (code "500") and no [DONE]
+    # instead of cutting the connection.
+    drop_as_error_event: bool = False
 
     def __post_init__(self) -> None:
         for name in ("latency", "ttft", "tokens_per_second"):
@@ -207,6 +226,11 @@ _FIELD_KINDS = {
     "fault_status": "int",
     "retry_after": "optional_float",
     "fault_after_tokens": "int",
+    "provider_retry_after": "bool",
+    "string_error_code": "bool",
+    "sparse_chunks": "bool",
+    "usage_chunk_with_choice": "bool",
+    "drop_as_error_event": "bool",
 }
 _ALIASES = {
     "status": "fault_status",
@@ -955,6 +979,9 @@ class SimulatedUpstream:
             ],
             "usage": usage,
         }
+        if behaviour.sparse_chunks:
+            del body["system_fingerprint"], body["choices"][0]["logprobs"]
+            del body["choices"][0]["message"]["refusal"]
         conn.send_response(
             200, (*_JSON_HEADERS, ("x-request-id", completion_id)), _dumps(body)
         )
@@ -1023,10 +1050,11 @@ class SimulatedUpstream:
             status = behaviour.fault_status
             headers = list(_JSON_HEADERS)
             if behaviour.retry_after is not None:
-                headers.append(("retry-after", str(math.ceil(behaviour.retry_after))))
-                headers.append(
-                    ("retry-after-ms", str(round(behaviour.retry_after * 1000)))
-                )
+                prefix = "llm_provider-" if behaviour.provider_retry_after else ""
+                seconds = str(math.ceil(behaviour.retry_after))
+                millis = str(round(behaviour.retry_after * 1000))
+                headers.append((f"{prefix}retry-after", seconds))
+                headers.append((f"{prefix}retry-after-ms", millis))
             if status == 429:
                 error = ("Rate limit reached (simulated).", "rate_limit_error")
                 code = "rate_limit_exceeded"
@@ -1036,6 +1064,8 @@ class SimulatedUpstream:
             else:
                 error = (f"Simulated error {status}.", "invalid_request_error")
                 code = "simulated_error"
+            if behaviour.string_error_code:
+                code = str(status)
             conn.send_response(status, headers, _error_body(*error, code))
             return False
         return True
@@ -1063,15 +1093,20 @@ class SimulatedUpstream:
         finish_reason: str,
         usage: dict[str, int] | None,
     ) -> None:
+        sparse = behaviour.sparse_chunks
         head = (
             f'data: {{"id":"{completion_id}","object":"chat.completion.chunk",'
             f'"created":{int(time.time())},"model":{json.dumps(model)},'
-            '"system_fingerprint":"fp_simulator","choices":['
+            + ("" if sparse else '"system_fingerprint":"fp_simulator",')
+            + '"choices":['
         )
         # OpenAI sends "usage":null on every chunk once usage was asked for.
-        tail = ',"usage":null}\n\n' if usage is not None else "}\n\n"
+        tail = ',"usage":null}\n\n' if usage is not None and not sparse else "}\n\n"
 
         def chunk(delta: str, finish: str = "null") -> str:
+            if sparse:
+                ending = "" if finish == "null" else f',"finish_reason":{finish}'
+                return f'{head}{{"index":0,"delta":{delta}{ending}}}]{tail}'
             return (
                 f'{head}{{"index":0,"delta":{delta},"logprobs":null,'
                 f'"finish_reason":{finish}}}]{tail}'
@@ -1109,6 +1144,10 @@ class SimulatedUpstream:
                     elif not await flush():
                         self._stats.client_disconnects += 1
                         return
+                    elif fault == "drop" and behaviour.drop_as_error_event:
+                        if conn.end_stream(_ERROR_EVENT) and await conn.drain():
+                            self._stats.streams_completed += 1
+                        return
                     elif fault == "drop":
                         conn.close()
                         return
@@ -1130,8 +1169,14 @@ class SimulatedUpstream:
                         return
             pending.append(chunk("{}", f'"{finish_reason}"'))
             if usage is not None:
+                choice = (
+                    '{"index":0,"delta":{}}'
+                    if behaviour.usage_chunk_with_choice
+                    else ""
+                )
                 pending.append(
-                    f'{head}],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
+                    f'{head}{choice}],"usage":'
+                    f"{json.dumps(usage, separators=(',', ':'))}}}\n\n"
                 )
             pending.append("data: [DONE]\n\n")
             data = "".join(pending).encode()

@@ -819,3 +819,103 @@ async def test_sim_images_without_images_says_none_came(client):
     response = await client.post("/chat/completions", json=chat("/sim images\nhi"))
 
     assert response.json()["choices"][0]["message"]["content"] == ("Received 0 images.")
+
+
+# LiteLLM's wire quirks
+
+
+async def test_provider_retry_after_is_sent_under_litellms_prefix_only(
+    upstream: SimulatedUpstream, client: httpx.AsyncClient
+) -> None:
+    upstream.set_behaviour(
+        Behaviour(
+            fault="status",
+            fault_status=429,
+            retry_after=1.5,
+            provider_retry_after=True,
+        )
+    )
+
+    response = await client.post("/chat/completions", json=chat())
+
+    assert response.status_code == 429
+    assert response.headers["llm_provider-retry-after"] == "2"
+    assert response.headers["llm_provider-retry-after-ms"] == "1500"
+    assert "retry-after" not in response.headers
+    assert "retry-after-ms" not in response.headers
+
+
+async def test_string_error_code_gives_the_status_as_a_string(
+    upstream: SimulatedUpstream, client: httpx.AsyncClient
+) -> None:
+    upstream.set_behaviour(
+        Behaviour(fault="status", fault_status=429, string_error_code=True)
+    )
+
+    response = await client.post("/chat/completions", json=chat())
+
+    assert response.json()["error"]["code"] == "429"
+
+
+async def test_sparse_chunks_leave_out_what_litellm_leaves_out(
+    client: httpx.AsyncClient,
+) -> None:
+    payloads = await read_stream(
+        client,
+        chat(
+            "/sim tokens=3 sparse_chunks=true",
+            stream=True,
+            stream_options={"include_usage": True},
+        ),
+    )
+
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert content_of(payloads) == "".join(generated_tokens(3))
+    for chunk in chunks:
+        assert "system_fingerprint" not in chunk
+        assert "usage" not in chunk or chunk["usage"] is not None
+        for choice in chunk["choices"]:
+            assert "logprobs" not in choice
+    finishes = [c["choices"][0].get("finish_reason", "absent") for c in chunks[:-1]]
+    assert finishes == ["absent"] * 4 + ["stop"]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+    plain = (
+        await client.post("/chat/completions", json=chat("/sim sparse_chunks=true"))
+    ).json()
+    assert "system_fingerprint" not in plain
+    assert "logprobs" not in plain["choices"][0]
+    assert "refusal" not in plain["choices"][0]["message"]
+
+
+async def test_usage_chunk_with_choice_repeats_an_empty_choice(
+    client: httpx.AsyncClient,
+) -> None:
+    payloads = await read_stream(
+        client,
+        chat(
+            "/sim tokens=3 usage_chunk_with_choice=true",
+            stream=True,
+            stream_options={"include_usage": True},
+        ),
+    )
+
+    last = json.loads(payloads[-2])
+    assert last["choices"] == [{"index": 0, "delta": {}}]
+    assert last["usage"]["completion_tokens"] == 3
+
+
+async def test_drop_as_error_event_ends_the_stream_with_an_error_and_no_done(
+    upstream: SimulatedUpstream, client: httpx.AsyncClient
+) -> None:
+    upstream.set_behaviour(
+        Behaviour(fault="drop", fault_after_tokens=3, drop_as_error_event=True)
+    )
+
+    payloads = await read_stream(client, chat(stream=True))
+
+    assert content_of(payloads[:-1]) == "".join(generated_tokens(3))
+    error = json.loads(payloads[-1])["error"]
+    assert (error["code"], error["type"]) == ("500", None)
+    assert "[DONE]" not in payloads
