@@ -79,6 +79,8 @@ BODY_EXCERPT_CHARS = 500
 MESSAGE_CHARS = BODY_EXCERPT_CHARS + 60
 # Error bodies are only read this far: enough for any JSON error message.
 ERROR_BODY_LIMIT = 64 * 1024
+# OpenAI's error code for a prompt over the window, which local servers copy.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 # Defaults of the bounds (see the settings of the same names).
 # One SSE line or event larger than this is garbage, not a token.
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
@@ -193,6 +195,19 @@ class APIStreamLimitError(APIResponseError):
     reason = "stream_limit"
 
 
+class APIEmptyStreamError(APIResponseError):
+    """The endpoint accepted a stream and ended it without a single chunk.
+
+    The llama.cpp server (llama-cpp-python) answers this way when the request
+    fails once its 200 is sent: a prompt over its context window, mostly.
+    Asking again brings the same end, so it is not retried; another route may
+    still answer.
+    """
+
+    retryable = False
+    reason = "empty_stream"
+
+
 class APIEndpointError(APIClientError):
     """This endpoint refuses the request (bad key, unknown model, wrong URL)."""
 
@@ -209,6 +224,16 @@ class APIRequestError(APIClientError):
     def __init__(self, message: str, *, endpoint: str, **kwargs: Any) -> None:
         kwargs.setdefault("permanent", True)
         super().__init__(message, endpoint=endpoint, **kwargs)
+
+
+class APIContextLengthError(APIRequestError):
+    """The endpoint's own count of the prompt exceeds its context window.
+
+    Our count is an estimate for most local models, so a prompt fitted here
+    can still be too long there; the endpoint's error code says so.
+    """
+
+    reason = "context_length_exceeded"
 
 
 # --- Endpoint snapshot --------------------------------------------------------
@@ -587,6 +612,17 @@ def _seconds(value: float) -> float:
     return min(max(0.0, value), MAX_RETRY_AFTER)
 
 
+def _error_code(body: bytes) -> str | None:
+    """The ``error.code`` of an OpenAI-style JSON error body, if it has one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
 def _error_message(body: bytes) -> str:
     """The upstream's own error message if the body is OpenAI-style JSON."""
     text = body.decode("utf-8", "replace")
@@ -626,6 +662,8 @@ def status_error(
     if status in (401, 403, 404, 405, 410):
         return APIEndpointError(f"rejected by endpoint: {detail}", **kwargs)
     if 400 <= status < 500:
+        if _error_code(body) == CONTEXT_LENGTH_EXCEEDED:
+            return APIContextLengthError(f"prompt too long: {detail}", **kwargs)
         return APIRequestError(f"request rejected: {detail}", **kwargs)
     return APIResponseError(f"unexpected HTTP status: {detail}", **kwargs)
 
@@ -1335,6 +1373,13 @@ async def stream_completion(
                                 finished = True
                 yield chunk
             if at_eof:
+                if not received:
+                    raise APIEmptyStreamError(
+                        "the stream ended before its first chunk (a llama.cpp "
+                        "server does this when the prompt exceeds its context "
+                        "window)",
+                        endpoint=config,
+                    )
                 if not finished:
                     raise APIConnectionError(
                         "the stream ended before the answer was complete",
