@@ -37,7 +37,10 @@ $PY manage.py simulate_upstream --port "$PRIMARY_PORT" --tokens-per-second 25 \
 $PY manage.py simulate_upstream --port "$FALLBACK_PORT" --tokens-per-second 25 \
     --models sim-small,sim-large,sim-embed & pids+=($!)
 if [ "$REAL_MODEL" = 1 ]; then
-    $PY -m scripts.peers serve llama --port "$MODEL_PORT" & model_pids+=($!)
+    # It reports every tensor it loads: its output goes to a file instead.
+    mkdir -p var
+    $PY -m scripts.peers serve llama --port "$MODEL_PORT" >var/llama-server.log 2>&1 &
+    model_pids+=($!)
 fi
 if $PY manage.py help monitor >/dev/null 2>&1; then
     $PY manage.py monitor & pids+=($!)
@@ -47,7 +50,8 @@ fi
 echo
 echo "llmsite is running at http://$HOST:$PORT/  (admin: http://$HOST:$PORT/admin/)"
 if [ "$REAL_MODEL" = 1 ]; then
-    echo "Pick the model smollm2 for SmolLM2 on the llama.cpp server (port $MODEL_PORT)."
+    echo "Pick the model smollm2 for SmolLM2 on the llama.cpp server (port $MODEL_PORT,"
+    echo "log in var/llama-server.log; stop it alone to watch the fallback answer)."
 fi
 echo "Press Ctrl-C to stop."
 # Stop everything as soon as any one of them exits.
