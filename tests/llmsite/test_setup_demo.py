@@ -57,11 +57,14 @@ def test_the_demo_chat_takes_images_on_every_route():
 
 
 def test_the_demo_upstreams_serve_every_model_the_demo_routes_to():
-    # scripts/run.sh starts the simulated upstreams with an explicit model list.
-    _setup()
+    # scripts/run.sh starts the simulated upstreams with an explicit model list;
+    # they must answer for smollm2 too when the llama.cpp server is gone.
+    _setup("--model-port", "9103")
     script = (Path(__file__).resolve().parents[2] / "scripts" / "run.sh").read_text()
     served = set(re.findall(r"--models ([\w,.-]+)", script)[0].split(","))
-    assert set(ModelRoute.objects.values_list("upstream_model", flat=True)) <= served
+    simulated = ModelRoute.objects.filter(endpoint__name__startswith="demo-")
+    assert simulated.filter(model_name="smollm2").exists()
+    assert set(simulated.values_list("upstream_model", flat=True)) <= served
 
 
 def test_make_run_registers_no_real_model():
