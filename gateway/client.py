@@ -79,6 +79,8 @@ BODY_EXCERPT_CHARS = 500
 MESSAGE_CHARS = BODY_EXCERPT_CHARS + 60
 # Error bodies are only read this far: enough for any JSON error message.
 ERROR_BODY_LIMIT = 64 * 1024
+# OpenAI's error code for a prompt over the window, which local servers copy.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 # Defaults of the bounds (see the settings of the same names).
 # One SSE line or event larger than this is garbage, not a token.
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
@@ -193,6 +195,19 @@ class APIStreamLimitError(APIResponseError):
     reason = "stream_limit"
 
 
+class APIEmptyStreamError(APIResponseError):
+    """The endpoint accepted a stream and ended it without a single chunk.
+
+    The llama.cpp server (llama-cpp-python) answers this way when the request
+    fails once its 200 is sent: a prompt over its context window, mostly.
+    Asking again brings the same end, so it is not retried; another route may
+    still answer.
+    """
+
+    retryable = False
+    reason = "empty_stream"
+
+
 class APIEndpointError(APIClientError):
     """This endpoint refuses the request (bad key, unknown model, wrong URL)."""
 
@@ -209,6 +224,16 @@ class APIRequestError(APIClientError):
     def __init__(self, message: str, *, endpoint: str, **kwargs: Any) -> None:
         kwargs.setdefault("permanent", True)
         super().__init__(message, endpoint=endpoint, **kwargs)
+
+
+class APIContextLengthError(APIRequestError):
+    """The endpoint's own count of the prompt exceeds its context window.
+
+    Our count is an estimate for most local models, so a prompt fitted here
+    can still be too long there; the endpoint's error code says so.
+    """
+
+    reason = "context_length_exceeded"
 
 
 # --- Endpoint snapshot --------------------------------------------------------
@@ -606,32 +631,46 @@ def _seconds(value: float) -> float:
 _KEY_REFUSED_TYPES = frozenset({"no_db_connection"})
 
 
-def _error_message(body: bytes) -> tuple[str, str | None]:
-    """The upstream's own error message and type if the body is OpenAI-style JSON."""
+@dataclass(frozen=True, slots=True)
+class _ErrorBody:
+    """What an error body says, as far as it is OpenAI-style JSON."""
+
+    message: str
+    type: str | None = None
+    code: str | None = None
+
+
+def _string(value: Any) -> str | None:
+    # Only a string names a type or code; anything else would not even hash.
+    return value if isinstance(value, str) else None
+
+
+def _error_body(body: bytes) -> _ErrorBody:
+    """The upstream's own error message, type and code."""
     text = body.decode("utf-8", "replace")
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
-        return text, None
+        return _ErrorBody(text)
     if isinstance(data, dict):
         error = data.get("error", data)
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            # Only a string names a type; anything else would not even hash.
-            error_type = error.get("type")
-            return error["message"], error_type if isinstance(error_type, str) else None
+            return _ErrorBody(
+                error["message"], _string(error.get("type")), _string(error.get("code"))
+            )
         if isinstance(error, str):
-            return error, None
+            return _ErrorBody(error)
         if isinstance(data.get("detail"), str):
-            return data["detail"], None
-    return text, None
+            return _ErrorBody(data["detail"])
+    return _ErrorBody(text)
 
 
 def status_error(
     config: EndpointConfig, status: int, headers: httpx.Headers, body: bytes
 ) -> APIClientError:
     """The error for a non-2xx upstream answer."""
-    message, error_type = _error_message(body)
-    detail = _excerpt(config, message) or httpx.codes.get_reason_phrase(status)
+    error = _error_body(body)
+    detail = _excerpt(config, error.message) or httpx.codes.get_reason_phrase(status)
     kwargs: dict[str, Any] = {"endpoint": config, "status_code": status}
     if status == 429:
         return APIRateLimitError(
@@ -643,9 +682,11 @@ def status_error(
         )
     if status == 408:
         return APITimeoutError(f"request timeout: {detail}", **kwargs)
-    if status in (401, 403, 404, 405, 410) or error_type in _KEY_REFUSED_TYPES:
+    if status in (401, 403, 404, 405, 410) or error.type in _KEY_REFUSED_TYPES:
         return APIEndpointError(f"rejected by endpoint: {detail}", **kwargs)
     if 400 <= status < 500:
+        if error.code == CONTEXT_LENGTH_EXCEEDED:
+            return APIContextLengthError(f"prompt too long: {detail}", **kwargs)
         return APIRequestError(f"request rejected: {detail}", **kwargs)
     return APIResponseError(f"unexpected HTTP status: {detail}", **kwargs)
 
@@ -1358,6 +1399,13 @@ async def stream_completion(
                                 finished = True
                 yield chunk
             if at_eof:
+                if not received:
+                    raise APIEmptyStreamError(
+                        "the stream ended before its first chunk (a llama.cpp "
+                        "server does this when the prompt exceeds its context "
+                        "window)",
+                        endpoint=config,
+                    )
                 if not finished:
                     raise APIConnectionError(
                         "the stream ended before the answer was complete",

@@ -96,6 +96,7 @@ from gateway import client as upstream
 from gateway.client import (
     APIClientError,
     APIDeadlineError,
+    APIEmptyStreamError,
     APIRateLimitError,
     EndpointConfig,
 )
@@ -411,13 +412,22 @@ class AllEndpointsUnavailable(RouterError):
     reason = "all_endpoints_unavailable"
 
     def __init__(
-        self, model_name: str, *, retry_after: float, hops: Sequence[Hop] = ()
+        self,
+        model_name: str,
+        *,
+        retry_after: float,
+        hops: Sequence[Hop] = (),
+        last_failure: Hop | None = None,
     ) -> None:
         self.model_name = model_name
         self.retry_after = retry_after
         self.hops = list(hops)
+        # The last failure says why, in the upstream's own (cleaned) words.
+        why = ""
+        if last_failure is not None:
+            why = f" (last: {last_failure.endpoint}: {last_failure.message})"
         super().__init__(
-            f"Every endpoint for {model_name!r} is unavailable; "
+            f"Every endpoint for {model_name!r} is unavailable{why}; "
             f"retry in {retry_after:.0f} s."
         )
 
@@ -1238,6 +1248,12 @@ class _Call:
                 # It answered, so it is up: the trial closes the circuit.
                 await self.succeeded(candidate)
             return
+        if isinstance(exc, APIEmptyStreamError):
+            # It answered, and the request was what it refused (a prompt over
+            # its window): one long prompt must not open the circuit for all.
+            if candidate.trial is not None:
+                await self.succeeded(candidate)
+            return
         if isinstance(exc, APIDeadlineError) and candidate.trial is None:
             # The request's own time ran out (maybe on earlier routes): not a
             # sign of this endpoint's health.  A trial still ends as a failure.
@@ -1424,10 +1440,12 @@ class _Call:
         if self.context_error is not None and not tried:
             return self.context_error
         hints = [h for h in self.retry_hints if h > 0]
+        failures = [h for h in (*self.hops, *self.pending) if h.message]
         return AllEndpointsUnavailable(
             self.model_name,
             retry_after=min(hints) if hints else DEFAULT_RETRY_AFTER,
             hops=self.hops,
+            last_failure=failures[-1] if failures else None,
         )
 
     def finish(

@@ -61,7 +61,7 @@ from django.utils import timezone
 
 from gateway import accounting, limits, router
 from gateway.accounting import BudgetExhausted, Reservation, UsageEntry, Written
-from gateway.client import APIClientError, EndpointConfig
+from gateway.client import APIClientError, APIContextLengthError, EndpointConfig
 from gateway.context import ContextStatus, ContextWindowExceeded
 from gateway.models import RouteKind, UsageSource, UsageStatus
 from gateway.router import (
@@ -836,6 +836,8 @@ def _classify(error: BaseException) -> tuple[RejectCode, str]:
         return RejectCode.MODEL_NOT_FOUND, UsageStatus.REJECTED
     if isinstance(error, ContextWindowExceeded):
         return RejectCode.CONTEXT_TOO_LARGE, UsageStatus.REJECTED
+    if isinstance(error, APIContextLengthError):
+        return RejectCode.CONTEXT_TOO_LARGE, UsageStatus.ERROR
     if isinstance(error, AllEndpointsUnavailable):
         return RejectCode.ALL_ENDPOINTS_UNAVAILABLE, UsageStatus.ERROR
     if isinstance(error, APIClientError) and error.permanent:

@@ -26,6 +26,7 @@ How a chat request is answered (later steps override earlier ones field by field
        /sim echo_settings                         # the system prompt and sampling
        /sim fault=status status=503 times=1       # only the first such request
        /sim fault=drop after=3 prefix=/e/1        # only under /e/1/v1/...
+       /sim context_window=2048 no_stream_usage=1 bare_role_chunk=1  # llama.cpp
 
    A directive line starts with ``/sim`` and holds shell-quoted ``key=value``
    pairs. Keys are ``Behaviour`` field names or the aliases ``status``
@@ -174,6 +175,13 @@ class Behaviour:
     # A drop ends the stream with an error event (code "500") and no [DONE]
     # instead of cutting the connection.
     drop_as_error_event: bool = False
+    # The llama.cpp server's ways (llama-cpp-python): no usage on a stream even
+    # when asked for, a first chunk whose delta has a role and no content key,
+    # and a prompt over this many (estimated) tokens refused with a 400
+    # context_length_exceeded, or as a stream, a 200 with no chunk at all.
+    no_stream_usage: bool = False
+    bare_role_chunk: bool = False
+    context_window: int = 0  # 0: no window
 
     def __post_init__(self) -> None:
         for name in ("latency", "ttft", "tokens_per_second"):
@@ -192,6 +200,8 @@ class Behaviour:
             raise ValueError("retry_after must be a finite number >= 0")
         if self.fault_after_tokens < 0:
             raise ValueError("fault_after_tokens must be >= 0")
+        if self.context_window < 0:
+            raise ValueError("context_window must be >= 0")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Behaviour:
@@ -231,6 +241,9 @@ _FIELD_KINDS = {
     "sparse_chunks": "bool",
     "usage_chunk_with_choice": "bool",
     "drop_as_error_event": "bool",
+    "no_stream_usage": "bool",
+    "bare_role_chunk": "bool",
+    "context_window": "int",
 }
 _ALIASES = {
     "status": "fault_status",
@@ -913,6 +926,10 @@ class SimulatedUpstream:
                 param="stream_options",
             )
             return
+        if behaviour.context_window and self._over_window(
+            conn, behaviour.context_window, payload
+        ):
+            return
         if behaviour.images:
             tokens = split_tokens(image_report(messages))
         elif behaviour.echo_settings:
@@ -937,8 +954,10 @@ class SimulatedUpstream:
         completion_id = f"chatcmpl-sim{next(self._ids):08x}"
         if payload.get("stream") is True:
             stream_options = payload.get("stream_options")
-            include_usage = isinstance(stream_options, dict) and bool(
-                stream_options.get("include_usage")
+            include_usage = (
+                isinstance(stream_options, dict)
+                and bool(stream_options.get("include_usage"))
+                and not behaviour.no_stream_usage
             )
             await self._stream(
                 conn,
@@ -985,6 +1004,32 @@ class SimulatedUpstream:
         conn.send_response(
             200, (*_JSON_HEADERS, ("x-request-id", completion_id)), _dumps(body)
         )
+
+    def _over_window(
+        self, conn: _HTTPConnection, window: int, payload: Mapping[str, Any]
+    ) -> bool:
+        """Refuse a prompt over the window as llama.cpp does; True when refused."""
+        prompt = estimate_prompt_tokens(payload["messages"])
+        max_tokens = payload.get("max_tokens")
+        completion = max_tokens if type(max_tokens) is int else 0
+        if prompt < window:
+            return False
+        if payload.get("stream") is True:
+            # Its error comes after the 200: the stream just ends, empty.
+            conn.start_stream(200, _SSE_HEADERS)
+            conn.end_stream(b"")
+            return True
+        conn.send_error(
+            400,
+            f"This model's maximum context length is {window} tokens. However, "
+            f"you requested {prompt + completion} tokens ({prompt} in the "
+            f"messages, {completion} in the completion). Please reduce the "
+            "length of the messages or completion.",
+            "invalid_request_error",
+            "context_length_exceeded",
+            param="messages",
+        )
+        return True
 
     async def _embeddings(
         self,
@@ -1161,7 +1206,10 @@ class SimulatedUpstream:
                         self._stats.client_disconnects += 1
                         return
                 if index == 0:
-                    pending.append(chunk('{"role":"assistant","content":""}'))
+                    role = '{"role":"assistant"}'
+                    if not behaviour.bare_role_chunk:
+                        role = '{"role":"assistant","content":""}'
+                    pending.append(chunk(role))
                 if index < len(tokens):
                     pending.append(chunk(f'{{"content":{json.dumps(tokens[index])}}}'))
                     if len(pending) >= _CHUNKS_PER_WRITE and not await flush():

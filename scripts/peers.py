@@ -168,6 +168,19 @@ def llama_server_argv(
     ]
 
 
+def llama_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The llama.cpp server's environment: without HOST and PORT.
+
+    Its server reads them and lets them win over --host and --port, so the
+    web server's own PORT (`make run-model PORT=8765`) would take its place.
+    """
+    return {
+        name: value
+        for name, value in (os.environ if base is None else base).items()
+        if name not in ("HOST", "PORT")
+    }
+
+
 def litellm_argv(config: Path, port: int, host: str = "127.0.0.1") -> list[str]:
     """One LiteLLM proxy worker on a YAML config."""
     return [
@@ -214,7 +227,7 @@ def main() -> int:
     if args.peer != "llama":
         parser.error("serve: only the llama peer runs without a config of its own")
     argv = llama_server_argv(args.port, args.host)
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, llama_env())
 
 
 if __name__ == "__main__":

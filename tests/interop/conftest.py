@@ -95,7 +95,7 @@ def llama_server(tmp_path_factory) -> Iterator[PeerProcess]:
     require_peer("llama")
     port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    server = PeerProcess(peers.llama_server_argv(port), None, log, port)
+    server = PeerProcess(peers.llama_server_argv(port), peers.llama_env(), log, port)
     try:
         server.wait_ready("/v1/models")
         yield server

@@ -299,9 +299,11 @@ def test_a_429_with_nowhere_else_to_go_ends_with_a_clear_error(litellm, sdk):
 
     assert failed.value.status_code == 503
     assert failed.value.code == "all_endpoints_unavailable"
-    assert failed.value.body["message"] == (
-        "Every endpoint for 'house-model' is unavailable; retry in 10 s."
+    message = failed.value.body["message"]
+    assert message.startswith(
+        "Every endpoint for 'house-model' is unavailable (last: litellm: rate limited"
     )
+    assert message.endswith("; retry in 10 s.")
     # LiteLLM named no time: the gateway's own default.
     assert failed.value.response.headers["retry-after"] == "10"
     assert MASTER_KEY not in failed.value.response.text

@@ -16,9 +16,9 @@ from gateway.models import Endpoint, ModelRoute
 pytestmark = pytest.mark.django_db
 
 
-def _setup() -> str:
+def _setup(*args: str) -> str:
     out = io.StringIO()
-    call_command("setup_demo", stdout=out)
+    call_command("setup_demo", *args, stdout=out)
     return out.getvalue()
 
 
@@ -57,11 +57,45 @@ def test_the_demo_chat_takes_images_on_every_route():
 
 
 def test_the_demo_upstreams_serve_every_model_the_demo_routes_to():
-    # scripts/run.sh starts the simulated upstreams with an explicit model list.
-    _setup()
+    # scripts/run.sh starts the simulated upstreams with an explicit model list;
+    # they must answer for smollm2 too when the llama.cpp server is gone.
+    _setup("--model-port", "9103")
     script = (Path(__file__).resolve().parents[2] / "scripts" / "run.sh").read_text()
     served = set(re.findall(r"--models ([\w,.-]+)", script)[0].split(","))
-    assert set(ModelRoute.objects.values_list("upstream_model", flat=True)) <= served
+    simulated = ModelRoute.objects.filter(endpoint__name__startswith="demo-")
+    assert simulated.filter(model_name="smollm2").exists()
+    assert set(simulated.values_list("upstream_model", flat=True)) <= served
+
+
+def test_make_run_registers_no_real_model():
+    _setup()
+
+    assert not ModelRoute.objects.filter(model_name="smollm2").exists()
+    assert not Endpoint.objects.filter(name="llama-smollm2").exists()
+
+
+def test_the_real_model_goes_first_with_the_simulator_behind_it_once():
+    _setup("--model-port", "9103")
+    out = _setup("--model-port", "9103")
+
+    chain = ModelRoute.objects.filter(model_name="smollm2").order_by("priority")
+    assert [(r.endpoint.name, r.upstream_model) for r in chain] == [
+        ("llama-smollm2", "smollm2"),
+        ("demo-fallback", "sim-small"),
+    ]
+    assert chain[0].endpoint.base_url == "http://127.0.0.1:9103/v1"
+    # SmolLM2's real window on both, so a failover sees the same conversation.
+    assert [r.context_window for r in chain] == [2048, 2048]
+    assert all(r.max_output_tokens < r.context_window for r in chain)
+    assert "SmolLM2 on the llama.cpp server on port 9103" in out
+
+
+def test_run_sh_starts_the_model_server_on_the_port_it_registers():
+    script = (Path(__file__).resolve().parents[2] / "scripts" / "run.sh").read_text()
+
+    assert "MODEL_PORT=${DEMO_MODEL_PORT:-9103}" in script
+    assert '--model-port "$MODEL_PORT"' in script
+    assert 'scripts.peers serve llama --port "$MODEL_PORT"' in script
 
 
 def test_a_configured_real_endpoint_goes_first_with_its_key(monkeypatch):

@@ -11,12 +11,19 @@ from django.db import transaction
 
 from gateway import transport_policy
 from gateway.models import Endpoint, ModelRoute, RouteKind
+from scripts import peers
 
 DEMO_MODEL = "demo-chat"
 DEMO_UPSTREAM_MODEL = "sim-small"
 # Embeddings, with the same primary/fallback pair (the simulator embeds too).
 DEMO_EMBED_MODEL = "demo-embed"
 DEMO_UPSTREAM_EMBED_MODEL = "sim-embed"
+# `make run-model`: SmolLM2 on the llama.cpp server, the simulator behind it.
+REAL_MODEL = peers.SMOLLM2_ALIAS
+REAL_MODEL_ENDPOINT = "llama-smollm2"
+REAL_MODEL_WINDOW = peers.SMOLLM2_CONTEXT
+# A quarter of the window for the answer leaves room for a real conversation.
+REAL_MODEL_MAX_OUTPUT = 512
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"", "0", "false", "no", "off"}
 
@@ -24,8 +31,9 @@ FALSE = {"", "0", "false", "no", "off"}
 class Command(BaseCommand):
     help = (
         "Create an admin user if there is none (printing its password once) and "
-        "register the demo endpoints: two local simulated upstreams, and the real "
-        "endpoint named by LLM_BASE_URL / LLM_API_KEY / LLM_MODEL when set. "
+        "register the demo endpoints: two local simulated upstreams, the llama.cpp "
+        "server of `make run-model` with --model-port, and the real endpoint named "
+        "by LLM_BASE_URL / LLM_API_KEY / LLM_MODEL when set. "
         "LLM_BASE_URL must be https:// unless it is on this machine or "
         "LLM_ALLOW_PLAIN_HTTP=true."
     )
@@ -33,14 +41,30 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--primary-port", type=int, default=9101)
         parser.add_argument("--fallback-port", type=int, default=9102)
+        parser.add_argument(
+            "--model-port",
+            type=int,
+            default=None,
+            help=(
+                f"Port of the llama.cpp server serving SmolLM2: registers the model "
+                f"{REAL_MODEL!r} with it first and the simulated fallback behind it."
+            ),
+        )
 
     def handle(
-        self, *args: object, primary_port: int, fallback_port: int, **opts
+        self,
+        *args: object,
+        primary_port: int,
+        fallback_port: int,
+        model_port: int | None = None,
+        **opts,
     ) -> None:
         configured = self._configured_url()
         self._admin()
         with transaction.atomic():
             self._demo_endpoints(primary_port, fallback_port)
+            if model_port is not None:
+                self._real_model(model_port)
             if configured is not None:
                 self._configured_endpoint(*configured)
 
@@ -117,6 +141,37 @@ class Command(BaseCommand):
             f"{primary_port} (primary) and {fallback_port} (fallback). To watch a "
             "fallback, send a message with the line "
             "'/sim prefix=/primary fault=status status=503'."
+        )
+
+    def _real_model(self, port: int) -> None:
+        endpoint, _ = Endpoint.objects.update_or_create(
+            name=REAL_MODEL_ENDPOINT,
+            defaults={
+                "base_url": f"http://127.0.0.1:{port}/v1",
+                "priority": 5,
+                "probe_interval": 30,
+            },
+        )
+        # Both routes get SmolLM2's real window, so a failover answers the same
+        # fitted conversation; the simulated fallback serves sim-small for it.
+        fallback = Endpoint.objects.get(name="demo-fallback")
+        for route_endpoint, upstream_model, priority in (
+            (endpoint, REAL_MODEL, 10),
+            (fallback, DEMO_UPSTREAM_MODEL, 20),
+        ):
+            ModelRoute.objects.update_or_create(
+                model_name=REAL_MODEL,
+                endpoint=route_endpoint,
+                defaults={
+                    "upstream_model": upstream_model,
+                    "priority": priority,
+                    "context_window": REAL_MODEL_WINDOW,
+                    "max_output_tokens": REAL_MODEL_MAX_OUTPUT,
+                },
+            )
+        self.stdout.write(
+            f"Model {REAL_MODEL!r}: SmolLM2 on the llama.cpp server on port {port}, "
+            "the simulated fallback behind it (stop the server to watch a failover)."
         )
 
     def _configured_endpoint(self, base_url: str, allow_plain_http: bool) -> None:
