@@ -90,6 +90,21 @@ def test_the_real_model_goes_first_with_the_simulator_behind_it_once():
     assert "SmolLM2 on the llama.cpp server on port 9103" in out
 
 
+def test_make_run_after_make_run_model_turns_the_real_model_off_until_next_time():
+    _setup("--model-port", "9103")
+
+    out = _setup()
+
+    assert not ModelRoute.objects.filter(model_name="smollm2", enabled=True).exists()
+    assert not Endpoint.objects.get(name="llama-smollm2").enabled
+    assert "'smollm2' turned off" in out
+    assert "turned off" not in _setup()
+
+    _setup("--model-port", "9103")
+    assert ModelRoute.objects.filter(model_name="smollm2", enabled=True).count() == 2
+    assert Endpoint.objects.get(name="llama-smollm2").enabled
+
+
 def test_run_sh_starts_the_model_server_on_the_port_it_registers():
     script = (Path(__file__).resolve().parents[2] / "scripts" / "run.sh").read_text()
 

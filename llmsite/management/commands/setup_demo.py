@@ -65,6 +65,8 @@ class Command(BaseCommand):
             self._demo_endpoints(primary_port, fallback_port)
             if model_port is not None:
                 self._real_model(model_port)
+            else:
+                self._real_model_off()
             if configured is not None:
                 self._configured_endpoint(*configured)
 
@@ -150,6 +152,7 @@ class Command(BaseCommand):
                 "base_url": f"http://127.0.0.1:{port}/v1",
                 "priority": 5,
                 "probe_interval": 30,
+                "enabled": True,
             },
         )
         # Both routes get SmolLM2's real window, so a failover answers the same
@@ -167,12 +170,27 @@ class Command(BaseCommand):
                     "priority": priority,
                     "context_window": REAL_MODEL_WINDOW,
                     "max_output_tokens": REAL_MODEL_MAX_OUTPUT,
+                    "enabled": True,
                 },
             )
         self.stdout.write(
             f"Model {REAL_MODEL!r}: SmolLM2 on the llama.cpp server on port {port}, "
             "the simulated fallback behind it (stop the server to watch a failover)."
         )
+
+    def _real_model_off(self) -> None:
+        """`make run` after `make run-model`: nothing left on a stopped server."""
+        turned_off = ModelRoute.objects.filter(
+            model_name=REAL_MODEL, enabled=True
+        ).update(enabled=False)
+        turned_off += Endpoint.objects.filter(
+            name=REAL_MODEL_ENDPOINT, enabled=True
+        ).update(enabled=False)
+        if turned_off:
+            self.stdout.write(
+                f"Model {REAL_MODEL!r} turned off: the llama.cpp server runs only "
+                "with `make run-model`."
+            )
 
     def _configured_endpoint(self, base_url: str, allow_plain_http: bool) -> None:
         model = os.environ.get("LLM_MODEL", "gpt-4o-mini")
