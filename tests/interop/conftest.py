@@ -17,8 +17,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from channels.layers import channel_layers
 
 from scripts import peers
+
+
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer():
+    """A channel layer per test: the Redis one stays bound to its first loop."""
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
 
 
 def require_peer(name: str) -> None:
